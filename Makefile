@@ -1,0 +1,58 @@
+# fiji-bridge — two entry points for a fresh Debian/Ubuntu machine:
+#   make demo   the main job end to end (synthetic plate -> bridge -> batch -> results)
+#   make test   the test suite
+# Each installs what it needs (system packages when root, a venv, the package),
+# idempotently; a second run installs nothing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# set FIJI_BRIDGE_OMERO=0 to skip the omero extra (zeroc-ice takes ~13 min to build once)
+FIJI_BRIDGE_OMERO ?= 1
+WHEELHOUSE ?= $(HOME)/.cache/fiji-bridge/wheelhouse
+PYTEST_ARGS ?=
+
+.PHONY: demo test system venv omero bench clean help
+
+help:
+	@echo "make demo   run the main job (installs what it needs)"
+	@echo "make test   run the tests (installs what it needs)"
+	@echo "make bench  run the benchmarks"
+
+demo: system venv
+	$(VENV)/bin/fiji-bridge demo
+
+test: system venv omero
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: system venv
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# -- system packages: a JDK, ImageJ 1 (libij-java), Xvfb; compilers for zeroc-ice
+system:
+	@bash scripts/install-system.sh
+
+# -- the virtual environment with the package and its test extra
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# -- the optional omero extra (omero-py + a locally built zeroc-ice 3.6 wheel)
+omero: venv
+ifeq ($(FIJI_BRIDGE_OMERO),1)
+	@if [ ! -f $(VENV)/.omero-installed ]; then \
+	  PY=$(PY) WHEELHOUSE=$(WHEELHOUSE) bash scripts/build-zeroc-ice.sh && \
+	  $(PIP) install -q --find-links $(WHEELHOUSE) -e '.[test,omero]' && \
+	  touch $(VENV)/.omero-installed; \
+	fi
+else
+	@echo "skipping the omero extra (FIJI_BRIDGE_OMERO=0)"
+endif
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -40,6 +40,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[test]'
+	# OpenHCS 0.8.6's sender line (polystore 0.2.x), kept apart from the 0.6.x one
+	$(PIP) install -q --no-deps --upgrade --target $(HOME)/.cache/fiji-bridge/polystore-0.2 \
+	    polystore==0.2.19 zmqruntime==0.2.24 arraybridge==0.3.8
 	touch $@
 
 # -- the optional omero extra (omero-py + a locally built zeroc-ice 3.6 wheel)

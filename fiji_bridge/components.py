@@ -147,7 +147,9 @@ class PlaneComponents:
     def __post_init__(self) -> None:
         for name in ("site", "channel", "z", "t"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b":
+                raise ComponentError(f"{name} must be an integer, got {v!r}")
+            if not isinstance(v, int):
                 try:
                     iv = int(v)
                 except (TypeError, ValueError):

@@ -131,6 +131,11 @@ class VirtualBackend(abc.ABC):
     #: the first component of this store's virtual paths ("zarr", "omero", ...)
     scheme: str = ""
 
+    #: how many metadata queries this backend made to learn plate structures
+    #: (a file/group read, a server query); stores increment it on every such
+    #: read, so tests can check that ``plate_structure`` is served from cache
+    metadata_reads: int = 0
+
     # -- file-like primitives ------------------------------------------------
 
     @abc.abstractmethod
@@ -220,6 +225,11 @@ class VirtualBackend(abc.ABC):
         path = f"/{self.scheme}/plate_{plate}/" + (f"{well}/" if well else "") + f"{name}.csv"
         self.save(text, path)
         return path
+
+    def plate_provenance(self, plate: str) -> dict:
+        """What ``create_plate(provenance=...)`` recorded for ``plate``
+        (``{}`` when nothing); stores that keep only strings return strings."""
+        raise NotImplementedError(f"{type(self).__name__} does not read provenance back")
 
     # -- helpers ---------------------------------------------------------------
 

@@ -1,0 +1,456 @@
+"""The local plate store: OME-NGFF HCS plates in Zarr (the embedded default).
+
+Layout of a plate ``<root>/<plate>.zarr`` (as omero-cli-zarr writes them)::
+
+    <plate>.zarr/                  plate group: NGFF ``plate`` + ``fiji_bridge`` attributes
+      A/1/                         well group (row letter / column number): NGFF ``well``
+        0/  1/ ...                 one multiscale image per field (well-sample index)
+          s0/                      the pixels, TCZYX, one chunk per plane
+      tables/[<well>/]<name>.csv   tables (recorded under ``fiji_bridge.tables``)
+
+Written with ome-zarr-py (``write_plate_metadata``, ``write_well_metadata``,
+``write_image`` with ``scale_factors=[]``: one resolution level) on zarr 3.
+The default is zarr format 2 = NGFF 0.4, what OMERO's OME-Zarr support,
+napari-ome-zarr and Fiji's readers expect; ``zarr_format=3`` writes NGFF 0.5.
+Both are read. Our API is TZCYX; NGFF stores TCZYX: this module converts.
+Pixel sizes are the ``scale`` coordinate transformation, channel names the
+``omero.channels[].label``.
+
+Writing a field is one transaction: the image is written under a temporary
+name, swapped into place, and only then registered in the well and plate
+metadata (under a plate lock shared by threads and processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import zarr
+
+from ..components import Calibration, format_well, normalize_well, parse_well
+from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells
+from .base import BackendError, NotFound, PlateStructure
+
+__all__ = ["ZarrPlateStore"]
+
+_AXES = "tczyx"
+# ImageJ unit names <-> NGFF (UDUNITS-2) unit names
+_SPACE_UNITS = {
+    "micron": "micrometer", "microns": "micrometer", "um": "micrometer", "µm": "micrometer",
+    "micrometer": "micrometer", "nm": "nanometer", "nanometer": "nanometer", "mm": "millimeter",
+    "millimeter": "millimeter", "cm": "centimeter", "m": "meter", "meter": "meter", "inch": "inch",
+}
+_TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "ms": "millisecond",
+               "millisecond": "millisecond", "min": "minute", "minute": "minute", "h": "hour", "hour": "hour"}
+_IJ_SPACE = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm",
+             "meter": "m", "inch": "inch"}
+_IJ_TIME = {"second": "s", "millisecond": "ms", "minute": "min", "hour": "h"}
+#: default channel colours (ImageJ composite order)
+COLORS = ("FF0000", "00FF00", "0000FF", "FFFFFF", "00FFFF", "FF00FF", "FFFF00")
+
+
+def _attrs_of(d: Path) -> Optional[dict]:
+    """The attributes of the zarr group at ``d`` (v2 .zattrs or v3 zarr.json), or None."""
+    v2 = d / ".zattrs"
+    if v2.is_file():
+        return json.loads(v2.read_text() or "{}")
+    v3 = d / "zarr.json"
+    if v3.is_file():
+        return json.loads(v3.read_text()).get("attributes", {})
+    if (d / ".zgroup").is_file():
+        return {}
+    return None
+
+
+def _ome(attrs: dict) -> dict:
+    """NGFF metadata: under ``ome`` in 0.5, at the top in 0.4."""
+    return attrs.get("ome", attrs)
+
+
+class ZarrPlateStore(LocalPlateStore):
+    """OME-Zarr HCS plates under ``root``; plate ``p`` is ``root/p.zarr``."""
+
+    scheme = "zarr"
+    plate_suffix = ".zarr"
+
+    def __init__(self, root: str | os.PathLike, *, zarr_format: int = 2, compression: str = "lz4") -> None:
+        super().__init__(root)
+        if zarr_format not in (2, 3):
+            raise BackendError(f"zarr_format must be 2 (NGFF 0.4) or 3 (NGFF 0.5), got {zarr_format}")
+        self.zarr_format = zarr_format
+        self.compression = compression
+        self._images: dict[tuple[str, str], tuple[Any, str]] = {}
+
+    # ------------------------------------------------------------------ reading
+
+    def _is_plate_dir(self, d: Path) -> bool:
+        attrs = _attrs_of(d)
+        return attrs is not None and ("plate" in _ome(attrs) or "fiji_bridge" in attrs)
+
+    def _read_layout(self, plate: str, d: Path) -> tuple[PlateStructure, Layout]:
+        attrs = _attrs_of(d) or {}
+        self.metadata_reads += 1
+        extra = attrs.get("fiji_bridge", {})
+        meta = _ome(attrs).get("plate", {})
+        rows = [str(r["name"]) for r in meta.get("rows", [])]
+        cols = [str(c["name"]) for c in meta.get("columns", [])]
+        layout = Layout()
+        for w in meta.get("wells", []):
+            wpath = str(w["path"])
+            name = _well_name(wpath, rows, cols, w.get("rowIndex"), w.get("columnIndex"))
+            wattrs = _attrs_of(d / wpath) or {}
+            self.metadata_reads += 1
+            images = _ome(wattrs).get("well", {}).get("images", [])
+            sites: dict[int, str] = {}
+            for i, im in enumerate(images):
+                p = str(im["path"])
+                sites[int(p) if p.isdigit() else i] = f"{wpath}/{p}"
+            if sites:
+                layout.wells[name] = dict(sorted(sites.items()))
+        wells = sort_wells(list(layout.wells))
+        fields = {w: max(layout.wells[w]) + 1 for w in wells}
+        sizes: dict[str, Any] = dict(size_t=0, size_z=0, size_c=0, size_y=0, size_x=0, dtype="")
+        names: tuple[str, ...] = ()
+        cal = Calibration()
+        if wells:
+            first = layout.wells[wells[0]][min(layout.wells[wells[0]])]
+            img_attrs = _attrs_of(d / first) or {}
+            self.metadata_reads += 1
+            info = self._field_info(plate, first)
+            t, z, c, y, x = info.shape
+            sizes = dict(size_t=t, size_z=z, size_c=c, size_y=y, size_x=x, dtype=info.dtype)
+            names = tuple(str(ch.get("label", f"Channel {i}")) for i, ch in enumerate(_ome(img_attrs).get("omero", {}).get("channels", [])))
+            cal = _calibration(_ome(img_attrs).get("multiscales", [{}])[0])
+        s = PlateStructure(
+            plate=plate,
+            name=str(meta.get("name") or extra.get("name") or plate),
+            wells=wells,
+            fields=fields,
+            channel_names=names,
+            calibration=cal,
+            rows=max(len(rows), int(extra.get("rows", 0))),
+            columns=max(len(cols), int(extra.get("columns", 0))),
+            **sizes,
+        )
+        return s, layout
+
+    def _image(self, plate: str, rel: str) -> tuple[Any, str]:
+        """(zarr array of the field's full-resolution level, its axes)."""
+        key = (plate, rel)
+        hit = self._images.get(key)
+        if hit is not None:
+            return hit
+        d = self.plate_dir(plate) / rel
+        attrs = _attrs_of(d)
+        if attrs is None:
+            raise NotFound(f"field image {rel} of plate {plate!r} is missing on disk")
+        ms = _ome(attrs).get("multiscales")
+        if not ms:
+            raise BackendError(f"{d} is not an OME-Zarr image (no multiscales metadata)")
+        axes = _axes_names(ms[0])
+        level = str(ms[0]["datasets"][0]["path"])
+        try:
+            arr = zarr.open_array(str(d / level), mode="r+")
+        except Exception as e:  # zarr raises several types for a missing/corrupt array
+            raise BackendError(f"cannot open the pixels of {d / level}: {e}") from None
+        if arr.ndim != len(axes):
+            raise BackendError(f"{d}: {arr.ndim}-D pixels but {len(axes)} axes {axes!r}")
+        self._images[key] = (arr, axes)
+        return arr, axes
+
+    def refresh(self, plate: Optional[str] = None) -> None:
+        super().refresh(plate)
+        if plate is None:
+            self._images.clear()
+        else:
+            for k in [k for k in self._images if k[0] == plate]:
+                del self._images[k]
+
+    def _field_info(self, plate: str, rel: str) -> FieldInfo:
+        arr, axes = self._image(plate, rel)
+        dims = dict(zip(axes, arr.shape))
+        shape = tuple(int(dims.get(a, 1)) for a in "tzcyx")
+        return FieldInfo(shape, np.dtype(arr.dtype).name)  # type: ignore[arg-type]
+
+    def _read_plane(self, plate: str, rel: str, t: int, z: int, c: int) -> np.ndarray:
+        arr, axes = self._image(plate, rel)
+        at = {"t": t, "z": z, "c": c}
+        idx = tuple(at[a] if a in at else slice(None) for a in axes)
+        return np.asarray(arr[idx])
+
+    def _read_field(self, plate: str, rel: str) -> np.ndarray:
+        arr, axes = self._image(plate, rel)
+        data = np.asarray(arr[...])
+        missing = [a for a in _AXES if a not in axes]
+        for _ in missing:
+            data = data[np.newaxis]
+        order = "".join(missing) + axes
+        return np.ascontiguousarray(data.transpose([order.index(a) for a in "tzcyx"]))
+
+    def _read_extra(self, d: Path) -> dict:
+        attrs = _attrs_of(d)
+        if attrs is None:
+            raise NotFound(f"no plate at {d}")
+        return dict(attrs.get("fiji_bridge", {}))
+
+    # ------------------------------------------------------------------ writing
+
+    def _write_extra(self, d: Path, extra: dict) -> None:
+        g = zarr.open_group(str(d), mode="r+")
+        g.attrs["fiji_bridge"] = extra
+
+    def _init_plate(self, d: Path, plate: str, name: str, rows: int, columns: int, extra: dict) -> None:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            g = zarr.open_group(str(d), mode="w-", zarr_format=self.zarr_format)
+        except Exception as e:
+            raise BackendError(f"cannot create plate {plate!r} at {d}: {e}") from None
+        g.attrs["fiji_bridge"] = dict(extra, name=name, rows=rows, columns=columns)
+
+    def _compressor(self) -> Any:
+        if self.zarr_format == 2:
+            from numcodecs import Blosc
+
+            return Blosc(cname=self.compression, clevel=5, shuffle=Blosc.SHUFFLE)
+        from zarr.codecs import BloscCodec
+
+        return BloscCodec(cname=self.compression, clevel=5, shuffle="shuffle")
+
+    def _write_field(
+        self,
+        plate: str,
+        well: str,
+        site: int,
+        array: np.ndarray,
+        name: str,
+        channel_names: Sequence[str],
+        calibration: Calibration,
+    ) -> str:
+        from ome_zarr.writer import write_image, write_well_metadata
+
+        d = self.plate_dir(plate)  # the zarr format (NGFF version) follows the plate group
+        wpath = self._well_path(d, well)
+        tczyx = np.ascontiguousarray(array.transpose(0, 2, 1, 3, 4))
+        t, c, z, y, x = tczyx.shape
+        tmp_name = f"tmp_{site}_{uuid.uuid4().hex[:12]}"
+        wg = zarr.open_group(str(d), mode="r+").require_group(wpath)
+        tmp = wg.create_group(tmp_name)
+        scale, units = _scale_units(calibration)
+        try:
+            write_image(
+                tczyx,
+                tmp,
+                scale_factors=[],
+                axes=list(_AXES),
+                scale=scale,
+                axes_units=units or None,
+                name=name,
+                storage_options={"chunks": (1, 1, 1, min(y, 4096), min(x, 4096)), "compressor": self._compressor()},
+                omero=_omero_meta(tczyx, channel_names, name),
+            )
+        except Exception:
+            shutil.rmtree(d / wpath / tmp_name, ignore_errors=True)
+            raise
+        final = d / wpath / str(site)
+        with plate_lock(d):
+            trash = None
+            if final.exists():
+                trash = d / wpath / f"trash_{uuid.uuid4().hex[:12]}"
+                os.rename(final, trash)
+            os.rename(d / wpath / tmp_name, final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+            self._register_field(d, well, wpath, site, write_well_metadata)
+        self._images.pop((plate, f"{wpath}/{site}"), None)
+        return f"{wpath}/{site}"
+
+    def _well_path(self, d: Path, well: str) -> str:
+        """``row/column`` of a well: the plate's own names when it has the well's
+        row or column already (foreign plates may pad), else ``A/1`` style."""
+        r, c = parse_well(well)
+        attrs = _attrs_of(d) or {}
+        meta = _ome(attrs).get("plate", {})
+        for w in meta.get("wells", []):
+            rows = [str(x["name"]) for x in meta.get("rows", [])]
+            cols = [str(x["name"]) for x in meta.get("columns", [])]
+            if _well_name(str(w["path"]), rows, cols, w.get("rowIndex"), w.get("columnIndex")) == well:
+                return str(w["path"])
+        return f"{format_well(r, 0)[:-2]}/{c + 1}"
+
+    def _register_field(self, d: Path, well: str, wpath: str, site: int, write_well_metadata: Any) -> None:
+        """Add the field to its well's and the well to the plate's metadata
+        (caller holds the plate lock)."""
+        from ome_zarr.writer import write_plate_metadata
+
+        root = zarr.open_group(str(d), mode="r+")
+        wg = root.require_group(wpath)
+        images = _ome(dict(wg.attrs)).get("well", {}).get("images", [])
+        paths = {str(im["path"]) for im in images}
+        if str(site) not in paths:
+            images = sorted(images + [{"path": str(site)}], key=lambda im: (not str(im["path"]).isdigit(), int(im["path"]) if str(im["path"]).isdigit() else 0, str(im["path"])))
+            write_well_metadata(wg, images)
+        attrs = dict(root.attrs)
+        extra = attrs.get("fiji_bridge", {})
+        meta = _ome(attrs).get("plate", {})
+        rows = [str(x["name"]) for x in meta.get("rows", [])]
+        cols = [str(x["name"]) for x in meta.get("columns", [])]
+        wells = [str(w["path"]) for w in meta.get("wells", [])]
+        rname, cname = wpath.split("/")
+        r, c = parse_well(well)
+        n_rows = max(int(extra.get("rows", 0)), r + 1)
+        n_cols = max(int(extra.get("columns", 0)), c + 1)
+        for i in range(n_rows):  # our plates: every row letter up to the last
+            letter = format_well(i, 0)[:-2]
+            if letter not in rows and (not rows or _is_letter_run(rows)):
+                rows.append(letter)
+        if rname not in rows:
+            rows.append(rname)
+        for i in range(n_cols):
+            if str(i + 1) not in cols and (not cols or _is_number_run(cols)):
+                cols.append(str(i + 1))
+        if cname not in cols:
+            cols.append(cname)
+        if _is_letter_run(rows):
+            rows.sort(key=lambda n: parse_well(n + "1")[0])
+        if _is_number_run(cols):
+            cols.sort(key=int)
+        if wpath not in wells:
+            wells.append(wpath)
+        if _is_letter_run(rows) and _is_number_run(cols):
+            wells.sort(key=lambda p: (rows.index(p.split("/")[0]), cols.index(p.split("/")[1])) if p.count("/") == 1 and p.split("/")[0] in rows and p.split("/")[1] in cols else (len(rows), 0))
+        field_count = max(meta.get("field_count", 0), site + 1)
+        write_plate_metadata(
+            root, rows, cols, wells, name=str(meta.get("name") or extra.get("name") or d.stem), field_count=field_count
+        )
+
+    def _write_planes(self, plate: str, rel: str, info: FieldInfo, planes: Sequence[tuple[int, int, int, np.ndarray]]) -> None:
+        arr, axes = self._image(plate, rel)
+        for t, z, c, p in planes:
+            at = {"t": t, "z": z, "c": c}
+            arr[tuple(at[a] if a in at else slice(None) for a in axes)] = p
+
+    def _grow_field(self, plate: str, rel: str, info: FieldInfo, shape: tuple[int, ...]) -> None:
+        arr, axes = self._image(plate, rel)
+        if any(a not in axes for a in "tzc"):
+            raise BackendError(f"cannot grow field {rel} of plate {plate!r}: its axes are {axes!r}, not tczyx")
+        want = dict(zip("tzcyx", shape))
+        with plate_lock(self.plate_dir(plate)):
+            arr.resize(tuple(want[a] for a in axes))
+            g = zarr.open_group(str(self.plate_dir(plate) / rel), mode="r+")
+            attrs = dict(g.attrs)
+            ome = _ome(attrs)
+            chans = ome.get("omero", {}).get("channels")
+            if chans is not None and len(chans) < want["c"]:
+                for i in range(len(chans), want["c"]):
+                    chans.append(_channel(f"Channel {i}", i, want["c"], np.dtype(info.dtype), 0, 0))
+                if "ome" in attrs:
+                    g.attrs["ome"] = ome
+                else:
+                    g.attrs["omero"] = ome["omero"]
+        self._images.pop((plate, rel), None)
+
+
+# ----------------------------------------------------------------- metadata
+
+
+def _well_name(wpath: str, rows: list[str], cols: list[str], ri: Any, ci: Any) -> str:
+    try:
+        if ri is not None and ci is not None:
+            return normalize_well(rows[int(ri)] + str(int(cols[int(ci)])))
+    except (IndexError, ValueError):
+        pass
+    try:
+        r, c = wpath.split("/")
+        return normalize_well(r + str(int(c)))
+    except ValueError:
+        if ri is not None and ci is not None:
+            return format_well(int(ri), int(ci))
+        raise BackendError(f"cannot name the well at {wpath!r}") from None
+
+
+def _is_letter_run(rows: list[str]) -> bool:
+    return all(r.isalpha() and len(r) <= 2 for r in rows)
+
+
+def _is_number_run(cols: list[str]) -> bool:
+    return all(c.isdigit() and not c.startswith("0") for c in cols)
+
+
+def _axes_names(multiscale: dict) -> str:
+    axes = multiscale.get("axes")
+    if not axes:  # NGFF 0.1/0.2: always 5-D TCZYX
+        return _AXES
+    return "".join(str(a["name"] if isinstance(a, dict) else a).lower()[0] for a in axes)
+
+
+def _scale_units(cal: Calibration) -> tuple[dict[str, float], dict[str, str]]:
+    scale = {
+        "t": float(cal.frame_interval or 1.0),
+        "c": 1.0,
+        "z": float(cal.pixel_depth or 1.0),
+        "y": float(cal.pixel_height or cal.pixel_width or 1.0),
+        "x": float(cal.pixel_width or cal.pixel_height or 1.0),
+    }
+    units: dict[str, str] = {}
+    space = _SPACE_UNITS.get((cal.unit or "").strip().lower()) or _SPACE_UNITS.get((cal.unit or "").strip())
+    if cal.is_set and space:
+        units.update(x=space, y=space, z=space)
+    tunit = _TIME_UNITS.get((cal.time_unit or "").strip().lower())
+    if cal.frame_interval and tunit:
+        units["t"] = tunit
+    return scale, units
+
+
+def _calibration(multiscale: dict) -> Calibration:
+    axes = multiscale.get("axes") or []
+    names = _axes_names(multiscale)
+    units = {}
+    for a in axes:
+        if isinstance(a, dict) and a.get("unit"):
+            units[str(a["name"]).lower()[0]] = str(a["unit"])
+    scale: dict[str, float] = {}
+    ds = (multiscale.get("datasets") or [{}])[0]
+    for tr in ds.get("coordinateTransformations", []) or []:
+        if tr.get("type") == "scale":
+            scale = dict(zip(names, (float(v) for v in tr["scale"])))
+    space = units.get("x") or units.get("y")
+    if not space:
+        return Calibration()
+    return Calibration(
+        pixel_width=scale.get("x"),
+        pixel_height=scale.get("y"),
+        pixel_depth=scale.get("z") if "z" in units else None,
+        unit=_IJ_SPACE.get(space, space),
+        frame_interval=scale.get("t") if "t" in units else None,
+        time_unit=_IJ_TIME.get(units.get("t", "second"), units.get("t", "s")),
+    )
+
+
+def _channel(label: str, i: int, n: int, dtype: np.dtype, lo: float, hi: float) -> dict:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        dmin, dmax = float(info.min), float(info.max)
+    else:
+        dmin, dmax = float(min(lo, 0.0)), float(max(hi, 1.0))
+    return {
+        "label": label,
+        "color": "FFFFFF" if n == 1 else COLORS[i % len(COLORS)],
+        "active": True,
+        "window": {"min": dmin, "max": dmax, "start": float(lo), "end": float(hi if hi > lo else dmax)},
+    }
+
+
+def _omero_meta(tczyx: np.ndarray, names: Sequence[str], name: str) -> dict:
+    n = tczyx.shape[1]
+    chans = []
+    for i in range(n):
+        plane = tczyx[:, i]
+        lo, hi = (float(plane.min()), float(plane.max())) if plane.size else (0.0, 0.0)
+        chans.append(_channel(names[i] if i < len(names) else f"Channel {i}", i, n, tczyx.dtype, lo, hi))
+    return {"name": name, "channels": chans, "rdefs": {"model": "color" if n > 1 else "greyscale", "defaultT": 0, "defaultZ": tczyx.shape[2] // 2}}

@@ -1,0 +1,396 @@
+"""The OMERO backend: the shared contract over the OMERO test double (and
+over a live server when OMERO_HOST is set), plus what only OMERO has."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
+
+from backend_contract import *  # noqa: E402,F401,F403  (the contract tests and their fixtures)
+
+from fiji_bridge.backends.base import BackendError, StoreUnavailable  # noqa: E402
+from fiji_bridge.backends.omero import NS_PROVENANCE, NS_RESULTS, NS_TABLE, OmeroBackend  # noqa: E402
+from fiji_bridge.components import Calibration  # noqa: E402
+from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble  # noqa: E402
+
+PASSWORD = "double-secret-pw"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def server():
+    srv = ServerDouble(users={"alice": PASSWORD, "bob": "bob-pw"},
+                       groups={"lab": ["alice", "bob"], "other": ["alice"]})
+    srv.register("omero.test", 4064)
+    yield srv
+    srv.unregister()
+
+
+def _backend(**kw) -> OmeroBackend:
+    kw.setdefault("host", "omero.test")
+    kw.setdefault("port", 4064)
+    kw.setdefault("user", "alice")
+    kw.setdefault("password", PASSWORD)
+    kw.setdefault("gateway", GatewayDouble)
+    kw.setdefault("keepalive", 0)
+    return OmeroBackend(**kw)
+
+
+@pytest.fixture(params=["double", "live"])
+def backend_factory(request):
+    """The contract runs against the double, and against a live OMERO when
+    OMERO_HOST (+ OMERO_USER, OMERO_PASSWORD) is set (see README: omero/docker-compose.yml)."""
+    made = []
+    if request.param == "live":
+        if not os.environ.get("OMERO_HOST"):
+            pytest.skip("no live OMERO: set OMERO_HOST, OMERO_USER, OMERO_PASSWORD "
+                        "(docker compose -f omero/docker-compose.yml up -d)")
+        make_one = OmeroBackend
+    else:
+        srv = request.getfixturevalue("server")
+        del srv
+        make_one = _backend
+
+    def make():
+        b = make_one()
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.close()
+
+
+def _distinct_field(shape=(2, 3, 2, 20, 24), dtype="uint16") -> np.ndarray:
+    """Every plane different, every value above 255 (byte order matters)."""
+    t, z, c, y, x = shape
+    base = np.arange(y * x, dtype="int64").reshape(y, x)
+    arr = np.empty(shape, dtype=dtype)
+    for ti in range(t):
+        for zi in range(z):
+            for ci in range(c):
+                arr[ti, zi, ci] = 300 + base * 7 + 1000 * (ti * 100 + zi * 10 + ci)
+    return arr
+
+
+# ------------------------------------------------------------------ reading
+
+
+def test_structure_is_one_well_query_whatever_the_plate_size(server):
+    fields = {(w, s): _distinct_field((1, 1, 2, 8, 8)) for w in ("A01", "A02", "B01", "C07", "H12") for s in range(3)}
+    pid = server.seed_plate("big", fields, channel_names=["DAPI", "GFP"], pixel_size=(0.3, 0.3, 1.0))
+    b = _backend()
+    server.reset_counters()
+    s = b.plate_structure(str(pid))
+    assert s.wells == ("A01", "A02", "B01", "C07", "H12")  # 0-based row/column -> A01 names
+    assert dict(s.fields) == {w: 3 for w in s.wells}
+    assert s.channel_names == ("DAPI", "GFP")
+    assert server.counters["query:Well"] == 1
+    assert server.counters["query:Plate"] == 1
+    assert server.counters["query:Image"] <= 1  # channel names of one image
+    before = dict(server.counters)
+    for (w, site), arr in fields.items():
+        np.testing.assert_array_equal(b.load_field(str(pid), w, site), arr)
+    queries = {k: v for k, v in server.counters.items() if k.startswith("query")}
+    assert queries == {k: v for k, v in before.items() if k.startswith("query")}
+    # one RawPixelsStore per image, reused for its planes
+    assert server.counters["rps.create"] == len(fields)
+    assert server.counters["rps.getPlane"] == 2 * len(fields)
+
+
+def test_big_endian_planes_decode_like_numpy(server):
+    arr = _distinct_field((1, 1, 1, 6, 5))
+    pid = server.seed_plate("be", {("B02", 0): arr})
+    img = server.objects("Image")[0]
+    pix_id = server.children("Image", "pixels", img.id.val)[0]
+    # the server's raw bytes are big-endian: the independent oracle is numpy's '>u2'
+    raw = server._pixels[pix_id][0, 0, 0].tobytes()
+    assert raw == arr[0, 0, 0].astype(">u2").tobytes() != arr[0, 0, 0].astype("<u2").tobytes()
+    got = _backend().load(f"/omero/plate_{pid}/B02/B02_s000_z000_c000_t000.tif")
+    assert got.dtype == np.dtype("uint16") and got.dtype.isnative
+    np.testing.assert_array_equal(got, arr[0, 0, 0])
+
+
+def test_zct_plane_order_with_z_and_c(server):
+    b = _backend()
+    pid = b.create_plate("order")
+    arr = _distinct_field((2, 3, 2, 10, 12))
+    b.save_field(pid, "C03", 0, arr, channel_names=["a", "b"])
+    img = server.objects("Image")[0]
+    pix_id = server.children("Image", "pixels", img.id.val)[0]
+    stored = server.pixels_of(pix_id)  # TZCYX from the server's own buffer
+    np.testing.assert_array_equal(stored, arr)
+    pix = server.objects("Pixels")[0]
+    assert (pix.sizeZ.val, pix.sizeC.val, pix.sizeT.val) == (3, 2, 2)
+
+
+def test_channel_names_and_pixel_sizes_are_set(server):
+    b = _backend()
+    pid = b.create_plate("meta")
+    cal = Calibration(pixel_width=0.65, pixel_height=0.66, pixel_depth=2.5, unit="micron")
+    b.save_field(pid, "A01", 0, _distinct_field((1, 2, 3, 8, 8)), channel_names=["DAPI", "GFP", "Cy5"],
+                 calibration=cal)
+    names = [lc.name.val for lc in server.objects("LogicalChannel")]
+    assert names == ["DAPI", "GFP", "Cy5"]
+    pix = server.objects("Pixels")[0]
+    assert pix.physicalSizeX.getValue() == pytest.approx(0.65)
+    assert pix.physicalSizeY.getValue() == pytest.approx(0.66)
+    assert pix.physicalSizeZ.getValue() == pytest.approx(2.5)
+    assert str(pix.physicalSizeX.getUnit()) == "MICROMETER"
+
+
+def _orphans(server) -> list[int]:
+    linked = {ws.image.id.val for ws in server.objects("WellSample")}
+    return [i.id.val for i in server.objects("Image") if i.id.val not in linked]
+
+
+def test_no_orphan_images_on_replace_or_failure(server, monkeypatch):
+    b = _backend()
+    pid = b.create_plate("orphans")
+    a = _distinct_field((1, 1, 2, 8, 8))
+    b.save_field(pid, "A01", 0, a)
+    b.save_field(pid, "A01", 0, a + 1)  # replaces
+    b.save_field(pid, "A01", 1, a + 2)
+    assert len(server.objects("Image")) == 2 and _orphans(server) == []
+    calls = {"n": 0}
+    real = ServerDouble._rpc_RawPixelsStore_setPlane
+
+    def failing(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full on the binary repository")
+        return real(self, *args, **kw)
+    monkeypatch.setattr(ServerDouble, "_rpc_RawPixelsStore_setPlane", failing)
+    with pytest.raises(BackendError, match="disk full|OSError"):
+        b.save_field(pid, "B01", 0, a)
+    assert _orphans(server) == [] and len(server.objects("Image")) == 2
+    monkeypatch.undo()
+    np.testing.assert_array_equal(_backend().load_field(pid, "A01", 0), a + 1)
+    assert _backend().plate_structure(pid).fields == {"A01": 2}
+
+
+def test_tables_are_annotations_in_namespace_linked_to_their_target(server):
+    b = _backend()
+    pid = b.create_plate("tables")
+    b.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)))
+    b.save_table(pid, "plate_results", {"well": ["A01"], "count": [12], "area": [3.5]})
+    b.save_table(pid, "well_results", "x,y\n1,2\n", well="A01")
+    b.save_table(pid, "image_results", "n\n5\n", well="A01", site=0)
+    b.save({"macro": "blur.ijm"}, f"/omero/plate_{pid}/summary.json")
+    links = {}
+    for kind in ("Plate", "Well", "Image"):
+        for link in server.objects(f"{kind}AnnotationLink"):
+            ann = server._rows[link.child.id.val]
+            if type(ann).__name__ == "FileAnnotationI":
+                f = server._rows[ann.file.id.val]
+                links[f.name.val] = (kind, link.parent.id.val, ann.ns.val)
+    plate_id = int(pid)
+    well_id = server.objects("Well")[0].id.val
+    image_id = server.objects("Image")[0].id.val
+    assert links["plate_results.csv"] == ("Plate", plate_id, NS_RESULTS)
+    assert links["summary.json"] == ("Plate", plate_id, NS_RESULTS)
+    assert links["well_results.csv"] == ("Well", well_id, NS_RESULTS)
+    assert links["image_results.csv"] == ("Image", image_id, NS_RESULTS)
+    # CSV also as an OMERO.table, with typed columns equal to the CSV's
+    assert links["plate_results.csv.h5"] == ("Plate", plate_id, NS_TABLE)
+    table_file = next(f for f in server.objects("OriginalFile") if f.name.val == "plate_results.csv.h5")
+    assert server.table_columns(table_file.id.val) == {"well": ["A01"], "count": [12], "area": [3.5]}
+    # provenance MapAnnotation
+    maps = [server._rows[l.child.id.val] for l in server.objects("PlateAnnotationLink")
+            if type(server._rows[l.child.id.val]).__name__ == "MapAnnotationI"]
+    assert [m.ns.val for m in maps] == [NS_PROVENANCE]
+    # saving again replaces (one annotation per name)
+    b.save_table(pid, "plate_results", "well,count\nA01,13\n")
+    assert _backend().load(f"/omero/plate_{pid}/plate_results.csv") == "well,count\nA01,13\n"
+    names = [server._rows[a.file.id.val].name.val for a in server.objects("FileAnnotation")]
+    assert names.count("plate_results.csv") == 1 and names.count("plate_results.csv.h5") == 1
+
+
+def test_table_skipped_without_tables_service_file_kept():
+    srv = ServerDouble(users={"alice": PASSWORD}, tables=False).register("notables.test", 4064)
+    try:
+        b = _backend(host="notables.test")
+        pid = b.create_plate("p")
+        b.save_table(pid, "results", "a,b\n1,2\n")
+        assert srv.counters["tables.newTable"] == 1
+        assert [f.name.val for f in srv.objects("OriginalFile") if f.name.val.endswith(".h5")] == []
+        assert _backend(host="notables.test").load(f"/omero/plate_{pid}/results.csv") == "a,b\n1,2\n"
+    finally:
+        srv.unregister()
+
+
+def test_annotation_linked_in_the_objects_group(server):
+    fields = {("A01", 0): _distinct_field((1, 1, 1, 8, 8))}
+    pid = server.seed_plate("in-other-group", fields, group="other", user="alice")
+    b = _backend()  # alice's session group is "lab"
+    assert b.conn.getEventContext().groupId == server.group_id("lab")
+    b.save_table(str(pid), "results", "a\n1\n", well="A01")
+    ann = server.objects("FileAnnotation")[0]
+    assert ann.details.group.id.val == server.group_id("other")
+    assert _backend().load(f"/omero/plate_{pid}/A01/results.csv") == "a\n1\n"
+
+
+def test_tiles_for_planes_over_the_server_limit():
+    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=16).register("tiles.test", 4064)
+    try:
+        arr = _distinct_field((1, 1, 1, 40, 37))
+        b = _backend(host="tiles.test", max_plane_size=16, tile_size=16)
+        pid = b.create_plate("tiles")
+        b.save_field(pid, "A01", 0, arr)
+        assert srv.counters["rps.setTile"] == 9 and srv.counters["rps.setPlane"] == 0
+        np.testing.assert_array_equal(_backend(host="tiles.test", max_plane_size=16, tile_size=16)
+                                      .load_field(pid, "A01", 0), arr)
+        assert srv.counters["rps.getTile"] == 9
+        # without tiles the server refuses, and the error says why
+        with pytest.raises(BackendError, match="max_plane|getTile"):
+            _backend(host="tiles.test").load_field(pid, "A01", 0)
+    finally:
+        srv.unregister()
+
+
+# ------------------------------------------------------------------ connection
+
+
+def test_password_never_in_repr_logs_or_pickles(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    b = _backend()
+    pid = b.create_plate("secret")
+    b.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)))
+    text = repr(b) + str(b) + repr(b.params) + str(b.params) + caplog.text
+    blob = pickle.dumps(b)
+    assert PASSWORD not in text
+    assert PASSWORD.encode() not in blob
+    assert "alice" in repr(b) and "omero.test:4064" in repr(b)
+
+
+def test_pickled_backend_reconnects_in_a_subprocess(server, tmp_path):
+    host, port = server.serve()
+    b = _backend(host=host, port=port)
+    pid = b.create_plate("shared")
+    arr = _distinct_field((1, 2, 2, 12, 10))
+    b.save_field(pid, "B02", 0, arr)
+    (tmp_path / "backend.pkl").write_bytes(pickle.dumps(b))
+    logins = server.counters["login"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMERO_PASSWORD", "OMERO_SESSION")}
+    code = textwrap.dedent(f"""
+        import pickle, sys, numpy as np
+        b = pickle.loads(open({str(tmp_path / 'backend.pkl')!r}, 'rb').read())
+        assert b._conn is None
+        a = b.load_field({pid!r}, "B02", 0)
+        np.save({str(tmp_path / 'out.npy')!r}, a)
+        b.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), arr)
+    assert server.counters["login"] == logins  # joined the session by key, no password needed
+    assert server.counters["join"] >= 1
+    b.close()
+
+
+def test_dead_server_bad_login_and_missing_credentials(server, monkeypatch):
+    with pytest.raises(BackendError, match="login refused for user 'alice' at omero.test:4064"):
+        _backend(password="wrong").plate_structure("1")
+    monkeypatch.delenv("OMERO_PASSWORD", raising=False)
+    monkeypatch.delenv("OMERO_SESSION", raising=False)
+    with pytest.raises(BackendError, match="OMERO_PASSWORD"):
+        _backend(password=None).plate_structure("1")
+    with pytest.raises(StoreUnavailable, match="nowhere.test:4064"):
+        _backend(host="nowhere.test").plate_structure("1")
+    b = _backend()
+    pid = b.create_plate("p")
+    server.stop()
+    with pytest.raises(StoreUnavailable, match="omero.test:4064"):
+        b.plate_structure(pid)
+    server.start()
+    assert b.plate_structure(pid).wells == ()  # reconnects (joins its session) once the server is back
+
+
+def test_connection_drop_then_reconnect_by_session(server):
+    b = _backend()
+    pid = b.create_plate("drop")
+    b.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)))
+    server.drop_connections()
+    with pytest.raises(StoreUnavailable):
+        b.load_field(pid, "A01", 0)
+    logins = server.counters["login"]
+    b.load_field(pid, "A01", 0)
+    assert server.counters["login"] == logins and server.counters["join"] == 1
+
+
+def test_keepalive_keeps_an_idle_session(server):
+    server.session_timeout = 0.6
+    b = _backend(keepalive=0.2)
+    pid = b.create_plate("idle")
+    time.sleep(1.5)
+    assert server.counters["keepAlive"] >= 2
+    b.plate_structure(pid)
+    assert server.counters["login"] == 1 and server.counters["join"] == 0
+    b.close()
+
+
+def test_env_configuration_and_uri(server, monkeypatch):
+    monkeypatch.setenv("OMERO_HOST", "omero.test")
+    monkeypatch.setenv("OMERO_USER", "alice")
+    monkeypatch.setenv("OMERO_PASSWORD", PASSWORD)
+    b = OmeroBackend(gateway=GatewayDouble, keepalive=0)
+    assert b.params.port == 4064 and b.params.password is None
+    pid = b.create_plate("env")
+    u = OmeroBackend.from_uri(f"omero://alice@omero.test:4064/plate/{pid}", gateway=GatewayDouble, keepalive=0)
+    assert u.plate_structure(pid).name == "env"
+
+
+def test_missing_omero_py_gives_install_hint():
+    code = textwrap.dedent("""
+        import sys
+        for m in ("omero", "omero.gateway", "Ice"):
+            sys.modules[m] = None
+        from fiji_bridge.backends.omero import OmeroBackend
+        from fiji_bridge.backends.base import BackendError
+        b = OmeroBackend(host="h", user="u", password="p")
+        try:
+            b.plate_structure("1")
+        except BackendError as e:
+            print("ERR", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "pip install fiji-bridge[omero]" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ InstanceManager
+
+
+def test_instance_manager_check_connect_and_clear_start_error(server, monkeypatch, tmp_path):
+    import shutil
+    import socket
+
+    from fiji_bridge.omero import InstanceError, InstanceManager
+
+    host, port = server.serve()
+    im = InstanceManager(host=host, port=port, user="alice", password=PASSWORD, gateway=GatewayDouble, timeout=5)
+    assert im.check()
+    b = im.ensure(keepalive=0)  # a server answers: no start
+    assert b.create_plate("via-manager")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    down = InstanceManager(host="127.0.0.1", port=closed, gateway=GatewayDouble, timeout=0.5)
+    assert not down.check(timeout=0.5)
+    if shutil.which("docker") is None:
+        with pytest.raises(InstanceError, match="docker is not installed"):
+            down.ensure()
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/docker")
+    monkeypatch.delenv("OMERO_ROOT_PASSWORD", raising=False)
+    with pytest.raises(InstanceError, match="OMERO_ROOT_PASSWORD"):
+        down.start()
+    with pytest.raises(InstanceError, match="within"):
+        down.wait(timeout=0.3)

@@ -1,0 +1,248 @@
+"""The uploader under injected faults, with real stores (OME-Zarr on disk and
+the OMERO backend over its test double): every item arrives exactly once."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fiji_bridge.backends.base import StoreUnavailable, VirtualBackend
+from fiji_bridge.backends.zarr_plate import ZarrPlateStore
+from fiji_bridge.components import PlaneComponents
+from fiji_bridge.upload import Uploader
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 40
+YX = (16, 16)
+
+
+class FlakyStore(VirtualBackend):
+    """A real store behind a wrapper that fails ``fail_rate`` of the writes
+    (before writing) and goes away for ``drop_len`` calls at ``drops``
+    (call numbers), or calls ``on_drop`` there (e.g. the OMERO double's
+    ``drop_connections``). Successful writes are counted per path, and
+    appended to ``write_log`` when given (counts across processes)."""
+
+    def __init__(self, inner, *, fail_rate=0.0, drops=(), drop_len=4, on_drop=None, down_after=None,
+                 seed=0, write_log=None):
+        self.inner, self.scheme = inner, inner.scheme
+        self.fail_rate, self.drops, self.drop_len, self.on_drop = fail_rate, set(drops), drop_len, on_drop
+        self.down_after = down_after
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+        self.down_until = -1
+        self.writes = collections.Counter()
+        self.write_log = write_log
+        self.lock = threading.Lock()
+
+    def save(self, data, path):
+        with self.lock:
+            n = self.calls
+            self.calls += 1
+            if n in self.drops:
+                if self.on_drop is not None:
+                    self.on_drop()
+                else:
+                    self.down_until = n + self.drop_len
+            if n < self.down_until:
+                raise StoreUnavailable(f"injected: connection dropped (call {n})")
+            if self.down_after is not None and sum(self.writes.values()) >= self.down_after:
+                raise StoreUnavailable("injected: server gone")
+            if self.rng.random() < self.fail_rate:
+                raise StoreUnavailable(f"injected: write {n} failed")
+        self.inner.save(data, path)
+        with self.lock:
+            self.writes[path] += 1
+            if self.write_log:
+                with open(self.write_log, "a") as f:
+                    f.write(path + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+
+    def list_files(self, d):
+        return self.inner.list_files(d)
+
+    def load(self, p):
+        return self.inner.load(p)
+
+    def exists(self, p):
+        return self.inner.exists(p)
+
+    def plate_structure(self, p):
+        return self.inner.plate_structure(p)
+
+    def create_plate(self, *a, **k):
+        return self.inner.create_plate(*a, **k)
+
+    def save_field(self, *a, **k):
+        return self.inner.save_field(*a, **k)
+
+
+def _planes(seed=1, n=N):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 65535, size=(n,) + YX, dtype=np.uint16)
+
+
+def _zarr_plate(root: Path, n=N):
+    store = ZarrPlateStore(root)
+    plate = store.create_plate("up")
+    store.save_field(plate, "A01", 0, np.zeros((1, n, 1) + YX, "uint16"))
+    return store, plate
+
+
+def _paths(store, plate, n=N):
+    return [store.path(PlaneComponents(plate, "A01", 0, 0, z, 0)) for z in range(n)]
+
+
+@pytest.mark.timeout(120)
+def test_faults_every_item_arrives_exactly_once_zarr(tmp_path):
+    store, plate = _zarr_plate(tmp_path / "store")
+    flaky = FlakyStore(store, fail_rate=0.3, drops=(10, 25), drop_len=5, seed=3)
+    planes = _planes()
+    up = Uploader(flaky, queue_size=4, spill_dir=tmp_path / "spill", max_retries=60, backoff=(0.001, 0.01))
+    paths = _paths(store, plate)
+    for z, p in enumerate(paths):
+        assert up.submit(planes[z], p)
+    assert not up.submit(planes[0], paths[0])  # same key again: not queued twice
+    rep = up.finalize(timeout=60)
+    assert rep.complete, rep
+    assert sorted(rep.uploaded) == sorted(paths)
+    assert dict(flaky.writes) == {p: 1 for p in paths}  # exactly once, counted at the store
+    assert rep.counters["retried"] > 0 and rep.counters["spilled"] > 0 and rep.counters["skipped"] == 1
+    got = ZarrPlateStore(tmp_path / "store").load_field(plate, "A01", 0)
+    np.testing.assert_array_equal(got[0, :, 0], planes)
+    assert list((tmp_path / "spill" / "items").iterdir()) == []  # nothing left on disk
+
+
+@pytest.mark.timeout(120)
+def test_faults_every_item_arrives_exactly_once_omero_double(tmp_path):
+    pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
+    from fiji_bridge.backends.omero import OmeroBackend
+    from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble
+
+    srv = ServerDouble(users={"u": "pw"}).register("upload.test", 4064)
+    try:
+        store = OmeroBackend(host="upload.test", user="u", password="pw", gateway=GatewayDouble, keepalive=0)
+        plate = store.create_plate("up")
+        n = 24
+        store.save_field(plate, "A01", 0, np.zeros((1, n, 1) + YX, "uint16"))
+        # the connection really drops twice mid-batch: the backend sees Ice.ConnectionLostException
+        flaky = FlakyStore(store, fail_rate=0.3, drops=(6, 15), on_drop=srv.drop_connections, seed=5)
+        planes = _planes(n=n)
+        paths = _paths(store, plate, n)
+        up = Uploader(flaky, queue_size=3, spill_dir=tmp_path / "spill", max_retries=60, backoff=(0.001, 0.01))
+        for z, p in enumerate(paths):
+            up.submit(planes[z], p)
+        rep = up.finalize(timeout=60)
+        assert rep.complete, rep
+        assert dict(flaky.writes) == {p: 1 for p in paths}
+        assert srv.counters["join"] >= 2  # reconnected by session key after each drop
+        assert len(srv.objects("Image")) == 1  # no duplicate images
+        got = OmeroBackend(host="upload.test", user="u", password="pw", gateway=GatewayDouble,
+                           keepalive=0).load_field(plate, "A01", 0)
+        np.testing.assert_array_equal(got[0, :, 0], planes)
+    finally:
+        srv.unregister()
+
+
+@pytest.mark.timeout(60)
+def test_fallback_store_when_the_server_stays_away(tmp_path):
+    store, plate = _zarr_plate(tmp_path / "remote", n=6)
+    local, plate2 = _zarr_plate(tmp_path / "local", n=6)
+    assert plate2 == plate
+    down = FlakyStore(store, fail_rate=1.0)
+    seen = []
+    up = Uploader(down, queue_size=2, spill_dir=tmp_path / "spill", fallback=local, max_retries=3,
+                  backoff=(0.001, 0.002), on_fallback=lambda k, e: seen.append(k))
+    planes = _planes(n=6)
+    paths = _paths(store, plate, 6)
+    for z, p in enumerate(paths):
+        up.submit(planes[z], p)
+    rep = up.finalize(timeout=30)
+    assert sorted(rep.fallback) == sorted(paths) == sorted(seen)
+    assert rep.uploaded == [] and rep.complete and rep.counters["fallback"] == 6
+    np.testing.assert_array_equal(ZarrPlateStore(tmp_path / "local").load_field(plate, "A01", 0)[0, :, 0], planes)
+
+
+@pytest.mark.timeout(60)
+def test_without_fallback_report_says_what_is_left_and_next_start_uploads_it(tmp_path):
+    store, plate = _zarr_plate(tmp_path / "store", n=5)
+    planes = _planes(n=5)
+    paths = _paths(store, plate, 5)
+    up = Uploader(FlakyStore(store, fail_rate=1.0), queue_size=2, spill_dir=tmp_path / "spill", max_retries=2,
+                  backoff=(0.001, 0.002))
+    for z, p in enumerate(paths):
+        up.submit(planes[z], p)
+    rep = up.finalize(timeout=30)
+    assert not rep.complete
+    assert sorted(rep.failed) == sorted(paths) and all("unavailable" in r for r in rep.failed.values())
+    counting = FlakyStore(store)
+    up2 = Uploader(counting, spill_dir=tmp_path / "spill", backoff=(0.001, 0.002))
+    assert up2.counters["recovered"] == 5
+    rep2 = up2.finalize(timeout=30)
+    assert rep2.complete and sorted(rep2.uploaded) == sorted(paths)
+    assert dict(counting.writes) == {p: 1 for p in paths}
+    np.testing.assert_array_equal(ZarrPlateStore(tmp_path / "store").load_field(plate, "A01", 0)[0, :, 0], planes)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_with_items_spilled_they_arrive_after_restart_exactly_once(tmp_path):
+    n = 12
+    store, plate = _zarr_plate(tmp_path / "store", n=n)
+    planes = _planes(n=n)
+    np.save(tmp_path / "planes.npy", planes)
+    log = tmp_path / "writes.log"
+    child = textwrap.dedent(f"""
+        import sys, time, numpy as np
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from test_upload import FlakyStore, _paths
+        from fiji_bridge.backends.zarr_plate import ZarrPlateStore
+        from fiji_bridge.upload import Uploader
+        store = ZarrPlateStore({str(tmp_path / 'store')!r})
+        flaky = FlakyStore(store, down_after=3, write_log={str(log)!r})
+        up = Uploader(flaky, queue_size=2, spill_dir={str(tmp_path / 'spill')!r}, durable=True,
+                      max_retries=10**6, backoff=(0.01, 0.05))
+        planes = np.load({str(tmp_path / 'planes.npy')!r})
+        for z, p in enumerate(_paths(store, {plate!r}, {n})):
+            up.submit(planes[z], p)
+        while up.counters["uploaded"] < 3:
+            time.sleep(0.01)
+        print("SUBMITTED", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SUBMITTED"
+        time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    first = log.read_text().split()
+    assert len(first) == 3
+    manifests = [p for p in (tmp_path / "spill" / "items").glob("*.json") if not p.name.endswith(".data.json")]
+    assert len(manifests) == n - 3  # everything not uploaded survived the kill on disk
+    counting = FlakyStore(ZarrPlateStore(tmp_path / "store"), write_log=log)
+    up = Uploader(counting, spill_dir=tmp_path / "spill", backoff=(0.001, 0.002))
+    rep = up.finalize(timeout=60)
+    assert rep.complete
+    paths = _paths(store, plate, n)
+    assert sorted(collections.Counter(log.read_text().split()).items()) == sorted((p, 1) for p in paths)
+    np.testing.assert_array_equal(ZarrPlateStore(tmp_path / "store").load_field(plate, "A01", 0)[0, :, 0], planes)
+
+
+def test_bad_items_are_refused_at_submit(tmp_path):
+    store, plate = _zarr_plate(tmp_path / "store", n=1)
+    up = Uploader(store)
+    with pytest.raises(Exception, match="cannot upload"):
+        up.submit(object(), "/zarr/plate_x/a.json")
+    assert up.finalize(timeout=5).complete

@@ -55,3 +55,89 @@ def ij():
         pytest.skip(f"ImageJ 1 engine unavailable: {e}")
     yield eng
     eng.close()
+
+
+# --------------------------------------------------------------------------- bridge processes
+# (used by test_server*, test_client*, test_supervisor, test_security)
+
+import contextlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class BridgeProcess:
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self, **kw):
+        from fiji_bridge.client import BridgeClient
+
+        return BridgeClient.connect(self.port, **kw)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def bridge_process(tmp_dir: Path, *args: str, port: int = 0, env: dict | None = None, wait_engine: bool = True, timeout: float = 120.0):
+    """Run ``fiji-bridge serve`` as a subprocess; always terminated on exit
+    (shutdown request, then SIGTERM, then SIGKILL of its process group)."""
+    from fiji_bridge.client import BridgeClient, BridgeError
+
+    port = port or free_port_pair()
+    log = Path(tmp_dir) / f"bridge-{port}.log"
+    cmd = [sys.executable, "-m", "fiji_bridge.cli", "serve", "--port", str(port), *args]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})
+    bp = BridgeProcess(port, proc, log)
+    try:
+        deadline = time.monotonic() + timeout
+        with BridgeClient(port, timeout=5) as c:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"bridge exited with {proc.returncode}:\n{bp.log_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"bridge not ready in {timeout} s:\n{bp.log_text()}")
+                try:
+                    st = c.status() if wait_engine else c.ping(timeout=0.5)
+                except BridgeError:
+                    time.sleep(0.2)
+                    continue
+                if not wait_engine or st["engine"]["state"] == "ready":
+                    break
+                if st["engine"]["state"].startswith("failed"):
+                    raise RuntimeError(f"engine failed: {st['engine']}\n{bp.log_text()}")
+                time.sleep(0.2)
+        yield bp
+    finally:
+        if proc.poll() is None:
+            try:
+                with BridgeClient(port, timeout=3) as c:
+                    c.shutdown()
+                proc.wait(15)
+            except Exception:
+                pass
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def shm_segments(prefix: str = "fjb") -> list[str]:
+    try:
+        return sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix))
+    except OSError:
+        return []

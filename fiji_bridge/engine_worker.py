@@ -1,0 +1,204 @@
+"""The engine worker: the process that holds the JVM and ImageJ for a bridge.
+
+Run by :class:`fiji_bridge.supervisor.EngineSupervisor` as
+``python -m fiji_bridge.engine_worker --endpoint ipc://... --parent PID``.
+It connects a PAIR socket to the bridge, starts the engine, says
+``{"op": "ready"}`` and then serves one request at a time:
+``run_macro``, ``show_stack``, ``update_plane``, ``close_stack``, ``render``,
+``ping``, ``quit``. Input pixels are mapped from the bridge's shared memory
+(no copy before ImageJ's own); result pixels are written into segments this
+worker creates (``fjbw_<bridge pid>_<worker pid>_<n>``), which the bridge
+copies and unlinks. When the bridge dies, the worker reaps the segments of
+both prefixes and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from .components import Calibration
+from .protocol import encode, encode_macro_result, parse_json
+from .supervisor import SERVER_PREFIX, WORKER_PREFIX, SharedArray, attach_array, reap_prefix
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            reap_prefix(f"{SERVER_PREFIX}_{parent}_")
+            reap_prefix(f"{WORKER_PREFIX}_{parent}_")
+            os._exit(3)
+
+
+def _open_engine(kind: str, display: bool) -> Any:
+    factory = os.environ.get("FIJI_BRIDGE_ENGINE_FACTORY")  # "module:callable", for custom engines
+    if factory:
+        mod, _, fn = factory.partition(":")
+        return getattr(importlib.import_module(mod), fn)(kind=kind, display=display)
+    from .engine import open_engine
+
+    return open_engine(kind, display=display)
+
+
+class Worker:
+    def __init__(self, sock: zmq.Socket, engine: Any, parent: int) -> None:
+        self.sock = sock
+        self.engine = engine
+        self.parent = parent
+        self._seg = itertools.count()
+        self._mapped: list = []
+
+    def _put(self, arr: np.ndarray) -> dict:
+        arr = np.ascontiguousarray(arr)
+        seg = SharedArray(f"{WORKER_PREFIX}_{self.parent}_{os.getpid()}_{next(self._seg)}", arr.shape, arr.dtype)
+        np.copyto(seg.array, arr, casting="no")
+        desc = seg.desc()
+        seg.close()  # the bridge copies and unlinks it
+        return desc
+
+    def _get(self, desc: dict) -> np.ndarray:
+        arr, mm = attach_array(desc)
+        self._mapped.append(mm)
+        return arr
+
+    def _release(self) -> None:
+        for mm in self._mapped:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self._mapped.clear()
+
+    # -- ops ------------------------------------------------------------------
+
+    def run_macro(self, m: dict) -> dict:
+        from .engine.base import MacroError
+
+        image = self._get(m["image"]) if m.get("image") else None
+        cal = m.get("calibration")
+        try:
+            result = self.engine.run_macro(
+                m["code"],
+                image=image,
+                dims=m.get("dims") or "TZCYX",
+                args=m.get("args"),
+                dialog_options=m.get("dialog_options"),
+                timeout=m.get("timeout"),
+                title=m.get("title"),
+                channel_names=m.get("channel_names"),
+                calibration=Calibration.from_dict(cal) if cal else None,
+                outputs=m.get("outputs"),
+            )
+        except MacroError as e:
+            return {"ok": False, "error": {"code": "macro_timeout" if e.kind == "timeout" else "macro_error", "message": str(e), "kind": e.kind, "macro": e.to_dict()}}
+        finally:
+            del image
+        return {"ok": True, "result": encode_macro_result(result, self._put)}
+
+    def show_stack(self, m: dict) -> dict:
+        arr = self._get(m["image"])
+        cal = m.get("calibration")
+        self.engine.show_stack(m["key"], arr, m.get("channel_names"), Calibration.from_dict(cal) if cal else None)
+        return {"ok": True}
+
+    def update_plane(self, m: dict) -> dict:
+        self.engine.update_plane(m["key"], int(m["t"]), int(m["z"]), int(m["c"]), self._get(m["plane"]))
+        return {"ok": True}
+
+    def close_stack(self, m: dict) -> dict:
+        self.engine.close_stack(m["key"])
+        return {"ok": True}
+
+    def render(self, m: dict) -> dict:
+        target = self._get(m["image"]) if m.get("image") else m["key"]
+        kw = {"montage": bool(m.get("montage"))}
+        if m.get("channel_names") and not isinstance(target, str):
+            kw["channel_names"] = m["channel_names"]
+        rgb = self.engine.render(target, **kw)
+        return {"ok": True, "image": self._put(np.asarray(rgb))}
+
+    def ping(self, m: dict) -> dict:
+        return {"ok": True}
+
+    def serve(self) -> None:
+        ops: dict[str, Callable[[dict], dict]] = {
+            "run_macro": self.run_macro,
+            "show_stack": self.show_stack,
+            "update_plane": self.update_plane,
+            "close_stack": self.close_stack,
+            "render": self.render,
+            "ping": self.ping,
+        }
+        while True:
+            frames = self.sock.recv_multipart()
+            try:
+                m = parse_json(frames[0])
+            except ValueError:
+                continue
+            op = m.get("op")
+            if op == "quit":
+                return
+            fn = ops.get(op)
+            try:
+                if fn is None:
+                    reply = {"ok": False, "error": {"code": "unknown_type", "message": f"unknown worker op {op!r}"}}
+                else:
+                    reply = fn(m)
+            except NotImplementedError as e:
+                reply = {"ok": False, "error": {"code": "unavailable", "message": str(e) or f"{op} is not supported by this engine"}}
+            except Exception as e:  # the error goes back, the worker goes on
+                reply = {"ok": False, "error": {"code": "engine", "message": f"{type(e).__name__}: {e}", "kind": "exception", "trace": traceback.format_exc(limit=5)}}
+            finally:
+                self._release()
+            self.sock.send_multipart(encode({"op": "reply", "id": m.get("id"), **reply}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fiji_bridge.engine_worker")
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--engine", default="auto")
+    ap.add_argument("--parent", type=int, required=True)
+    ap.add_argument("--display", action="store_true")
+    a = ap.parse_args(argv)
+    threading.Thread(target=_watch_parent, args=(a.parent,), daemon=True, name="parent-watch").start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.linger = 1000
+    sock.connect(a.endpoint)
+    try:
+        engine = _open_engine(a.engine, a.display)
+        engine.start()
+    except BaseException as e:  # report, then exit: the supervisor decides
+        traceback.print_exc()
+        sock.send_multipart(encode({"op": "failed", "error": f"{type(e).__name__}: {e}"}))
+        sock.close()
+        ctx.term()
+        return 2
+    sock.send_multipart(encode({"op": "ready", "version": str(getattr(engine, "version", "?")), "engine": getattr(engine, "name", a.engine), "pid": os.getpid()}))
+    try:
+        Worker(sock, engine, a.parent).serve()
+    finally:
+        try:
+            engine.close()
+        except Exception:
+            pass
+        sock.close()
+        ctx.term()
+    # the JVM may keep non-daemon threads alive: leave now
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

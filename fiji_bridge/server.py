@@ -1,0 +1,840 @@
+"""The bridge process: sockets, dispatch, hyperstacks, engine supervision.
+
+One :class:`BridgeServer` owns
+
+* a control ROUTER on the base port (clients use DEALER or REQ): requests are
+  answered from a dispatch table; ``ping``/``status`` are answered at once,
+  also while a macro runs (macros are queued to the engine worker, one at a
+  time, in order);
+* a data ROUTER on base port + 1000 (producers use DEALER): each plane is
+  validated, copied into the :class:`~fiji_bridge.hyperstack.StackStore` and
+  acknowledged (the ack is the producer's credit back);
+* SUB sockets for ``subscribe(endpoint)``: external PUB sources of planes;
+* the :class:`~fiji_bridge.supervisor.EngineSupervisor` and its worker (the
+  JVM lives there, never here);
+* optionally, OpenHCS's viewer protocol (``--openhcs-port``).
+
+Everything runs in one thread around a ``zmq.Poller``; SIGTERM/SIGINT and the
+``shutdown`` request stop it cleanly. Live Fiji windows (with a display) are
+updated at most :data:`DISPLAY_HZ` times per second per stack.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import mmap
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import zmq
+
+from . import __version__
+from .components import Calibration, ComponentError
+from .hyperstack import AxisMapping, StackError, StackNotFound, StackStore
+from .protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    ErrorCode,
+    FrameSink,
+    PlaneHeader,
+    ProtocolError,
+    Request,
+    decode_macro_result,
+    encode,
+    encode_macro_result,
+    error_reply,
+    ok_reply,
+    parse_json,
+    parse_request,
+    request_id,
+)
+from .security import SecurityError, ServerAuth, check_bind
+from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
+from .transport import TransportError, read_inline, read_shm, reap_orphans  # noqa: F401
+
+try:
+    import _posixshmem  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None
+
+__all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
+
+log = logging.getLogger("fiji_bridge.server")
+
+DATA_PORT_OFFSET = 1000
+#: live window updates per second and stack, at most
+DISPLAY_HZ = 20.0
+#: seconds between sweeps for shared memory left by dead producers
+REAP_INTERVAL = 5.0
+#: messages handled per socket before the loop looks at the others
+BATCH = 64
+
+
+def ipc_dir() -> Path:
+    """The private folder of ipc:// sockets: ``$XDG_RUNTIME_DIR/fiji-bridge`` or ``~/.cache/fiji-bridge/ipc``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    d = Path(base) / "fiji-bridge" if base else Path.home() / ".cache" / "fiji-bridge" / "ipc"
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    return d
+
+
+def endpoints(port: int, host: str = "127.0.0.1", ipc: bool = False) -> tuple[str, str]:
+    """(control, data) endpoints of the bridge on ``port``."""
+    if ipc:
+        d = ipc_dir()
+        return f"ipc://{d}/bridge-{port}.sock", f"ipc://{d}/bridge-{port}-data.sock"
+    h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"tcp://{h}:{port}", f"tcp://{h}:{port + DATA_PORT_OFFSET}"
+
+
+@dataclass
+class StreamStats:
+    planes: int = 0
+    bytes: int = 0
+    dropped: int = 0  # reported by the producer (live mode)
+    rejected: int = 0
+    transport: str = ""
+    last: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return {"planes": self.planes, "bytes": self.bytes, "dropped": self.dropped, "rejected": self.rejected, "transport": self.transport, "last": self.last}
+
+
+class BridgeServer:
+    """The bridge. ``run()`` blocks until shutdown; returns an exit code."""
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        ipc: bool = False,
+        engine: str = "auto",
+        display: Optional[bool] = None,
+        openhcs_port: Optional[int] = None,
+        keys_dir: Optional[str] = None,
+        max_bytes: Optional[int] = None,
+    ) -> None:
+        check_bind(host, keys_dir, ipc=ipc)
+        self.port = int(port)
+        self.host = host
+        self.ipc = ipc
+        self.display = bool(os.environ.get("DISPLAY")) if display is None else bool(display)
+        self.openhcs_port = openhcs_port
+        self.keys_dir = keys_dir
+        self.store = StackStore(max_bytes=max_bytes)
+        self.started = time.time()
+        self.ctx = zmq.Context()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"fiji-bridge-{self.port}-"))
+        self.ctrl_endpoint, self.data_endpoint = endpoints(self.port, host, ipc)
+        self.auth: Optional[ServerAuth] = ServerAuth(self.ctx, keys_dir) if keys_dir else None
+        self.ctrl = self._bind(zmq.ROUTER, self.ctrl_endpoint)
+        try:
+            self.data = self._bind(zmq.ROUTER, self.data_endpoint)
+        except BaseException:
+            self.ctrl.close(0)
+            raise
+        self.data.rcvhwm = 10000
+        self.data.sndhwm = 100000
+        self.poller = zmq.Poller()
+        self.poller.register(self.ctrl, zmq.POLLIN)
+        self.poller.register(self.data, zmq.POLLIN)
+        self.subs: dict[str, tuple[zmq.Socket, Optional[AxisMapping]]] = {}
+        self.streams: dict[str, StreamStats] = {}
+        self.origins: dict[str, dict] = {}  # stack key -> plate/well/site of its planes
+        self.errors = 0
+        self.segments = SegmentCache()
+        self.sup = EngineSupervisor(self.ctx, self.runtime_dir, engine=engine, display=self.display, on_ready=self._on_engine_ready)
+        self.sup.set_socket_listener(self._swap_worker_socket)
+        # live display state
+        self._dirty: dict[str, Optional[set]] = {}
+        self._shown: dict[str, tuple] = {}
+        self._last_push: dict[str, float] = {}
+        self.display_error: Optional[str] = None
+        self._display_failures: dict[str, int] = {}
+        # saves to a plate store run off the loop
+        self._saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="save")
+        self._saves: list[tuple[concurrent.futures.Future, list, Any, dict, list]] = []
+        # OpenHCS receiver delivers planes from its own thread(s)
+        self._inbox: list[tuple[str, int, int, int, np.ndarray, dict]] = []
+        self._inbox_lock = threading.Lock()
+        self.openhcs: Any = None
+        self._stop = False
+        self._last_reap = 0.0
+        self.handlers: dict[str, Callable[[list, Request], None]] = {
+            "ping": self._ping,
+            "status": self._status,
+            "list_stacks": self._list_stacks,
+            "stack_info": self._stack_info,
+            "get_stack": self._get_stack,
+            "close_stack": self._close_stack,
+            "clear_state": self._clear_state,
+            "run_macro": self._run_macro,
+            "render": self._render,
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "shm_probe": self._shm_probe,
+            "shutdown": self._shutdown,
+        }
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.linger = 0
+        if self.auth is not None:
+            self.auth.apply(s)
+        try:
+            s.bind(endpoint)
+        except zmq.ZMQError as e:
+            s.close(0)
+            if e.errno == zmq.EADDRINUSE:
+                raise OSError(f"{endpoint} is already in use: another bridge (try `fiji-bridge status --port {self.port}`) or another program holds it") from None
+            raise OSError(f"cannot bind {endpoint}: {e}") from None
+        return s
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        self._install_signals()
+        reap_orphans()
+        for prefix in (SERVER_PREFIX, WORKER_PREFIX):
+            reap_orphans(prefix)
+        self.sup.start()
+        if self.openhcs_port is not None:
+            try:
+                self._start_openhcs()
+            except Exception as e:
+                print(f"error: cannot act as OpenHCS's viewer on port {self.openhcs_port}: {e}", file=sys.stderr, flush=True)
+                self.close()
+                return 2
+        log.info("fiji-bridge %s listening: control %s, data %s (display: %s)", __version__, self.ctrl_endpoint, self.data_endpoint, self.display)
+        print(f"fiji-bridge listening on {self.ctrl_endpoint} (data {self.data_endpoint}), pid {os.getpid()}", flush=True)
+        try:
+            while not self._stop:
+                events = dict(self.poller.poll(50))
+                if self.ctrl in events:
+                    self._drain(self.ctrl, self._on_control)
+                if self.data in events:
+                    self._drain(self.data, self._on_data)
+                for ep, (sock, mapping) in list(self.subs.items()):
+                    if sock in events:
+                        self._drain(sock, lambda fr, m=mapping: self._on_published(fr, m))
+                if self.sup.sock is not None and self.sup.sock in events:
+                    self.sup.on_readable()
+                self._housekeeping()
+        finally:
+            self.close()
+        return 0
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:  # never let one message take the bridge down
+                self.errors += 1
+                log.exception("unexpected error handling a message")
+
+    def _housekeeping(self) -> None:
+        self.sup.tick()
+        self._take_inbox()
+        self._flush_display()
+        if self._saves:
+            self._finish_saves()
+        now = time.monotonic()
+        if now - self._last_reap > REAP_INTERVAL:
+            self._last_reap = now
+            self.segments.evict(older_than=REAP_INTERVAL)
+            try:
+                reap_orphans()
+            except Exception:
+                log.exception("reap_orphans failed")
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            log.info("signal %s: shutting down", signum)
+            self._stop = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        """Stop the worker, close sockets, remove the runtime folder."""
+        if self.ctx.closed:
+            return
+        if self.openhcs is not None:
+            try:
+                self.openhcs.stop()
+            except Exception:
+                log.exception("closing the OpenHCS receiver failed")
+        self.sup.close()
+        self.segments.evict(older_than=0)
+        self._saver.shutdown(wait=False, cancel_futures=True)
+        for sock, _ in self.subs.values():
+            sock.close(0)
+        self.subs.clear()
+        self.ctrl.close(0)
+        self.data.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self.ipc:
+            for ep in (self.ctrl_endpoint, self.data_endpoint):
+                try:
+                    os.unlink(ep[len("ipc://"):])
+                except OSError:
+                    pass
+
+    def _swap_worker_socket(self, old: Optional[zmq.Socket], new: Optional[zmq.Socket]) -> None:
+        if old is not None:
+            try:
+                self.poller.unregister(old)
+            except KeyError:
+                pass
+        if new is not None:
+            self.poller.register(new, zmq.POLLIN)
+
+    # ------------------------------------------------------------------ control
+
+    def _on_control(self, frames: list) -> None:
+        env, body = _envelope(frames)
+        if not body:
+            self._reply(env, error_reply(None, ErrorCode.BAD_FRAME, "empty request: expected [json, *array frames]"))
+            return
+        try:
+            req = parse_request([body[0].bytes] + [f.buffer for f in body[1:]])
+        except ProtocolError as e:
+            self.errors += 1
+            self._reply(env, error_reply(request_id(body[0].bytes), e.code, e.message))
+            return
+        try:
+            self.handlers[req.TYPE](env, req)
+        except ProtocolError as e:
+            self._reply(env, error_reply(req.id, e.code, e.message))
+        except StackNotFound as e:
+            self._reply(env, error_reply(req.id, ErrorCode.NOT_FOUND, str(e)))
+        except Exception as e:
+            self.errors += 1
+            log.exception("request %s failed", req.TYPE)
+            self._reply(env, error_reply(req.id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+
+    def _reply(self, env: list, reply: dict, frames: list = ()) -> None:
+        try:
+            self.ctrl.send_multipart(env + encode(reply, frames), copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the client is gone or not reading
+            log.warning("could not reply: %s", e)
+
+    def _ping(self, env: list, req: Request) -> None:
+        self._reply(env, ok_reply(req.id, type="pong", server="fiji-bridge", version=__version__, protocol=PROTOCOL_VERSION, pid=os.getpid(), engine=self.sup.status()["state"]))
+
+    def status_dict(self) -> dict:
+        stacks = []
+        for info in self.store.infos():
+            stacks.append({"key": info.key, "shape": list(info.shape), "dtype": info.dtype, "planes": info.planes, "missing": len(info.missing), "channel_names": info.channel_names, "version": info.version})
+        return {
+            "server": "fiji-bridge",
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "control": self.ctrl_endpoint,
+            "data": self.data_endpoint,
+            "port": self.port,
+            "uptime": time.time() - self.started,
+            "engine": self.sup.status(),
+            "display": self.display,
+            "display_error": self.display_error,
+            "windows": sorted(self._shown),
+            "display_pending": sorted(self._dirty),
+            "stacks": stacks,
+            "memory": {"used": self.store.nbytes, "max": self.store.max_bytes},
+            "streams": {k: v.to_dict() for k, v in self.streams.items()},
+            "dropped": sum(v.dropped for v in self.streams.values()),
+            "subscriptions": list(self.subs),
+            "openhcs": ({"port": self.openhcs_port, **_safe_stats(self.openhcs)} if self.openhcs is not None else None),
+            "errors": self.errors,
+            "secure": self.auth is not None,
+        }
+
+    def _status(self, env: list, req: Request) -> None:
+        self._reply(env, ok_reply(req.id, **self.status_dict()))
+
+    def _list_stacks(self, env: list, req: Request) -> None:
+        self._reply(env, ok_reply(req.id, stacks=self.store.keys()))
+
+    def _stack_info(self, env: list, req: Any) -> None:
+        self._reply(env, ok_reply(req.id, info=self.store.info(req.key).to_dict()))
+
+    def _get_stack(self, env: list, req: Any) -> None:
+        arr, info = self.store.snapshot(req.key)
+        sink = FrameSink()
+        desc = sink.put(arr)
+        self._reply(env, ok_reply(req.id, info=info.to_dict(), array=desc), sink.frames)
+
+    def _close_stack(self, env: list, req: Any) -> None:
+        self.store.close(req.key)
+        self._forget_window(req.key)
+        self.origins.pop(req.key, None)
+        self._reply(env, ok_reply(req.id, closed=req.key))
+
+    def _clear_state(self, env: list, req: Request) -> None:
+        keys = self.store.keys()
+        self.store.clear()
+        for k in keys:
+            self._forget_window(k)
+        self.origins.clear()
+        self.streams.clear()
+        self._reply(env, ok_reply(req.id, closed=keys))
+
+    def _shutdown(self, env: list, req: Request) -> None:
+        self._reply(env, ok_reply(req.id, stopping=True))
+        self._stop = True
+
+    def _shm_probe(self, env: list, req: Any) -> None:
+        try:
+            data = read_shm(req.name, (req.size,), "uint8")
+        except TransportError as e:
+            self._reply(env, ok_reply(req.id, readable=False, reason=str(e)))
+            return
+        self._reply(env, ok_reply(req.id, readable=True, data=data.tobytes().hex()))
+
+    def _subscribe(self, env: list, req: Any) -> None:
+        if req.endpoint in self.subs:
+            self._reply(env, ok_reply(req.id, endpoint=req.endpoint, already=True))
+            return
+        try:
+            mapping = AxisMapping.from_dict(req.mapping) if req.mapping else None
+        except StackError as e:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"subscribe: {e}") from None
+        s = self.ctx.socket(zmq.SUB)
+        s.linger = 0
+        s.rcvhwm = 1000
+        try:
+            s.connect(req.endpoint)
+        except zmq.ZMQError as e:
+            s.close(0)
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"subscribe: cannot connect to {req.endpoint}: {e}") from None
+        s.setsockopt(zmq.SUBSCRIBE, b"")
+        self.subs[req.endpoint] = (s, mapping)
+        self.poller.register(s, zmq.POLLIN)
+        self._reply(env, ok_reply(req.id, endpoint=req.endpoint))
+
+    def _unsubscribe(self, env: list, req: Any) -> None:
+        entry = self.subs.pop(req.endpoint, None)
+        if entry is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"not subscribed to {req.endpoint}; subscriptions: {list(self.subs)}")
+        self.poller.unregister(entry[0])
+        entry[0].close(0)
+        self._reply(env, ok_reply(req.id, endpoint=req.endpoint))
+
+    # ------------------------------------------------------------------ macros
+
+    def _run_macro(self, env: list, req: Any) -> None:
+        body: dict = {
+            "code": req.code,
+            "dims": req.dims,
+            "args": req.args,
+            "dialog_options": req.dialog_options,
+            "timeout": req.timeout or DEFAULT_MACRO_TIMEOUT,
+            "title": req.title,
+            "channel_names": req.channel_names,
+            "calibration": req.calibration,
+            "outputs": req.outputs,
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if req.stack is not None:
+            stack = self.store.get(req.stack)
+            info = self.store.info(req.stack)
+            arrays["image"] = stack.array  # copied once, into the worker's segment
+            body["dims"] = "TZCYX"
+            if body["channel_names"] is None and any(info.channel_names):
+                body["channel_names"] = [n or f"C{i + 1}" for i, n in enumerate(info.channel_names)]
+            if body["calibration"] is None and info.calibration.is_set:
+                body["calibration"] = info.calibration.to_dict()
+            body["title"] = body["title"] or req.stack
+        elif req.image is not None:
+            arrays["image"] = req.image_array()
+        if req.save_to:
+            try:
+                from .outputs import save_result  # noqa: F401
+            except ImportError as e:
+                raise ProtocolError(ErrorCode.UNAVAILABLE, f"save_to needs fiji_bridge.outputs, which is not available here: {e}") from None
+
+        def done(reply: dict, get: Callable[[dict], np.ndarray]) -> None:
+            if not reply.get("ok"):
+                err = dict(reply.get("error") or {})
+                code = err.pop("code", ErrorCode.ENGINE)
+                message = err.pop("message", "the macro failed")
+                macro = err.pop("macro", None) or {"message": message, "kind": err.get("kind", "engine" if code == ErrorCode.ENGINE else "exception")}
+                err.pop("trace", None)
+                self._reply(env, error_reply(req.id, code, message, macro=macro))
+                return
+            try:
+                result = decode_macro_result(reply["result"], get)
+            except Exception as e:
+                log.exception("bad macro result from the worker")
+                self._reply(env, error_reply(req.id, ErrorCode.INTERNAL, f"could not read the macro result: {e}"))
+                return
+            if req.save_to:
+                origin = self.origins.get(req.stack or "", {})
+                fut = self._saver.submit(_save, result, req.save_to, origin, req.stack)
+                self._saves.append((fut, env, req.id, {}, [result]))
+                return
+            self._reply_result(env, req.id, result)
+
+        self.sup.submit(WorkerJob("run_macro", body, arrays, timeout=float(body["timeout"]), done=done, kind="macro"))
+
+    def _reply_result(self, env: list, rid: Any, result: Any, **extra: Any) -> None:
+        sink = FrameSink()
+        enc = encode_macro_result(result, sink.put)
+        self._reply(env, ok_reply(rid, result=enc, **extra), sink.frames)
+
+    def _finish_saves(self) -> None:
+        pending = []
+        for fut, env, rid, extra, holder in self._saves:
+            if not fut.done():
+                pending.append((fut, env, rid, extra, holder))
+                continue
+            try:
+                saved = fut.result()
+            except Exception as e:
+                log.exception("save_to failed")
+                self._reply(env, error_reply(rid, ErrorCode.INTERNAL, f"the macro ran but saving its outputs failed: {type(e).__name__}: {e}"))
+                continue
+            self._reply_result(env, rid, holder[0], saved=saved)
+        self._saves = pending
+
+    def _render(self, env: list, req: Any) -> None:
+        body: dict = {"montage": req.montage}
+        arrays: dict[str, np.ndarray] = {}
+        if self.display and req.key in self._shown and req.key not in self._dirty:
+            body["key"] = req.key
+        else:
+            arr, info = self.store.snapshot(req.key)
+            arrays["image"] = arr
+            body["channel_names"] = [n or f"C{i + 1}" for i, n in enumerate(info.channel_names)]
+
+        def done(reply: dict, get: Callable[[dict], np.ndarray]) -> None:
+            if not reply.get("ok"):
+                err = reply.get("error") or {}
+                self._reply(env, error_reply(req.id, err.get("code", ErrorCode.ENGINE), err.get("message", "render failed")))
+                return
+            sink = FrameSink()
+            desc = sink.put(get(reply["image"]))
+            self._reply(env, ok_reply(req.id, image=desc), sink.frames)
+
+        self.sup.submit(WorkerJob("render", body, arrays, timeout=120.0, done=done, kind="render"))
+
+    # ------------------------------------------------------------------ data
+
+    def _on_data(self, frames: list) -> None:
+        env, body = _envelope(frames)
+        ack = self._ingest(body, None)
+        try:
+            self.data.send_multipart(env + [ack.encode()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not ack plane: %s", e)
+
+    def _on_published(self, frames: list, mapping: Optional[AxisMapping]) -> None:
+        if frames and len(frames) == 3 and len(frames[0]) < 256 and not frames[0].bytes.lstrip().startswith(b"{"):
+            frames = frames[1:]  # a topic frame
+        ack = self._ingest(frames, mapping, published=True)
+        if not ack.ok:
+            log.warning("rejected a published plane: %s", ack.error)
+
+    def _ingest(self, body: list, default_mapping: Optional[AxisMapping], published: bool = False) -> Ack:
+        stream, seq = "", -1
+        stats: Optional[StreamStats] = None
+        try:
+            if len(body) != 2:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"a plane is 2 frames [header, payload], got {len(body)}")
+            head, payload = body[0].bytes, body[1].buffer
+            stream, seq = _stream_seq(head)
+            h = PlaneHeader.parse(head, payload)
+            stream, seq = h.stream, h.seq
+            stats = self._stream(h.stream)
+            stats.dropped = max(stats.dropped, h.dropped)
+            stats.transport = h.transport
+            if h.transport == "shm":
+                if published:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, "published planes must be inline (nobody could acknowledge a shm segment)")
+                plane = self.segments.view(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
+            else:
+                plane = read_inline(payload, h.shape, h.dtype)
+            try:
+                mapping = AxisMapping.from_dict(h.mapping) if h.mapping else default_mapping
+            except StackError as e:
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"mapping: {e}") from None
+            try:
+                key, t, z, c = self.store.add_plane(plane, h.components, key=h.key, mapping=mapping, calibration=h.calibration)
+            except (StackError, ComponentError) as e:
+                raise ProtocolError(ErrorCode.REJECTED, str(e)) from None
+            stats.planes += 1
+            stats.bytes += h.nbytes
+            stats.last = time.time()
+            comps = h.components
+            self.origins[key] = {"plate": comps.plate, "well": comps.well, "site": comps.site}
+            self._mark_dirty(key, (t, z, c))
+            return Ack(stream, seq, True, key, t, z, c)
+        except ProtocolError as e:
+            self.errors += 1
+            if stats is not None:
+                stats.rejected += 1
+            return Ack(stream, seq, False, error=e.to_dict())
+        except Exception as e:
+            self.errors += 1
+            log.exception("plane ingest failed")
+            return Ack(stream, seq, False, error={"code": ErrorCode.INTERNAL, "message": f"{type(e).__name__}: {e}"})
+
+    def _stream(self, sid: str) -> StreamStats:
+        st = self.streams.get(sid)
+        if st is None:
+            if len(self.streams) > 2000:  # forget the oldest
+                for k in sorted(self.streams, key=lambda k: self.streams[k].last)[:1000]:
+                    del self.streams[k]
+            st = self.streams[sid] = StreamStats()
+        return st
+
+    # ------------------------------------------------------------------ OpenHCS
+
+    def _start_openhcs(self) -> None:
+        try:
+            from .openhcs import OpenHCSReceiver
+        except ImportError as e:
+            log.error("--openhcs-port needs fiji_bridge.openhcs: %s", e)
+            print(f"warning: OpenHCS compatibility unavailable: {e}", file=sys.stderr, flush=True)
+            return
+        self.openhcs = OpenHCSReceiver(port=self.openhcs_port, sink=self._openhcs_sink, context=self.ctx, status=self._openhcs_status, on_shutdown=self.stop)
+        self.openhcs.start()
+
+    def _openhcs_status(self) -> dict:
+        return {"server": "fiji-bridge", "version": __version__, "stacks": self.store.keys(), "engine": self.sup.state}
+
+    def _openhcs_sink(self, key: str, t: int, z: int, c: int, plane: np.ndarray, meta: dict) -> None:
+        """Called by the OpenHCS receiver (from its thread): place a plane now
+        (the store is thread-safe, so the sender hears of a rejection) and
+        let the loop update the display."""
+        calibration = meta.get("calibration") if isinstance(meta, dict) else None
+        if isinstance(calibration, dict):
+            calibration = Calibration.from_dict(calibration)
+        self.store.add_at(key, t, z, c, plane, channel_name=(meta or {}).get("channel_name"), calibration=calibration)
+        with self._inbox_lock:
+            self._inbox.append((key, t, z, c, None, meta))  # type: ignore[arg-type]
+
+    def _take_inbox(self) -> None:
+        if not self._inbox:
+            return
+        with self._inbox_lock:
+            items, self._inbox = self._inbox, []
+        for key, t, z, c, _, meta in items:
+            st = self._stream("openhcs")
+            st.planes += 1
+            st.transport = "openhcs"
+            self._mark_dirty(key, (t, z, c))
+
+    # ------------------------------------------------------------------ live display
+
+    def _on_engine_ready(self) -> None:
+        # a (re)started engine has no windows: show every stack again
+        self._shown.clear()
+        if self.display and self.display_error is None:
+            for k in self.store.keys():
+                self._dirty[k] = None
+
+    def _mark_dirty(self, key: str, tzc: tuple[int, int, int]) -> None:
+        if not self.display or self.display_error is not None:
+            return
+        cur = self._dirty.get(key, set())
+        if cur is None:
+            return
+        if key not in self._shown:
+            self._dirty[key] = None
+            return
+        cur.add(tzc)
+        self._dirty[key] = cur
+
+    def _forget_window(self, key: str) -> None:
+        self._dirty.pop(key, None)
+        self._last_push.pop(key, None)
+        if not self.display:
+            return
+        self.sup.drop_display_jobs(key)
+        if self._shown.pop(key, None) is not None:
+            self.sup.submit(WorkerJob("close_stack", {"key": key}, timeout=30.0, kind="display"))
+
+    def _flush_display(self) -> None:
+        if not self._dirty or not self.sup.ready or self.sup.busy or self.sup.queue:
+            return
+        now = time.monotonic()
+        for key in list(self._dirty):
+            if now - self._last_push.get(key, 0.0) < 1.0 / DISPLAY_HZ:
+                continue
+            planes = self._dirty.pop(key)
+            try:
+                stack = self.store.get(key)
+            except StackNotFound:
+                continue
+            self._last_push[key] = now
+            shape = stack.shape
+            if planes is None or self._shown.get(key) != shape or len(planes) > 8:
+                arr, info = self.store.snapshot(key)
+                names = [n or f"C{i + 1}" for i, n in enumerate(info.channel_names)]
+                body = {"key": key, "channel_names": names, "calibration": info.calibration.to_dict() if info.calibration.is_set else None}
+                self._shown[key] = shape
+                self.sup.submit(WorkerJob("show_stack", body, {"image": arr}, timeout=60.0, done=functools.partial(self._display_done, key), kind="display"))
+            else:
+                arr = stack.array
+                for t, z, c in sorted(planes):
+                    self.sup.submit(WorkerJob("update_plane", {"key": key, "t": t, "z": z, "c": c}, {"plane": np.ascontiguousarray(arr[t, z, c])}, timeout=30.0, done=functools.partial(self._display_done, key), kind="display"))
+
+    def _display_done(self, key: str, reply: dict, get: Any) -> None:
+        if reply.get("ok"):
+            return
+        err = reply.get("error") or {}
+        if err.get("code") == "unavailable":
+            self.display_error = err.get("message", "the engine has no live display")
+            log.warning("live display off: %s", self.display_error)
+            self._dirty.clear()
+        elif err.get("code") not in ("cancelled", "shutting_down"):
+            fails = self._display_failures[key] = self._display_failures.get(key, 0) + 1
+            log.warning("display update of %s failed (%s)%s", key, err.get("message"), "; showing it anew" if fails <= 3 else "; giving up on its window")
+            if self._shown.pop(key, None) is not None and key in self.store and fails <= 3:
+                self._dirty[key] = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class SegmentCache:
+    """Read-only mappings of producers' shared-memory segments, kept while in use.
+
+    A producer's ring reuses a few segments, so mapping each once (instead
+    of once per plane) leaves one copy per plane: segment -> stack. Every
+    use re-opens the name (so a segment the producer unlinked is refused as
+    ``bad_shm``) and checks its inode and size; mappings unused for a few
+    seconds are dropped (the memory of a finished producer is released).
+    Never unlinks, never registers with Python's resource tracker.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self.max_entries = max_entries
+        self._maps: dict[str, tuple[int, int, mmap.mmap, float]] = {}
+
+    def view(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> np.ndarray:
+        if name is None:
+            raise ProtocolError(ErrorCode.BAD_SHM, "payload is not a shared-memory segment name")
+        name = name.lstrip("/")
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0o600)
+        except FileNotFoundError:
+            self._drop(name)
+            raise ProtocolError(ErrorCode.BAD_SHM, f"shared-memory segment {name!r} does not exist (the producer closed it or died before the bridge read it)") from None
+        except OSError as e:
+            raise ProtocolError(ErrorCode.BAD_SHM, f"cannot open shared-memory segment {name!r}: {e}") from None
+        try:
+            st = os.fstat(fd)
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if offset + nbytes > st.st_size:
+                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"shared-memory segment {name!r} has {st.st_size} bytes, too short for {list(shape)} {dtype} at offset {offset}")
+            entry = self._maps.get(name)
+            if entry is None or entry[0] != st.st_ino or entry[1] != st.st_size:
+                self._drop(name)
+                mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+                if len(self._maps) >= self.max_entries:
+                    self.evict(older_than=0, keep=self.max_entries // 2)
+                entry = (st.st_ino, st.st_size, mm, 0.0)
+            self._maps[name] = (entry[0], entry[1], entry[2], time.monotonic())
+        finally:
+            os.close(fd)
+        return np.frombuffer(entry[2], dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+    def _drop(self, name: str) -> None:
+        entry = self._maps.pop(name, None)
+        if entry is not None:
+            try:
+                entry[2].close()
+            except BufferError:  # a view is still alive: the mapping goes with it
+                pass
+
+    def evict(self, older_than: float, keep: int = 0) -> None:
+        now = time.monotonic()
+        by_age = sorted(self._maps, key=lambda k: self._maps[k][3])
+        for i, name in enumerate(by_age):
+            if now - self._maps[name][3] >= older_than and len(self._maps) > keep:
+                self._drop(name)
+
+
+def _envelope(frames: list) -> tuple[list, list]:
+    """Split a ROUTER message into (routing envelope, body); REQ peers add an empty delimiter."""
+    env = [frames[0].bytes]
+    body = frames[1:]
+    if body and len(body[0]) == 0:
+        env.append(b"")
+        body = body[1:]
+    return env, body
+
+
+def _safe_stats(receiver: Any) -> dict:
+    try:
+        return dict(receiver.stats())
+    except Exception:
+        return {}
+
+
+def _stream_seq(head: bytes) -> tuple[str, int]:
+    try:
+        d = parse_json(head)
+        s, q = d.get("stream", ""), d.get("seq", -1)
+        return (s if isinstance(s, str) else "", q if isinstance(q, int) and not isinstance(q, bool) else -1)
+    except ProtocolError:
+        return "", -1
+
+
+def _save(result: Any, uri: str, origin: dict, stack: Optional[str]) -> list[str]:
+    from .outputs import save_result
+
+    return list(save_result(result, uri, well=origin.get("well", ""), site=int(origin.get("site", 0) or 0), source={"stack": stack, **origin}))
+
+
+def serve(
+    port: int = 5570,
+    host: str = "127.0.0.1",
+    ipc: bool = False,
+    engine: str = "auto",
+    display: Optional[bool] = None,
+    openhcs_port: Optional[int] = None,
+    keys_dir: Optional[str] = None,
+) -> int:
+    """``fiji-bridge serve``: run a bridge until shutdown; returns an exit code."""
+    logging.basicConfig(level=os.environ.get("FIJI_BRIDGE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir)
+    except SecurityError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return server.run()

@@ -1,0 +1,466 @@
+"""Supervision of the engine worker: the one process of a bridge that holds a JVM.
+
+The bridge process never starts a JVM (and never forks after one): it runs
+:mod:`fiji_bridge.engine_worker` as a child process (``subprocess``, a fresh
+interpreter) and talks to it over one persistent ZeroMQ PAIR socket on an
+ipc endpoint in the bridge's private runtime directory. Requests go one at a
+time, in order; each has a deadline. Pixels travel through shared memory:
+
+* bridge -> worker: the bridge creates ``fjbs_<bridge pid>_<n>`` segments,
+  the worker maps them (no copy before ImageJ's own), the bridge unlinks them
+  when the reply arrives (or the worker dies);
+* worker -> bridge: the worker creates ``fjbw_<bridge pid>_<worker pid>_<n>``
+  segments for result images, the bridge copies and unlinks them.
+
+A worker that dies (a macro calling ``System.exit``), misses a deadline (a
+macro looping forever) or fails to start is killed and restarted; the request
+in flight gets a clear error (:class:`MacroTimeout`, or :class:`MacroError`
+of kind ``"engine"``). The worker watches its parent and exits (reaping both
+prefixes) when the bridge dies, so no JVM and no segment outlives the bridge.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import zmq
+
+from .protocol import ArrayDesc, encode, parse_json
+
+try:
+    import _posixshmem  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None
+
+__all__ = ["EngineSupervisor", "WorkerJob", "SharedArray", "attach_array", "unlink_quietly", "reap_prefix"]
+
+log = logging.getLogger(__name__)
+
+SERVER_PREFIX = "fjbs"
+WORKER_PREFIX = "fjbw"
+#: seconds a worker may take to start its JVM and ImageJ
+START_TIMEOUT = float(os.environ.get("FIJI_BRIDGE_START_TIMEOUT", "180"))
+#: grace added to a macro's own timeout before the worker is killed
+KILL_GRACE = 2.0
+#: macro timeout when the request gives none
+DEFAULT_MACRO_TIMEOUT = 600.0
+
+
+# --------------------------------------------------------------------------- shared memory
+
+
+class SharedArray:
+    """A POSIX shared-memory segment owned by this process, with an array view."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True) -> None:
+        self.name = name
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        nbytes = max(1, int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize)
+        flags = (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR
+        fd = _posixshmem.shm_open("/" + name, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)
+            self._mm = mmap.mmap(fd, nbytes)
+        except BaseException:
+            os.close(fd)
+            if create:
+                unlink_quietly(name)
+            raise
+        os.close(fd)
+        self.array = np.ndarray(self.shape, dtype=self.dtype, buffer=self._mm)
+
+    def desc(self) -> dict:
+        return ArrayDesc(self.shape, self.dtype.str if self.dtype.byteorder == ">" else self.dtype.name, shm=self.name).to_dict()
+
+    def close(self) -> None:
+        self.array = None  # type: ignore[assignment]
+        try:
+            self._mm.close()
+        except BufferError:  # a view still exists; the mapping goes with it
+            pass
+
+    def unlink(self) -> None:
+        self.close()
+        unlink_quietly(self.name)
+
+
+def attach_array(desc: dict) -> tuple[np.ndarray, mmap.mmap]:
+    """Map the segment an :class:`ArrayDesc` names (read/write, no copy, never unlinks)."""
+    d = ArrayDesc.parse(desc, any_dtype=True)
+    fd = _posixshmem.shm_open("/" + d.shm.lstrip("/"), os.O_RDWR, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if size < d.nbytes:
+            raise ValueError(f"segment {d.shm} has {size} bytes, {d.nbytes} needed")
+        mm = mmap.mmap(fd, max(1, d.nbytes))
+    finally:
+        os.close(fd)
+    return np.ndarray(d.shape, dtype=d.dtype, buffer=mm), mm
+
+
+def unlink_quietly(name: str) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name.lstrip("/"))
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def reap_prefix(prefix: str) -> list[str]:
+    """Unlink every ``/dev/shm/<prefix>*`` segment (ours: a known, dead owner)."""
+    out = []
+    try:
+        entries = os.listdir("/dev/shm")
+    except OSError:
+        return out
+    for e in entries:
+        if e.startswith(prefix):
+            unlink_quietly(e)
+            out.append(e)
+    return out
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class WorkerJob:
+    """One request to the worker.
+
+    ``done(reply, get_array)`` is called exactly once: with the worker's reply
+    dict, or with ``{"ok": False, "error": {...}}`` when the worker died or
+    the deadline passed. ``get_array(desc)`` copies a result array out.
+    """
+
+    op: str
+    body: dict
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # body field -> array
+    timeout: float = 60.0
+    done: Callable[[dict, Callable[[dict], np.ndarray]], None] = lambda r, g: None
+    kind: str = "macro"  # "macro" | "display" | "render"
+    id: int = 0
+    sent_at: float = 0.0
+    segments: list[SharedArray] = field(default_factory=list)
+
+
+class EngineSupervisor:
+    """Runs, watches and restarts the engine worker; queues jobs to it."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        runtime_dir: Path,
+        *,
+        engine: str = "auto",
+        display: bool = False,
+        on_ready: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.ctx = ctx
+        self.runtime_dir = Path(runtime_dir)
+        self.engine = engine
+        self.display = display
+        self.on_ready = on_ready
+        self.state = "stopped"
+        self.version: Optional[str] = None
+        self.restarts = 0
+        self.last_error: Optional[str] = None
+        self.sock: Optional[zmq.Socket] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.queue: collections.deque[WorkerJob] = collections.deque()
+        self.current: Optional[WorkerJob] = None
+        self._gen = 0
+        self._ids = itertools.count(1)
+        self._seg = itertools.count()
+        self._start_deadline = 0.0
+        self._failed_at = 0.0
+        self._on_socket_change: Optional[Callable[[Optional[zmq.Socket], Optional[zmq.Socket]], None]] = None
+        self.log_path = self.runtime_dir / "engine-worker.log"
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn a worker (eagerly: the JVM takes seconds to start)."""
+        self._gen += 1
+        old = self.sock
+        endpoint = f"ipc://{self.runtime_dir}/worker-{self._gen}.sock"
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.linger = 0
+        self.sock.bind(endpoint)
+        if self._on_socket_change:
+            self._on_socket_change(old, self.sock)
+        if old is not None:
+            old.close(0)
+        cmd = [
+            sys.executable, "-m", "fiji_bridge.engine_worker",
+            "--endpoint", endpoint,
+            "--engine", self.engine,
+            "--parent", str(os.getpid()),
+        ]
+        if self.display:
+            cmd.append("--display")
+        logf = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, close_fds=True)
+        finally:
+            logf.close()
+        self.state = "starting" if self.restarts == 0 and self.version is None else "restarting"
+        self._start_deadline = time.monotonic() + START_TIMEOUT
+        log.info("engine worker pid %s starting (%s)", self.proc.pid, endpoint)
+
+    def set_socket_listener(self, fn: Callable[[Optional[zmq.Socket], Optional[zmq.Socket]], None]) -> None:
+        """``fn(old, new)`` is called when the worker socket changes (for the poller)."""
+        self._on_socket_change = fn
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def status(self) -> dict:
+        return {
+            "state": self.state if not self.state.startswith("failed") else f"failed: {self.last_error}",
+            "kind": self.engine,
+            "version": self.version,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "queued": len(self.queue) + (1 if self.current else 0),
+            "running": self.current.op if self.current else None,
+            "display": self.display,
+            "log": str(self.log_path),
+        }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to quit, kill it if it does not, fail queued jobs."""
+        for job in ([self.current] if self.current else []) + list(self.queue):
+            self._finish(job, _err("shutting_down", "the bridge is shutting down"))
+        self.current = None
+        self.queue.clear()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                if self.sock is not None:
+                    self.sock.send_multipart(encode({"op": "quit"}), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        if self.sock is not None:
+            if self._on_socket_change:
+                self._on_socket_change(self.sock, None)
+            self.sock.close(0)
+            self.sock = None
+        self.state = "stopped"
+        reap_prefix(f"{WORKER_PREFIX}_{os.getpid()}_")
+
+    def _kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            log.error("engine worker %s does not die", self.proc.pid)
+
+    def _restart(self, reason: str) -> None:
+        log.warning("restarting the engine worker: %s", reason)
+        self._kill()
+        reap_prefix(f"{WORKER_PREFIX}_{os.getpid()}_{self.pid}_")
+        self.restarts += 1
+        self.last_error = reason
+        self.start()
+
+    # -- jobs ----------------------------------------------------------------
+
+    def submit(self, job: WorkerJob) -> None:
+        job.id = next(self._ids)
+        self.queue.append(job)
+        if self.state.startswith("failed") and time.monotonic() - self._failed_at > 5.0:
+            self.restarts += 1
+            self.start()
+        self._pump()
+
+    def drop_display_jobs(self, key: Optional[str] = None) -> None:
+        keep = [j for j in self.queue if not (j.kind == "display" and (key is None or j.body.get("key") == key))]
+        for j in self.queue:
+            if j not in keep:
+                self._finish(j, _err("cancelled", "superseded"))
+        self.queue = collections.deque(keep)
+
+    def _pump(self) -> None:
+        if self.current is not None or not self.queue:
+            return
+        if self.state.startswith("failed"):
+            while self.queue:
+                self._finish(self.queue.popleft(), _err("engine", f"the ImageJ engine failed to start: {self.last_error} (see {self.log_path})"))
+            return
+        if self.state != "ready":
+            return
+        job = self.queue.popleft()
+        body = dict(job.body, op=job.op, id=job.id)
+        try:
+            for fname, arr in job.arrays.items():
+                seg = SharedArray(f"{SERVER_PREFIX}_{os.getpid()}_{next(self._seg)}", arr.shape, arr.dtype)
+                job.segments.append(seg)
+                np.copyto(seg.array, arr, casting="no")
+                body[fname] = seg.desc()
+            self.sock.send_multipart(encode(body), flags=zmq.NOBLOCK)
+        except (OSError, zmq.ZMQError, ValueError) as e:
+            self._finish(job, _err("engine", f"could not hand the request to the engine worker: {e}"))
+            self._pump()
+            return
+        job.sent_at = time.monotonic()
+        self.current = job
+
+    def on_readable(self) -> None:
+        """Read what the worker sent (readiness, replies)."""
+        while self.sock is not None:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = parse_json(frames[0], "worker message")
+            except ValueError as e:
+                log.error("bad message from the engine worker: %s", e)
+                continue
+            op = msg.get("op")
+            if op == "ready":
+                self.state = "ready"
+                self.version = msg.get("version")
+                self.last_error = None
+                log.info("engine ready: %s %s (worker pid %s)", msg.get("engine"), self.version, self.pid)
+                if self.on_ready:
+                    self.on_ready()
+                self._pump()
+            elif op == "failed":
+                self._fail(str(msg.get("error", "unknown error")))
+            elif op == "reply":
+                job = self.current
+                if job is None or msg.get("id") != job.id:
+                    log.warning("stale reply from the engine worker: %s", msg.get("id"))
+                    self._unlink_results(msg)
+                    continue
+                self.current = None
+                self._finish(job, msg)
+                err = msg.get("error") or {}
+                if not msg.get("ok") and (err.get("kind") in ("timeout", "engine")):
+                    # a stopped macro may leave a runaway Java thread: start clean
+                    self._restart(f"after a macro {err.get('kind')}")
+                else:
+                    self._pump()
+
+    def _fail(self, reason: str) -> None:
+        self.state = "failed"
+        self.last_error = reason
+        self._failed_at = time.monotonic()
+        log.error("engine failed: %s", reason)
+        self._kill()
+        if self.current is not None:
+            job, self.current = self.current, None
+            self._finish(job, _err("engine", f"the ImageJ engine failed: {reason}"))
+        self._pump()
+
+    def tick(self) -> None:
+        """Check deadlines and the worker's health; call often (every ~50 ms)."""
+        now = time.monotonic()
+        if self.proc is None or self.state == "stopped":
+            return
+        code = self.proc.poll()
+        if self.state in ("starting", "restarting"):
+            if code is not None:
+                self._fail(f"the engine worker exited with code {code} while starting (log: {self.log_path}: {_tail(self.log_path)})")
+            elif now > self._start_deadline:
+                self._fail(f"the engine did not start within {START_TIMEOUT:.0f} s")
+            return
+        if self.state != "ready":
+            return
+        job = self.current
+        if code is not None:
+            reason = f"the ImageJ engine died (exit code {code})"
+            if job is not None:
+                self.current = None
+                what = "the macro" if job.kind == "macro" else f"the {job.op} request"
+                self._finish(job, _err("engine", f"{reason} while running {what}; the engine was restarted, stacks are intact", kind="engine"))
+            self._restart(reason)
+            return
+        if job is not None and now - job.sent_at > job.timeout + KILL_GRACE:
+            self.current = None
+            what = "the macro" if job.kind == "macro" else f"the {job.op} request"
+            msg = f"{what} ran longer than its timeout of {job.timeout:g} s and was stopped; the engine was restarted, stacks are intact"
+            self._finish(job, _err("macro_timeout", msg, kind="timeout"))
+            self._restart("a request exceeded its deadline")
+
+    # -- helpers -------------------------------------------------------------
+
+    def _finish(self, job: WorkerJob, reply: dict) -> None:
+        for seg in job.segments:
+            seg.unlink()
+        job.segments.clear()
+        try:
+            job.done(reply, _copy_out)
+        except Exception:  # a callback bug must not kill the loop
+            log.exception("engine job callback failed")
+        finally:
+            self._unlink_results(reply)
+
+    @staticmethod
+    def _unlink_results(msg: dict) -> None:
+        for name in _shm_names(msg):
+            unlink_quietly(name)
+
+
+def _copy_out(desc: dict) -> np.ndarray:
+    arr, mm = attach_array(desc)
+    try:
+        return np.array(arr)
+    finally:
+        del arr
+        mm.close()
+
+
+def _shm_names(obj: Any) -> list[str]:
+    out: list[str] = []
+    if isinstance(obj, dict):
+        if isinstance(obj.get("shm"), str) and "shape" in obj:
+            out.append(obj["shm"])
+        for v in obj.values():
+            out.extend(_shm_names(v))
+    elif isinstance(obj, list):
+        for v in obj:
+            out.extend(_shm_names(v))
+    return out
+
+
+def _err(code: str, message: str, **extra: Any) -> dict:
+    return {"op": "reply", "ok": False, "error": {"code": code, "message": message, **extra}}
+
+
+def _tail(path: Path, n: int = 400) -> str:
+    try:
+        return path.read_bytes()[-n:].decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

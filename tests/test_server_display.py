@@ -1,0 +1,141 @@
+"""Live Fiji windows under a virtual X display, checked by the screen's pixels."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import bridge_process
+from fiji_bridge.client import write_png
+
+pytestmark = [pytest.mark.imagej, pytest.mark.timeout(150)]
+
+
+@pytest.fixture(scope="module")
+def xdisplay():
+    if not shutil.which("Xvfb") or not shutil.which("import"):
+        pytest.skip("needs Xvfb and ImageMagick's import")
+    for n in range(91, 140):
+        proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        if proc.poll() is None:
+            break
+    else:
+        pytest.skip("no free X display number")
+    try:
+        yield f":{n}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory, xdisplay):
+    with bridge_process(tmp_path_factory.mktemp("display"), "--display", env={"DISPLAY": xdisplay}) as bp:
+        yield bp
+
+
+def screenshot(display: str, path) -> np.ndarray:
+    from PIL import Image
+
+    subprocess.run(["import", "-display", display, "-window", "root", f"png:{path}"], check=True, timeout=30)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def pure(img: np.ndarray, ch: int) -> np.ndarray:
+    """Pixels that are bright in colour channel ``ch`` and dark in the others."""
+    others = [i for i in range(3) if i != ch]
+    return (img[..., ch] > 200) & (img[..., others[0]] < 60) & (img[..., others[1]] < 60)
+
+
+def wait_shown(client, key, version=None, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = client.status()
+        if key in st["windows"] and key not in st["display_pending"] and st["engine"]["queued"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"window {key} not shown: {st}")
+
+
+def blob(img: np.ndarray, area: int) -> tuple[int, float, float]:
+    """(colour channel, y, x) of the one pure-primary blob of about ``area`` pixels."""
+    found = []
+    for ch in range(3):
+        m = pure(img, ch)
+        if 0.8 * area < m.sum() < 1.25 * area:
+            y, x = np.argwhere(m).mean(0)
+            found.append((ch, y, x))
+    assert len(found) == 1, f"expected one blob of ~{area} px, got {found}"
+    return found[0]
+
+
+def test_live_window_shows_the_hyperstack_and_updates_in_place(bridge, xdisplay, tmp_path):
+    before = screenshot(xdisplay, tmp_path / "before.png")
+    assert not any(pure(before, ch).any() for ch in range(3))
+    size = 200
+    a = np.zeros((size, size), np.uint8)
+    a[20:100, 20:100] = 255  # channel 1: an 80 px square top left
+    b = np.zeros((size, size), np.uint8)
+    b[120:180, 120:180] = 255  # channel 2: a 60 px square bottom right
+    with bridge.client() as c:
+        c.send_plane(a, "live", channel=0, channel_name="DNA")
+        c.send_plane(b, "live", channel=1, channel_name="GFP")
+        c.flush()
+        wait_shown(c, "live")
+        time.sleep(0.5)  # let AWT paint
+        shot = screenshot(xdisplay, tmp_path / "shown.png")
+        # a composite: each channel in its own colour, at 100% zoom
+        ca, ay, ax = blob(shot, 80 * 80)
+        cb, by, bx = blob(shot, 60 * 60)
+        assert ca != cb
+        assert (by - ay) == pytest.approx(90, abs=3) and (bx - ax) == pytest.approx(90, abs=3)
+
+        # a new plane into the shown stack updates the window in place
+        a2 = np.zeros((size, size), np.uint8)
+        a2[140:190, 10:60] = 255
+        c.send_plane(a2, "live", channel=0)
+        c.flush()
+        wait_shown(c, "live")
+        time.sleep(0.5)
+        shot2 = screenshot(xdisplay, tmp_path / "updated.png")
+        ca2, ay2, ax2 = blob(shot2, 50 * 50)
+        assert ca2 == ca
+        assert (ay2 - ay) == pytest.approx(105, abs=3) and (ax2 - ax) == pytest.approx(-25, abs=3)
+        assert blob(shot2, 60 * 60)[0] == cb
+
+        # snapshot (through ImageJ's renderer) checked by pixels
+        rgb = c.render("live")
+        assert rgb.shape == (size, size, 3)
+        write_png(tmp_path / "snap.png", rgb)
+        from PIL import Image
+
+        snap = np.asarray(Image.open(tmp_path / "snap.png").convert("RGB"))
+        assert pure(snap, ca)[140:190, 10:60].all() and pure(snap, cb)[120:180, 120:180].all()
+        assert not snap[20:100, 20:100].any()  # the old square was replaced
+        assert c.status()["engine"]["restarts"] == 0
+
+
+def test_windows_come_back_after_an_engine_restart(bridge, xdisplay, tmp_path):
+    from fiji_bridge.engine.base import MacroError
+
+    a = np.zeros((120, 120), np.uint8)
+    a[10:50, 10:50] = 255
+    with bridge.client() as c:
+        c.clear_state()
+        c.send_plane(a, "again", channel=0, channel_name="DNA")
+        c.send_plane(np.zeros_like(a), "again", channel=1)
+        c.flush()
+        wait_shown(c, "again")
+        with pytest.raises(MacroError):
+            c.run_macro('call("java.lang.System.exit", "0");', timeout=30)
+        deadline = time.monotonic() + 60
+        while c.status()["engine"]["state"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        wait_shown(c, "again", timeout=30)
+        time.sleep(0.5)
+        blob(screenshot(xdisplay, tmp_path / "reshown.png"), 40 * 40)

@@ -626,7 +626,16 @@ class BridgeServer:
             log.error("--openhcs-port needs fiji_bridge.openhcs: %s", e)
             print(f"warning: OpenHCS compatibility unavailable: {e}", file=sys.stderr, flush=True)
             return
-        self.openhcs = OpenHCSReceiver(port=self.openhcs_port, sink=self._openhcs_sink, context=self.ctx, status=self._openhcs_status, on_shutdown=self.stop)
+        # tcp and ipc both: OpenHCS on its defaults looks for the viewer over ipc
+        # (~/.openhcs/ipc/openhcs-zmq-<port>.sock). An OpenHCS "shutdown" stops
+        # only the viewer stand-in; the bridge keeps serving its other clients.
+        self.openhcs = OpenHCSReceiver(
+            port=self.openhcs_port,
+            sink=self._openhcs_sink,
+            context=self.ctx,
+            status=self._openhcs_status,
+            transport="both",
+        )
         self.openhcs.start()
 
     def _openhcs_status(self) -> dict:

@@ -1,0 +1,249 @@
+"""The ImageJ 1 engine: an ij.jar in a JPype JVM, macros as data, no dialogs.
+
+``ImageJ1Engine`` puts together the pieces of this package:
+
+* :mod:`.java` finds Java and the ij.jar and starts the JVM offline;
+* :mod:`.xvfb` gives AWT a private screen when there is no DISPLAY;
+* :mod:`.transfer` moves pixels in bulk (numpy <-> ImagePlus);
+* :mod:`.runner` runs a macro on a ``Run$_`` thread and turns every dialog,
+  error and hang into a :class:`MacroError`;
+* :mod:`.collect` reads images, tables, ROIs and the Log, and resets ImageJ
+  between runs;
+* :mod:`.display` keeps live hyperstack windows and renders them.
+
+The PyImageJ engine (:mod:`.pyimagej`) reuses all of it over Fiji's legacy layer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ..components import Calibration
+from .base import DIMS, Engine, EngineError, ImageLike, MacroError, MacroResult
+from .collect import ImageJState, collect_images, read_log, read_rois, read_tables
+from .display import LiveDisplay
+from .java import find_ij_jar, start_jvm
+from .params import apply_args, inject_dialog_options
+from .runner import MacroRunner, RunRecord
+from .transfer import J, normalize_image, to_imageplus
+from .xvfb import VirtualDisplay
+
+__all__ = ["ImageJ1Engine", "read_macro"]
+
+
+def read_macro(code_or_path: Union[str, Path]) -> str:
+    """Macro source from a path (a ``Path``, or a one-line string naming an
+    existing ``.ijm``/``.txt`` file) or the string itself."""
+    if isinstance(code_or_path, Path):
+        return code_or_path.read_text()
+    text = str(code_or_path)
+    if "\n" not in text and text.strip().lower().endswith((".ijm", ".txt", ".mac")):
+        p = Path(text.strip()).expanduser()
+        if p.is_file():
+            return p.read_text()
+        raise MacroError(f"macro file not found: {p}", kind="argument")
+    return text
+
+
+class ImageJ1Engine(Engine):
+    """ImageJ 1.x from an ij.jar (Debian's, a Fiji.app's or FIJI_BRIDGE_IJ_JAR).
+
+    ``display``: show live stacks as windows on the DISPLAY (the real one, or
+    the private Xvfb started when there is none). ``xvfb``: ``None`` = start
+    a private Xvfb only when DISPLAY is unset; True/False force it.
+    """
+
+    name = "imagej1"
+
+    def __init__(
+        self,
+        ij_jar: Optional[Union[str, Path]] = None,
+        display: bool = False,
+        xvfb: Optional[bool] = None,
+        java_options: Sequence[str] = (),
+    ) -> None:
+        self.ij_jar = Path(ij_jar) if ij_jar else None
+        self.display = display
+        self.xvfb = xvfb
+        self.java_options = list(java_options)
+        self._lock = threading.RLock()
+        self._started = False
+        self._closed = False
+        self._xvfb: Optional[VirtualDisplay] = None
+        self._runner: Optional[MacroRunner] = None
+        self._state: Optional[ImageJState] = None
+        self._display: Optional[LiveDisplay] = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> "ImageJ1Engine":
+        with self._lock:
+            if self._closed:
+                raise EngineError("this engine was closed; a JVM cannot be restarted in one process")
+            if self._started:
+                return self
+            self._start_jvm()
+            self._init_imagej()
+            self._started = True
+            return self
+
+    def _start_display(self) -> None:
+        want = self.xvfb if self.xvfb is not None else not os.environ.get("DISPLAY")
+        if want:
+            self._xvfb = VirtualDisplay()
+            os.environ["DISPLAY"] = self._xvfb.start()
+
+    def _start_jvm(self) -> None:
+        jar = self.ij_jar or find_ij_jar()
+        self._start_display()
+        start_jvm([jar], self.java_options)
+
+    def _init_imagej(self) -> None:
+        """ImageJ's hidden main instance (error reporting and macros need one)
+        and the run machinery."""
+        IJ, ImageJ = J("ij.IJ"), J("ij.ImageJ")
+        if IJ.getInstance() is None and not J("java.awt.GraphicsEnvironment").isHeadless():
+            ImageJ(ImageJ.NO_SHOW)
+        self._runner = MacroRunner()
+        self._state = ImageJState()
+        self._display = LiveDisplay(self.display, self._state.protected_ids)
+
+    def close(self) -> None:
+        """Close windows, images and tables. The private Xvfb stays up until the
+        process exits (after the JVM): AWT keeps its X connection for the JVM's
+        lifetime and would take the process down if the server vanished."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._started:
+                if self._xvfb:
+                    self._xvfb.stop()
+                return
+            try:
+                if self._display:
+                    self._display.close_all()
+                if self._state:
+                    self._state.reset()
+                for w in J("java.awt.Window").getWindows():
+                    if w.isDisplayable():
+                        w.dispose()
+            except Exception:  # pragma: no cover - closing must not fail
+                pass
+
+    @property
+    def version(self) -> str:
+        self._require_started()
+        return str(J("ij.IJ").getVersion())
+
+    @property
+    def broken(self) -> Optional[str]:
+        """Why this engine cannot run macros any more (None if it can)."""
+        return self._runner.broken if self._runner else None
+
+    @property
+    def display_name(self) -> Optional[str]:
+        """The X display ImageJ draws on (``":3"``), None when headless."""
+        return os.environ.get("DISPLAY")
+
+    def _require_started(self) -> None:
+        if self._closed:
+            raise EngineError("engine closed")
+        if not self._started:
+            raise EngineError("engine not started: call start() or use `with open_engine() as ij:`")
+
+    # -- macros -------------------------------------------------------------------------
+
+    def run_macro(
+        self,
+        code_or_path: Union[str, Path],
+        image: Optional[ImageLike] = None,
+        dims: str = DIMS,
+        args: Optional[Union[str, Mapping[str, Any]]] = None,
+        dialog_options: Optional[str] = None,
+        timeout: Optional[float] = 60,
+        *,
+        title: Optional[str] = None,
+        channel_names: Optional[list[str]] = None,
+        calibration: Optional[Calibration] = None,
+        outputs: Optional[list[str]] = None,
+        keep_state: bool = False,
+    ) -> MacroResult:
+        code, argument = apply_args(read_macro(code_or_path), args)
+        if dialog_options:
+            code = inject_dialog_options(code, dialog_options)
+        hs = normalize_image(image, dims, channel_names, calibration) if image is not None else None
+        with self._lock:
+            self._require_started()
+            assert self._runner and self._state
+            if self._runner.broken:
+                raise MacroError(self._runner.broken, kind="engine")
+            state = self._state
+            kept = state.kept_images() if keep_state else []
+            if not keep_state:
+                state.reset()
+            imp = None
+            if hs is not None:
+                imp = to_imageplus(hs.array, title or "image", hs.channel_names, hs.calibration)
+            record = RunRecord(code, argument, imp, dialog_options, kept_images=kept)
+            try:
+                elapsed = self._runner.run(record, timeout)
+                imps = state.open_images()
+                images, infos, named = collect_images(imps, outputs)
+                result = MacroResult(
+                    images=images,
+                    image_info=infos,
+                    tables=read_tables(),
+                    log=read_log(),
+                    rois=read_rois(named),
+                    elapsed=elapsed,
+                    notes=list(hs.notes) if hs else [],
+                )
+            finally:
+                if not self._runner.broken:
+                    state.end_batch_mode(state.open_images())
+            return result
+
+    # -- live display -----------------------------------------------------------------------
+
+    def show_stack(
+        self,
+        key: str,
+        array: np.ndarray,
+        channel_names: Optional[list[str]] = None,
+        calibration: Optional[Calibration] = None,
+    ) -> None:
+        with self._lock:
+            self._require_started()
+            assert self._display
+            self._display.show_stack(key, array, channel_names, calibration)
+
+    def update_plane(self, key: str, t: int, z: int, c: int, plane: np.ndarray) -> None:
+        with self._lock:
+            self._require_started()
+            assert self._display
+            self._display.update_plane(key, t, z, c, plane)
+
+    def close_stack(self, key: str) -> None:
+        with self._lock:
+            self._require_started()
+            assert self._display
+            self._display.close_stack(key)
+
+    def render(self, key_or_array: Union[str, np.ndarray], **kw: Any) -> np.ndarray:
+        """RGB uint8 (Y, X, 3) of a live stack or a TZCYX array, as ImageJ draws
+        it; keywords: ``montage``, ``t``, ``z``, ``channel_names``."""
+        with self._lock:
+            self._require_started()
+            assert self._display
+            return self._display.render(key_or_array, **kw)
+
+    @property
+    def stacks(self) -> list[str]:
+        """Keys of the live stacks."""
+        return list(self._display.stacks) if self._display else []

@@ -1,0 +1,123 @@
+"""Finding Java and ImageJ 1 on this machine, and starting the JVM offline.
+
+Nothing here downloads anything: scyjava is told to use the system Java only
+(``fetch="never"``) and gets no Maven endpoints, so neither a JDK nor jars
+are fetched at run time (scyjava 1.12 defaults to ``fetch="always"``, which
+would download a JDK through cjdk).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from .base import EngineError, EngineUnavailable
+
+__all__ = [
+    "DEBIAN_IJ_JAR",
+    "configure_offline",
+    "find_ij_jar",
+    "find_java_home",
+    "jvm_started",
+    "start_jvm",
+]
+
+#: Debian/Ubuntu's ImageJ 1 (package libij-java)
+DEBIAN_IJ_JAR = Path("/usr/share/java/ij.jar")
+
+
+def find_java_home(env: Optional[Mapping[str, str]] = None) -> Path:
+    """JAVA_HOME if it names a JDK/JRE, else the one behind ``java`` on PATH.
+
+    Raises :class:`EngineUnavailable` naming what is missing.
+    """
+    env = os.environ if env is None else env
+    home = env.get("JAVA_HOME")
+    if home:
+        p = Path(home)
+        if (p / "bin" / "java").exists():
+            return p
+        raise EngineUnavailable(
+            f"JAVA_HOME={home} has no bin/java; point it at a JDK (e.g. /usr/lib/jvm/default-java) or unset it"
+        )
+    java = shutil.which("java", path=env.get("PATH"))
+    if not java:
+        raise EngineUnavailable(
+            "no Java found: set JAVA_HOME or install a JDK (Debian/Ubuntu: apt-get install default-jdk)"
+        )
+    # /usr/bin/java -> /etc/alternatives/java -> /usr/lib/jvm/java-17-openjdk-amd64/bin/java
+    return Path(os.path.realpath(java)).parent.parent
+
+
+def find_ij_jar(env: Optional[Mapping[str, str]] = None) -> Path:
+    """The ImageJ 1 jar to use: FIJI_BRIDGE_IJ_JAR, else a Fiji.app's
+    ``jars/ij-*.jar`` when FIJI_BRIDGE_IMAGEJ names a directory, else Debian's
+    ``/usr/share/java/ij.jar``."""
+    env = os.environ if env is None else env
+    explicit = env.get("FIJI_BRIDGE_IJ_JAR")
+    if explicit:
+        if Path(explicit).is_file():
+            return Path(explicit)
+        raise EngineUnavailable(f"FIJI_BRIDGE_IJ_JAR={explicit} is not a file")
+    fiji = env.get("FIJI_BRIDGE_IMAGEJ")
+    tried = []
+    if fiji and Path(fiji).is_dir():
+        jars = sorted(glob.glob(str(Path(fiji) / "jars" / "ij-*.jar")))
+        if jars:
+            return Path(jars[-1])
+        tried.append(f"{fiji}/jars/ij-*.jar")
+    if DEBIAN_IJ_JAR.exists():
+        return DEBIAN_IJ_JAR
+    tried.append(str(DEBIAN_IJ_JAR))
+    raise EngineUnavailable(
+        "no ImageJ 1 jar found (tried " + ", ".join(tried) + "): set FIJI_BRIDGE_IJ_JAR to an ij.jar, "
+        "FIJI_BRIDGE_IMAGEJ to a Fiji.app, or install libij-java (apt-get install libij-java)"
+    )
+
+
+def configure_offline(java_home: Path) -> None:
+    """Make scyjava use ``java_home`` and never fetch a JDK or Maven artifacts."""
+    import scyjava
+
+    os.environ["JAVA_HOME"] = str(java_home)
+    bin_dir = str(java_home / "bin")
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    scyjava.config.set_java_constraints(fetch="never")
+
+
+def jvm_started() -> bool:
+    import jpype
+
+    return bool(jpype.isJVMStarted())
+
+
+def start_jvm(classpath: Sequence[Path], options: Sequence[str] = (), *, endpoints: Sequence[str] = ()) -> None:
+    """Start the JVM of this process with ``classpath`` (idempotent).
+
+    ``endpoints`` are Maven coordinates for scyjava (empty for ImageJ 1: an
+    ImageJ 1 engine never resolves anything from Maven).
+    """
+    import scyjava
+
+    if jvm_started():
+        return
+    java_home = find_java_home()
+    configure_offline(java_home)
+    for jar in classpath:
+        scyjava.config.add_classpath(str(jar))
+    if endpoints:
+        scyjava.config.endpoints.extend(endpoints)
+    heap = os.environ.get("FIJI_BRIDGE_JVM_HEAP")  # e.g. "4g"
+    opts = list(options)
+    if heap:
+        opts.append(f"-Xmx{heap}")
+    scyjava.config.add_options(opts)
+    try:
+        scyjava.start_jvm()
+    except Exception as e:  # JPype raises plain OSError/RuntimeError here
+        raise EngineError(f"could not start the JVM at {java_home}: {e}") from e

@@ -1,0 +1,118 @@
+"""A private virtual X display (Xvfb) for ImageJ 1 when no DISPLAY exists.
+
+Plain ImageJ 1 builds AWT dialogs for most commands; under
+``java.awt.headless=true`` they throw HeadlessException. So the engine gives
+AWT a screen of its own: ``Xvfb -displayfd`` picks a free display number, the
+server dies with us (parent-death signal, atexit, close()), and no zombie is
+left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from typing import Optional
+
+from .base import EngineUnavailable
+
+__all__ = ["VirtualDisplay"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class VirtualDisplay:
+    """``with VirtualDisplay() as d: os.environ["DISPLAY"] = d.display``."""
+
+    def __init__(self, screen: str = "1600x1200x24", start_timeout: float = 10.0) -> None:
+        self.screen = screen
+        self.start_timeout = start_timeout
+        self.display: Optional[str] = None
+        self._proc: Optional[subprocess.Popen] = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> str:
+        """Start Xvfb on a free display; returns e.g. ``":3"``."""
+        if self.running:
+            assert self.display is not None
+            return self.display
+        exe = shutil.which("Xvfb")
+        if not exe:
+            raise EngineUnavailable(
+                "no DISPLAY and no Xvfb: install xvfb (apt-get install xvfb) or set DISPLAY"
+            )
+        rfd, wfd = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [exe, "-displayfd", str(wfd), "-screen", "0", self.screen, "-nolisten", "tcp"],
+                pass_fds=(wfd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                # the parent-death signal follows the *thread* that forks: only
+                # safe from the main thread (a worker thread may end before us)
+                preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+            )
+            os.close(wfd)
+            wfd = -1
+            number = b""
+            deadline = time.monotonic() + self.start_timeout
+            while not number.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([rfd], [], [], left)[0]:
+                    break
+                chunk = os.read(rfd, 16)
+                if not chunk:
+                    break
+                number += chunk
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        if not number.strip().isdigit():
+            self.stop()
+            raise EngineUnavailable(f"Xvfb did not start within {self.start_timeout} s")
+        self.display = f":{int(number)}"
+        atexit.register(self.stop)
+        return self.display
+
+    def stop(self) -> None:
+        """Stop the server and reap it (idempotent)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "VirtualDisplay":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,82 @@
+"""Live stacks and rendering: real ImageJ drawing, checked against the pixels
+we put in and the LUT colours we asked for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiji_bridge.components import Calibration
+
+pytestmark = [pytest.mark.imagej, pytest.mark.timeout(120)]
+
+
+def _two_channel() -> np.ndarray:
+    arr = np.zeros((2, 3, 2, 40, 60), np.uint16)
+    arr[:, :, 0, 5:15, 5:25] = 1000  # DAPI block
+    arr[:, :, 1, 20:30, 30:50] = 500  # GFP block
+    return arr
+
+
+def test_show_stack_is_a_composite_hyperstack_and_renders_with_luts(ij):
+    arr = _two_channel()
+    ij.show_stack("plate/A01/s000", arr, channel_names=["DAPI", "GFP"],
+                  calibration=Calibration(pixel_width=0.65, pixel_height=0.65))
+    try:
+        imp = ij._display.stacks["plate/A01/s000"]
+        assert imp.isComposite() and imp.isHyperStack()
+        assert (imp.getNChannels(), imp.getNSlices(), imp.getNFrames()) == (2, 3, 2)
+        assert str(imp.getTitle()) == "plate/A01/s000"
+        assert imp.getCalibration().pixelWidth == pytest.approx(0.65)
+        rgb = ij.render("plate/A01/s000")
+        assert rgb.shape == (40, 60, 3) and rgb.dtype == np.uint8
+        assert rgb[10, 10].tolist() == [0, 0, 255]  # DAPI drawn blue at full range
+        assert rgb[25, 40].tolist() == [0, 255, 0]  # GFP green
+        assert rgb[0, 0].tolist() == [0, 0, 0]
+        tiles = ij.render("plate/A01/s000", montage=True)  # DAPI | GFP / composite
+        assert tiles.shape == (80, 120, 3)
+        assert tiles[10, 10].tolist() == [0, 0, 255] and tiles[25, 60 + 40].tolist() == [0, 255, 0]
+        assert tiles[40 + 25, 40].tolist() == [0, 255, 0] and tiles[25, 40].tolist() == [0, 0, 0]
+    finally:
+        ij.close_stack("plate/A01/s000")
+    assert "plate/A01/s000" not in ij.stacks
+
+
+def test_show_stack_reuses_the_imageplus_and_updates_in_place(ij):
+    arr = _two_channel()
+    ij.show_stack("k", arr)
+    try:
+        imp = ij._display.stacks["k"]
+        arr2 = arr.copy()
+        arr2[1, 2, 1] = 7
+        ij.show_stack("k", arr2)
+        assert ij._display.stacks["k"] is imp  # same ImagePlus
+        stack = imp.getStack()
+        idx = imp.getStackIndex(2, 3, 2)
+        assert np.asarray(stack.getPixels(idx)).view(np.uint16).reshape(40, 60).tolist() == arr2[1, 2, 1].tolist()
+        plane = np.arange(40 * 60, dtype=np.uint16).reshape(40, 60)
+        ij.update_plane("k", 0, 1, 0, plane)
+        assert ij._display.stacks["k"] is imp
+        got = np.asarray(stack.getPixels(imp.getStackIndex(1, 2, 1))).view(np.uint16).reshape(40, 60)
+        assert np.array_equal(got, plane)
+        with pytest.raises(ValueError, match="dtype"):
+            ij.update_plane("k", 0, 0, 0, plane.astype(np.float32))
+        with pytest.raises(IndexError):
+            ij.update_plane("k", 5, 0, 0, plane)
+        ij.show_stack("k", arr[:, :1])  # a different shape: a new ImagePlus
+        assert ij._display.stacks["k"] is not imp
+    finally:
+        ij.close_stack("k")
+
+
+def test_render_of_an_array_uses_the_display_range(ij):
+    arr = np.zeros((1, 1, 1, 10, 20), np.float32)
+    arr[..., :10] = 2.0
+    arr[..., 10:] = 4.0
+    rgb = ij.render(arr)
+    assert rgb.shape == (10, 20, 3)
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 15].tolist() == [255, 255, 255]  # grey, min..max
+    z = np.stack([np.full((8, 8), v, np.uint8) for v in (0, 100, 200)])[None, :, None]  # 3 z
+    tiles = ij.render(z, montage=True)
+    assert tiles.shape == (16, 16, 3)
+    assert tiles[0, 0, 0] == 0 and tiles[0, 8, 0] == 100 and tiles[8, 0, 0] == 200

@@ -4,8 +4,13 @@ Prints GB/s for: numpy memcpy into a preallocated array (the limit) and into
 a new array (what any result that is a fresh array pays), numpy ->
 ImagePlus and ImagePlus -> numpy through fiji_bridge.engine.transfer (bulk
 copies over direct buffers), and the naive ``JArray(JShort)(ndarray)`` path;
-each with its ratio to memcpy. Sizes: one 2048x2048 uint16 plane and a small
-stack (2C x 5Z x 2T of 512x512 uint16).
+each with its ratio to memcpy. For the 2048x2048 stacks also the live
+display's streaming path (``update_planes``): into an existing hyperstack of
+the same shape (planes copied into its own pixel arrays, display ranges
+widened: what a live window pays per refresh) and into a new one (Java
+arrays allocated first). Sizes: one 2048x2048 uint16 plane, a small stack
+(2C x 5Z x 2T of 512x512 uint16), 1C x 16Z and 2C x 8Z x 2T of 2048x2048
+uint16.
 
     python benchmarks/engine_transfer.py [--repeat N]
 """
@@ -40,12 +45,15 @@ def main() -> None:
     engine = open_engine("imagej1").start()  # the JVM and ImageJ (offline)
     from jpype import JArray, JShort
 
+    rng = np.random.default_rng(0)
     cases = {
-        "plane 2048x2048 uint16": np.random.default_rng(0).integers(0, 65535, (1, 1, 1, 2048, 2048), dtype=np.uint16),
-        "stack 2Cx5Zx2T 512x512 uint16": np.random.default_rng(1).integers(0, 65535, (2, 5, 2, 512, 512), dtype=np.uint16),
+        "plane 2048x2048 uint16": rng.integers(0, 65535, (1, 1, 1, 2048, 2048), dtype=np.uint16),
+        "stack 2Cx5Zx2T 512x512 uint16": rng.integers(0, 65535, (2, 5, 2, 512, 512), dtype=np.uint16),
+        "stack 1Cx16Z 2048x2048 uint16": rng.integers(0, 65535, (1, 16, 1, 2048, 2048), dtype=np.uint16),
+        "stack 2Cx8Zx2T 2048x2048 uint16": rng.integers(0, 65535, (2, 8, 2, 2048, 2048), dtype=np.uint16),
     }
     print(f"ImageJ {engine.version}; best of {opts.repeat}")
-    print(f"{'case':34s} {'path':28s} {'GB/s':>8s} {'x memcpy':>9s}")
+    print(f"{'case':34s} {'path':30s} {'GB/s':>8s} {'x memcpy':>9s}")
     for name, arr in cases.items():
         gb = arr.nbytes / 1e9
         dst = np.empty_like(arr)
@@ -58,14 +66,29 @@ def main() -> None:
         planes = arr.reshape(-1, arr.shape[-2] * arr.shape[-1]).view(np.int16)
         naive_repeat = max(1, opts.repeat // 5)
         naive = gb / best_seconds(lambda: [JArray(JShort)(p) for p in planes], naive_repeat)
-        for path, rate in [
+        rows = [
             ("numpy memcpy (limit)", memcpy),
             ("numpy copy to a new array", copy_new),
             ("numpy -> ImagePlus", into),
             ("ImagePlus -> numpy", back),
             ("naive JArray(JShort)(nd)", naive),
-        ]:
-            print(f"{name:34s} {path:28s} {rate:8.2f} {rate / memcpy:9.2f}")
+        ]
+        if arr.shape[-1] == 2048 and arr.shape[:3] != (1, 1, 1):
+            T, Z, C = arr.shape[:3]
+            positions = [(t, z, c) for t in range(T) for z in range(Z) for c in range(C)]
+            planes = arr.reshape(-1, *arr.shape[-2:])
+            engine.update_planes("bench", arr.shape, positions, planes)
+            refresh = gb / best_seconds(lambda: engine.update_planes("bench", arr.shape, positions, planes), opts.repeat)
+
+            def fresh() -> None:
+                engine.close_stack("bench")
+                engine.update_planes("bench", arr.shape, positions, planes)
+
+            new = gb / best_seconds(fresh, max(1, opts.repeat // 2))
+            engine.close_stack("bench")
+            rows += [("live stack: refresh in place", refresh), ("live stack: new", new)]
+        for path, rate in rows:
+            print(f"{name:34s} {path:30s} {rate:8.2f} {rate / memcpy:9.2f}")
         imp.flush()
     engine.close()
 

@@ -4,9 +4,11 @@ Run by :class:`fiji_bridge.supervisor.EngineSupervisor` as
 ``python -m fiji_bridge.engine_worker --endpoint ipc://... --parent PID``.
 It connects a PAIR socket to the bridge, starts the engine, says
 ``{"op": "ready"}`` and then serves one request at a time:
-``run_macro``, ``show_stack``, ``update_plane``, ``close_stack``, ``render``,
-``ping``, ``quit``. Input pixels are mapped from the bridge's shared memory
-(no copy before ImageJ's own); result pixels are written into segments this
+``run_macro``, ``show_stack``, ``update_plane``, ``update_planes``,
+``close_stack``, ``render``, ``ping``, ``quit``. Input pixels are mapped from
+the bridge's shared memory (no copy before ImageJ's own: one bulk copy from
+the mapping into the Java arrays); a live stack's staging segment stays
+mapped between its updates. Result pixels are written into segments this
 worker creates (``fjbw_<bridge pid>_<worker pid>_<n>``), which the bridge
 copies and unlinks. When the bridge dies, the worker reaps the segments of
 both prefixes and exits.
@@ -58,6 +60,7 @@ class Worker:
         self.parent = parent
         self._seg = itertools.count()
         self._mapped: list = []
+        self._staging: dict[str, tuple[str, np.ndarray, Any]] = {}  # key -> (segment, array, mapping)
 
     def _put(self, arr: np.ndarray) -> dict:
         arr = np.ascontiguousarray(arr)
@@ -116,7 +119,45 @@ class Worker:
         self.engine.update_plane(m["key"], int(m["t"]), int(m["z"]), int(m["c"]), self._get(m["plane"]))
         return {"ok": True}
 
+    def _staged(self, key: str, desc: dict) -> np.ndarray:
+        """The staging segment of live stack ``key``, mapped once and kept
+        while the bridge keeps sending the same one."""
+        name = desc.get("shm")
+        held = self._staging.get(key)
+        if held is None or held[0] != name:
+            self._drop_staging(key)
+            arr, mm = attach_array(desc, whole=True)
+            held = self._staging[key] = (name, arr, mm)
+        arr = held[1]
+        shape, dtype = tuple(int(v) for v in desc["shape"]), np.dtype(desc["dtype"])
+        if arr.shape != shape or arr.dtype != dtype:  # the same segment, another view
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if n > len(held[2]):
+                raise ValueError(f"staging segment {name} has {len(held[2])} bytes, {n} needed")
+            arr = np.ndarray(shape, dtype=dtype, buffer=held[2])
+            self._staging[key] = (name, arr, held[2])
+        return arr
+
+    def _drop_staging(self, key: str) -> None:
+        held = self._staging.pop(key, None)
+        if held is not None:
+            try:
+                held[2].close()
+            except BufferError:  # Java may still hold a view until its GC
+                pass
+
+    def update_planes(self, m: dict) -> dict:
+        fn = getattr(self.engine, "update_planes", None)
+        if fn is None:
+            raise NotImplementedError(f"the {getattr(self.engine, 'name', '?')} engine has no streaming display updates")
+        key = m["key"]
+        planes = self._staged(key, m["staging"])
+        cal = m.get("calibration")
+        fn(key, m["shape"], m["positions"], planes, m.get("channel_names"), Calibration.from_dict(cal) if cal else None, bool(m.get("fresh")))
+        return {"ok": True}
+
     def close_stack(self, m: dict) -> dict:
+        self._drop_staging(m["key"])
         self.engine.close_stack(m["key"])
         return {"ok": True}
 
@@ -136,6 +177,7 @@ class Worker:
             "run_macro": self.run_macro,
             "show_stack": self.show_stack,
             "update_plane": self.update_plane,
+            "update_planes": self.update_planes,
             "close_stack": self.close_stack,
             "render": self.render,
             "ping": self.ping,

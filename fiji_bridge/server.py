@@ -76,10 +76,14 @@ log = logging.getLogger("fiji_bridge.server")
 DATA_PORT_OFFSET = 1000
 #: live window updates per second and stack, at most
 DISPLAY_HZ = 20.0
+#: most bytes of planes one display push carries to the engine worker
+STAGING_BYTES = 256 << 20
 #: seconds between sweeps for shared memory left by dead producers
 REAP_INTERVAL = 5.0
 #: messages handled per socket before the loop looks at the others
 BATCH = 64
+#: ... and seconds spent on one socket before the loop looks at the others
+DRAIN_SECONDS = 0.02
 
 
 def ipc_dir() -> Path:
@@ -163,6 +167,7 @@ class BridgeServer:
         self._dirty: dict[str, Optional[set]] = {}
         self._shown: dict[str, tuple] = {}
         self._last_push: dict[str, float] = {}
+        self._display_more: set[str] = set()  # stacks whose last push was capped: the rest goes next
         self.display_error: Optional[str] = None
         self._display_failures: dict[str, int] = {}
         # saves to a plate store run off the loop
@@ -223,7 +228,7 @@ class BridgeServer:
         print(f"fiji-bridge listening on {self.ctrl_endpoint} (data {self.data_endpoint}), pid {os.getpid()}", flush=True)
         try:
             while not self._stop:
-                events = dict(self.poller.poll(50))
+                events = dict(self.poller.poll(self._poll_ms()))
                 if self.ctrl in events:
                     self._drain(self.ctrl, self._on_control)
                 if self.data in events:
@@ -239,7 +244,12 @@ class BridgeServer:
         return 0
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
+        # bounded in count and time: a steady stream must not starve the
+        # control channel nor the display pushes (which overlap with ingest)
+        deadline = time.monotonic() + DRAIN_SECONDS
         for _ in range(BATCH):
+            if time.monotonic() > deadline:
+                return
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -687,36 +697,75 @@ class BridgeServer:
     def _forget_window(self, key: str) -> None:
         self._dirty.pop(key, None)
         self._last_push.pop(key, None)
+        self._display_more.discard(key)
         if not self.display:
             return
         self.sup.drop_display_jobs(key)
+        self.sup.drop_staging(key)  # a job in flight keeps its own mapping
         if self._shown.pop(key, None) is not None:
             self.sup.submit(WorkerJob("close_stack", {"key": key}, timeout=30.0, kind="display"))
 
+    def _poll_ms(self) -> int:
+        """How long the loop may sleep: 50 ms, less when a throttled display
+        push falls due sooner (so a window is never up to 50 ms late)."""
+        if not self._dirty or not self.sup.ready or self.sup.busy:
+            return 50
+        now = time.monotonic()
+        due = min(self._last_push.get(k, 0.0) + 1.0 / DISPLAY_HZ for k in self._dirty)
+        return max(1, min(50, int((due - now) * 1000) + 1))
+
     def _flush_display(self) -> None:
+        """Push what changed in the stacks to their ImageJ windows.
+
+        Per stack at most DISPLAY_HZ pushes a second (planes arriving in
+        between coalesce), one worker request each: the changed planes are
+        copied into the stack's staging segment and the worker copies them
+        into the hyperstack's own pixel arrays (grown in place as the stack
+        grows). A push is capped at STAGING_BYTES; the rest follows at once.
+        """
         if not self._dirty or not self.sup.ready or self.sup.busy or self.sup.queue:
             return
         now = time.monotonic()
         for key in list(self._dirty):
-            if now - self._last_push.get(key, 0.0) < 1.0 / DISPLAY_HZ:
+            if key not in self._display_more and now - self._last_push.get(key, 0.0) < 1.0 / DISPLAY_HZ:
                 continue
             planes = self._dirty.pop(key)
+            self._display_more.discard(key)
             try:
                 stack = self.store.get(key)
             except StackNotFound:
                 continue
-            self._last_push[key] = now
             shape = stack.shape
-            if planes is None or self._shown.get(key) != shape or len(planes) > 8:
-                arr, info = self.store.snapshot(key)
-                names = [n or f"C{i + 1}" for i, n in enumerate(info.channel_names)]
-                body = {"key": key, "channel_names": names, "calibration": info.calibration.to_dict() if info.calibration.is_set else None}
-                self._shown[key] = shape
-                self.sup.submit(WorkerJob("show_stack", body, {"image": arr}, timeout=60.0, done=functools.partial(self._display_done, key), kind="display"))
+            fresh = planes is None
+            if fresh:
+                positions = [(int(t), int(z), int(c)) for t, z, c in np.argwhere(stack.present)]
             else:
-                arr = stack.array
-                for t, z, c in sorted(planes):
-                    self.sup.submit(WorkerJob("update_plane", {"key": key, "t": t, "z": z, "c": c}, {"plane": np.ascontiguousarray(arr[t, z, c])}, timeout=30.0, done=functools.partial(self._display_done, key), kind="display"))
+                positions = sorted(planes)
+            per_plane = shape[3] * shape[4] * stack.dtype.itemsize
+            cap = max(1, STAGING_BYTES // per_plane)
+            if len(positions) > cap:
+                self._dirty[key] = set(positions[cap:])
+                self._display_more.add(key)
+                positions = positions[:cap]
+            try:
+                seg = self.sup.staging(key, len(positions), stack.yx, stack.dtype, reserve=min(cap, shape[0] * shape[1] * shape[2]))
+            except OSError as e:
+                log.warning("display update of %s skipped: %s", key, e)
+                self._dirty[key] = None if fresh else set(positions) | (self._dirty.get(key) or set())
+                continue
+            arr = stack.array
+            for i, (t, z, c) in enumerate(positions):
+                np.copyto(seg.array[i], arr[t, z, c])
+            names = [n or f"C{i + 1}" for i, n in enumerate(stack.channel_names)]
+            cal = stack.calibration
+            body = {
+                "key": key, "shape": list(shape), "positions": [list(p) for p in positions],
+                "staging": seg.desc(), "channel_names": names,
+                "calibration": cal.to_dict() if cal.is_set else None, "fresh": fresh,
+            }
+            self._last_push[key] = now
+            self._shown[key] = shape
+            self.sup.submit(WorkerJob("update_planes", body, timeout=60.0, done=functools.partial(self._display_done, key), kind="display"))
 
     def _display_done(self, key: str, reply: dict, get: Any) -> None:
         if reply.get("ok"):

@@ -7,8 +7,11 @@ ipc endpoint in the bridge's private runtime directory. Requests go one at a
 time, in order; each has a deadline. Pixels travel through shared memory:
 
 * bridge -> worker: the bridge creates ``fjbs_<bridge pid>_<n>`` segments,
-  the worker maps them (no copy before ImageJ's own), the bridge unlinks them
-  when the reply arrives (or the worker dies);
+  the worker maps them (no copy before ImageJ's own). A request's segment is
+  reused for a later request of the same size once the reply arrived (or the
+  worker died), else unlinked; each live stack keeps one staging segment for
+  its display updates (:meth:`EngineSupervisor.staging`). All are unlinked
+  when the bridge closes (and reaped by the worker if the bridge dies);
 * worker -> bridge: the worker creates ``fjbw_<bridge pid>_<worker pid>_<n>``
   segments for result images, the bridge copies and unlinks them.
 
@@ -56,6 +59,9 @@ START_TIMEOUT = float(os.environ.get("FIJI_BRIDGE_START_TIMEOUT", "180"))
 KILL_GRACE = 2.0
 #: macro timeout when the request gives none
 DEFAULT_MACRO_TIMEOUT = 600.0
+#: request segments kept for reuse: how many, and how many bytes at most
+POOL_SEGMENTS = 2
+POOL_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------- shared memory
@@ -74,7 +80,7 @@ class SharedArray:
         try:
             if create:
                 os.ftruncate(fd, nbytes)
-            self._mm = mmap.mmap(fd, nbytes)
+            self._mm = _map(fd, nbytes)
         except BaseException:
             os.close(fd)
             if create:
@@ -82,6 +88,16 @@ class SharedArray:
             raise
         os.close(fd)
         self.array = np.ndarray(self.shape, dtype=self.dtype, buffer=self._mm)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._mm)
+
+    def view(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """The segment's first bytes as another array (a reused segment)."""
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        self.array = np.ndarray(self.shape, dtype=self.dtype, buffer=self._mm)
+        return self.array
 
     def desc(self) -> dict:
         return ArrayDesc(self.shape, self.dtype.str if self.dtype.byteorder == ">" else self.dtype.name, shm=self.name).to_dict()
@@ -98,18 +114,33 @@ class SharedArray:
         unlink_quietly(self.name)
 
 
-def attach_array(desc: dict) -> tuple[np.ndarray, mmap.mmap]:
-    """Map the segment an :class:`ArrayDesc` names (read/write, no copy, never unlinks)."""
+def attach_array(desc: dict, whole: bool = False) -> tuple[np.ndarray, mmap.mmap]:
+    """Map the segment an :class:`ArrayDesc` names (read/write, no copy, never
+    unlinks): the bytes the array needs, or the ``whole`` segment (to view
+    more of it later)."""
     d = ArrayDesc.parse(desc, any_dtype=True)
     fd = _posixshmem.shm_open("/" + d.shm.lstrip("/"), os.O_RDWR, 0o600)
     try:
         size = os.fstat(fd).st_size
         if size < d.nbytes:
             raise ValueError(f"segment {d.shm} has {size} bytes, {d.nbytes} needed")
-        mm = mmap.mmap(fd, max(1, d.nbytes))
+        mm = _map(fd, max(1, size if whole else d.nbytes))
     finally:
         os.close(fd)
     return np.ndarray(d.shape, dtype=d.dtype, buffer=mm), mm
+
+
+def _map(fd: int, nbytes: int) -> mmap.mmap:
+    """A shared read/write mapping, its page tables filled at once where the
+    OS can (``MAP_POPULATE``): a multi-MB plane then costs no page fault per
+    4 KiB on first touch."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate:
+        try:
+            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | populate)
+        except OSError:  # pragma: no cover - refused: map plainly
+            pass
+    return mmap.mmap(fd, nbytes)
 
 
 def unlink_quietly(name: str) -> None:
@@ -188,6 +219,10 @@ class EngineSupervisor:
         self._failed_at = 0.0
         self._on_socket_change: Optional[Callable[[Optional[zmq.Socket], Optional[zmq.Socket]], None]] = None
         self.log_path = self.runtime_dir / "engine-worker.log"
+        #: request segments kept for reuse once their job is done (warm pages)
+        self._pool: list[SharedArray] = []
+        #: per live stack, the segment its display updates travel through
+        self._staging: dict[str, SharedArray] = {}
 
     # -- life cycle --------------------------------------------------------
 
@@ -272,6 +307,58 @@ class EngineSupervisor:
             self.sock = None
         self.state = "stopped"
         reap_prefix(f"{WORKER_PREFIX}_{os.getpid()}_")
+        for seg in self._pool + list(self._staging.values()):
+            seg.unlink()
+        self._pool.clear()
+        self._staging.clear()
+
+    # -- shared memory for requests --------------------------------------------
+
+    def staging(self, key: str, planes: int, yx: tuple[int, int], dtype: Any, reserve: int = 0) -> SharedArray:
+        """The segment that carries display updates of live stack ``key`` to the
+        worker: at least ``planes`` planes of ``yx``/``dtype``, kept (and its
+        pages warm) from one update to the next; replaced by a larger one
+        when needed, then sized for ``reserve`` planes if that is more (the
+        most a push of this stack can carry). Only written while no job using
+        it is in flight."""
+        dtype = np.dtype(dtype)
+        per_plane = yx[0] * yx[1] * dtype.itemsize
+        seg = self._staging.get(key)
+        if seg is None or seg.nbytes < planes * per_plane:
+            if seg is not None:
+                seg.unlink()
+            size = max(1, planes, reserve)
+            seg = SharedArray(f"{SERVER_PREFIX}_{os.getpid()}_{next(self._seg)}", (size,) + tuple(yx), dtype)
+            self._staging[key] = seg
+        seg.view((planes,) + tuple(yx), dtype)
+        return seg
+
+    def drop_staging(self, key: Optional[str] = None) -> None:
+        """Unlink the staging segment of ``key`` (of every stack: None)."""
+        for k in [key] if key is not None else list(self._staging):
+            seg = self._staging.pop(k, None)
+            if seg is not None:
+                seg.unlink()
+
+    def _segment(self, shape: tuple[int, ...], dtype: Any) -> SharedArray:
+        """A segment for a request array: a pooled one of the same size, else new."""
+        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        for i, seg in enumerate(self._pool):
+            if seg.nbytes == nbytes:
+                del self._pool[i]
+                seg.view(shape, dtype)
+                return seg
+        return SharedArray(f"{SERVER_PREFIX}_{os.getpid()}_{next(self._seg)}", shape, dtype)
+
+    def _recycle(self, seg: SharedArray) -> None:
+        """Keep a finished request's segment for the next request of that size
+        (the last few, up to POOL_BYTES), unlink the rest."""
+        if seg.nbytes > POOL_BYTES or self.state == "stopped":
+            seg.unlink()
+            return
+        self._pool.append(seg)
+        while len(self._pool) > POOL_SEGMENTS or sum(s.nbytes for s in self._pool) > POOL_BYTES:
+            self._pool.pop(0).unlink()
 
     def _kill(self) -> None:
         if self.proc is None:
@@ -323,7 +410,7 @@ class EngineSupervisor:
         body = dict(job.body, op=job.op, id=job.id)
         try:
             for fname, arr in job.arrays.items():
-                seg = SharedArray(f"{SERVER_PREFIX}_{os.getpid()}_{next(self._seg)}", arr.shape, arr.dtype)
+                seg = self._segment(arr.shape, arr.dtype)
                 job.segments.append(seg)
                 np.copyto(seg.array, arr, casting="no")
                 body[fname] = seg.desc()
@@ -418,7 +505,7 @@ class EngineSupervisor:
 
     def _finish(self, job: WorkerJob, reply: dict) -> None:
         for seg in job.segments:
-            seg.unlink()
+            self._recycle(seg)
         job.segments.clear()
         try:
             job.done(reply, _copy_out)

@@ -5,6 +5,13 @@ its key. When the shape is unchanged the ImagePlus is reused and its pixel
 arrays overwritten in place, so sliders, zoom and LUTs stay as the user left
 them. Rendering goes through ImageJ's own drawing (``ImagePlus.flatten``), so
 a snapshot looks as the window does.
+
+The streaming path is :meth:`LiveDisplay.update_planes`: a batch of planes
+with their (t, z, c) and the stack's current shape. Planes are copied in
+bulk into the existing Java pixel arrays; a stack that grows keeps its
+arrays (only new positions are allocated) and, with the same channel count,
+its ImagePlus; the window is redrawn once per batch. Display ranges only
+widen as data arrives (a live view does not flicker).
 """
 
 from __future__ import annotations
@@ -19,12 +26,17 @@ from .base import DIMS, MacroError
 from .transfer import (
     J,
     array_min_max,
+    coerce_dtype,
     copy_into_java,
     from_imageplus,
+    make_hyperstack,
+    new_image_stack,
     normalize_image,
     reset_display_ranges,
     set_calibration,
+    slice_labels,
     to_imageplus,
+    write_planes,
     write_stack,
 )
 
@@ -51,6 +63,8 @@ class LiveDisplay:
         self.show_windows = show_windows
         self.stacks: dict[str, Any] = {}
         self._protected = protected_ids
+        self._ranges: dict[str, list[Optional[tuple[float, float]]]] = {}  # per channel, data seen so far
+        self._names: dict[str, list[str]] = {}
 
     def _register(self, key: str, imp: Any) -> None:
         self.stacks[key] = imp
@@ -75,15 +89,168 @@ class LiveDisplay:
                     stack.setSliceLabel(hs.channel_names[c], i + 1)
             if calibration is not None:
                 set_calibration(imp, calibration)
-            reset_display_ranges(imp, array_min_max(arr5))
+            ranges = array_min_max(arr5)
+            reset_display_ranges(imp, ranges)
             self._redraw(imp)
         else:
             if imp is not None:
                 self.close_stack(key)
+            ranges = array_min_max(arr5)
             imp = to_imageplus(arr5, key, hs.channel_names, hs.calibration)
             self._register(key, imp)
+        self._ranges[key] = list(ranges)
+        self._names[key] = list(hs.channel_names)
         if self.show_windows and imp.getWindow() is None:
             imp.show()
+
+    def update_planes(
+        self,
+        key: str,
+        shape: Sequence[int],
+        positions: Sequence[Sequence[int]],
+        planes: np.ndarray,
+        channel_names: Optional[Sequence[str]] = None,
+        calibration: Optional[Calibration] = None,
+        fresh: bool = False,
+    ) -> None:
+        """Bring live stack ``key`` to ``shape`` (T, Z, C, Y, X) and write
+        ``planes[i]`` (YX) at ``positions[i]`` = (t, z, c), 0-based.
+
+        A missing stack (or ``fresh=True``, or another dtype or YX size) is
+        created anew, its unwritten planes zero. Otherwise the ImagePlus keeps
+        its pixel arrays: same shape, planes overwritten in place; another T
+        or Z, same C: the stack is re-laid out around the same arrays (new
+        positions allocated, vanished ones dropped) on the same ImagePlus;
+        another C: a new ImagePlus over those arrays (a CompositeImage needs
+        its channel count at birth). Display ranges widen to the data seen.
+        """
+        T, Z, C, Y, X = (int(v) for v in shape)
+        if min(T, Z, C, Y, X) < 1:
+            raise ValueError(f"bad stack shape {tuple(shape)} for {key!r}")
+        pos = [(int(p[0]), int(p[1]), int(p[2])) for p in positions]
+        planes = np.asarray(planes)
+        if planes.ndim != 3 or len(planes) < len(pos) or planes.shape[1:] != (Y, X):
+            raise ValueError(f"{len(pos)} positions need ({len(pos)}, {Y}, {X}) planes for {key!r}, got {planes.shape}")
+        planes = planes[: len(pos)]
+        planes, _ = coerce_dtype(planes)
+        for t, z, c in pos:
+            if not (0 <= t < T and 0 <= z < Z and 0 <= c < C):
+                raise IndexError(f"plane (t={t}, z={z}, c={c}) outside stack {key!r} of T={T} Z={Z} C={C}")
+        depth = _DEPTH[planes.dtype]
+        names = [str(n) for n in channel_names] if channel_names else list(self._names.get(key, []))
+        imp = self.stacks.get(key)
+        if imp is not None and (fresh or _depth_dtype(imp) != planes.dtype or _shape(imp)[3:] != (Y, X) or not imp.getStack()):
+            self.close_stack(key)
+            imp = None
+        if imp is None:
+            n = T * Z * C
+            stack = new_image_stack(X, Y, depth, [None] * n, slice_labels(names, C, n))
+            imp = make_hyperstack(stack, key, C, Z, T, names, calibration)
+            self._register(key, imp)
+            self._ranges[key] = [None] * C
+            written = set(pos)
+            zeros_left = {c for t in range(T) for z in range(Z) for c in range(C) if (t, z, c) not in written}
+            relabel, redraw = False, True
+        else:
+            old = _shape(imp)
+            zeros_left = set()
+            if old[:3] != (T, Z, C):
+                imp, zeros_left = self._reshape(key, imp, T, Z, C, names, set(pos))
+                relabel, redraw = False, True
+            else:
+                relabel = names != self._names.get(key, [])
+                redraw = relabel or self._shows_any(imp, pos)
+        self._names[key] = names
+        stack = imp.getStack()
+        if relabel:
+            for i, label in enumerate(slice_labels(names, C, T * Z * C)):
+                stack.setSliceLabel(label, i + 1)
+        if calibration is not None:
+            set_calibration(imp, calibration)
+        write_planes(stack, Z, C, pos, planes, depth)
+        if self._widen_ranges(key, imp, C, pos, planes, zeros_left):
+            redraw = True
+        if redraw:  # once per batch, and only when something on screen changed
+            self._redraw(imp)
+        if self.show_windows and imp.getWindow() is None:
+            imp.show()
+
+    @staticmethod
+    def _shows_any(imp: Any, pos: list[tuple[int, int, int]]) -> bool:
+        """Whether a plane at one of ``pos`` is on screen: at the current (z, t),
+        any channel of a composite, else the current channel. Planes elsewhere
+        are read from the stack when the user moves there."""
+        c0, z0, t0 = int(imp.getC()) - 1, int(imp.getZ()) - 1, int(imp.getT()) - 1
+        every_channel = bool(imp.isComposite()) and int(imp.getCompositeMode()) == int(J("ij.CompositeImage").COMPOSITE)
+        return any(t == t0 and z == z0 and (every_channel or c == c0) for t, z, c in pos)
+
+    def _reshape(
+        self, key: str, imp: Any, T: int, Z: int, C: int, names: list[str], written: set[tuple[int, int, int]]
+    ) -> tuple[Any, set[int]]:
+        """Re-lay ``imp``'s stack out as T x Z x C around its own pixel arrays.
+        Returns the ImagePlus (the same one unless C changed) and the channels
+        where a new position is left as zeros (not in ``written``)."""
+        oT, oZ, oC, Y, X = _shape(imp)
+        old = imp.getStack()
+        depth = int(imp.getBitDepth())
+        arrays: list[Any] = []
+        zeros_left: set[int] = set()
+        for t in range(T):
+            for z in range(Z):
+                for c in range(C):
+                    if t < oT and z < oZ and c < oC:
+                        arrays.append(old.getPixels(1 + c + z * oC + t * oZ * oC))
+                    else:
+                        arrays.append(None)
+                        if (t, z, c) not in written:
+                            zeros_left.add(c)
+        n = T * Z * C
+        stack = new_image_stack(X, Y, depth, arrays, slice_labels(names, C, n))
+        ranges = self._ranges.get(key) or []
+        self._ranges[key] = (list(ranges) + [None] * C)[:C]
+        if C == oC:
+            c, z, t = int(imp.getC()), int(imp.getZ()), int(imp.getT())
+            imp.setStack(stack, C, Z, T)
+            if n > 1:
+                imp.setOpenAsHyperStack(True)
+            imp.setPositionWithoutUpdate(min(c, C), min(z, Z), min(t, T))
+            return imp, zeros_left
+        cal = imp.getCalibration().copy()
+        new = make_hyperstack(stack, key, C, Z, T, names)
+        new.setCalibration(cal)
+        self.close_stack(key)  # the old ImageStack is flushed; our arrays live on in the new one
+        self._register(key, new)
+        self._ranges[key] = (list(ranges) + [None] * C)[:C]
+        return new, zeros_left
+
+    def _widen_ranges(
+        self, key: str, imp: Any, C: int, pos: list[tuple[int, int, int]], planes: np.ndarray, zeros_left: set[int]
+    ) -> bool:
+        """Widen each channel's display range to the data seen (8-bit: 0..255).
+        True when a range changed."""
+        if int(imp.getBitDepth()) == 8:
+            reset_display_ranges(imp)
+            return False
+        ranges = self._ranges.setdefault(key, [None] * C)
+        ranges.extend([None] * (C - len(ranges)))
+        before = list(ranges)
+        by_channel: dict[int, list[int]] = {}
+        for i, (_, _, c) in enumerate(pos):
+            by_channel.setdefault(c, []).append(i)
+        for c in range(C):
+            seen = [ranges[c]] if ranges[c] is not None else []
+            for i in by_channel.get(c, ()):
+                lo_hi = _min_max(planes[i])  # plane by plane: no gathered copy of the batch
+                if lo_hi is not None:
+                    seen.append(lo_hi)
+            if c in zeros_left:
+                seen.append((0.0, 0.0))
+            if seen:
+                ranges[c] = (min(r[0] for r in seen), max(r[1] for r in seen))
+        if ranges == before:
+            return False
+        reset_display_ranges(imp, [r if r is not None else (0.0, 0.0) for r in ranges])
+        return True
 
     @staticmethod
     def _redraw(imp: Any) -> None:
@@ -111,6 +278,8 @@ class LiveDisplay:
             self._redraw(imp)
 
     def close_stack(self, key: str) -> None:
+        self._ranges.pop(key, None)
+        self._names.pop(key, None)
         imp = self.stacks.pop(key, None)
         if imp is None:
             return
@@ -199,6 +368,27 @@ class LiveDisplay:
         finally:
             single.flush()
         return np.moveaxis(arr[0, 0], 0, -1).copy()
+
+
+#: rows per block when scanning a plane for its range: min and max of a
+#: block that fits in the L2 cache read memory once, not twice (~1.4x faster)
+_BLOCK_BYTES = 256 << 10
+
+
+def _min_max(plane: np.ndarray) -> Optional[tuple[float, float]]:
+    """(min, max) of a YX plane, NaN/inf ignored; None when nothing is finite."""
+    if plane.dtype.kind == "f":
+        plane = plane[np.isfinite(plane)]
+        if not plane.size:
+            return None
+        return float(plane.min()), float(plane.max())
+    rows = max(1, _BLOCK_BYTES // max(1, plane.strides[0]))
+    lo, hi = [], []
+    for r in range(0, plane.shape[0], rows):
+        block = plane[r : r + rows]
+        lo.append(block.min())
+        hi.append(block.max())
+    return (float(min(lo)), float(max(hi))) if lo else None
 
 
 def _tile(tiles: list[np.ndarray]) -> np.ndarray:

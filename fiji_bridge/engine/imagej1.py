@@ -229,6 +229,25 @@ class ImageJ1Engine(Engine):
             assert self._display
             self._display.update_plane(key, t, z, c, plane)
 
+    def update_planes(
+        self,
+        key: str,
+        shape: Sequence[int],
+        positions: Sequence[Sequence[int]],
+        planes: np.ndarray,
+        channel_names: Optional[list[str]] = None,
+        calibration: Optional[Calibration] = None,
+        fresh: bool = False,
+    ) -> None:
+        """Streaming update of a live stack: bring it to ``shape`` (TZCYX) and
+        write ``planes[i]`` at ``positions[i]`` = (t, z, c), in place (see
+        :meth:`LiveDisplay.update_planes`). Not part of :class:`Engine`: an
+        optional fast path the bridge uses when an engine has it."""
+        with self._lock:
+            self._require_started()
+            assert self._display
+            self._display.update_planes(key, shape, positions, planes, channel_names, calibration, fresh)
+
     def close_stack(self, key: str) -> None:
         with self._lock:
             self._require_started()

@@ -32,12 +32,15 @@ __all__ = [
     "copy_into_java",
     "copy_from_java",
     "from_imageplus",
+    "make_hyperstack",
+    "new_image_stack",
     "new_java_array",
     "normalize_image",
     "plane_to_numpy",
     "set_calibration",
     "to_imageplus",
     "to_tzcyx",
+    "write_planes",
     "write_stack",
 ]
 
@@ -266,6 +269,71 @@ def write_stack(stack: Any, arr5: np.ndarray, depth: int) -> None:
                 copy_into_java(arr5[t, z, c], stack.getPixels(1 + c + z * C + t * Z * C), depth)
 
 
+def write_planes(
+    stack: Any, Z: int, C: int, positions: Sequence[tuple[int, int, int]], planes: np.ndarray, depth: int
+) -> None:
+    """Copy ``planes[i]`` (YX) into the existing pixel array of the stack slice
+    at ``positions[i]`` = (t, z, c): one bulk copy each, nothing allocated."""
+    for (t, z, c), plane in zip(positions, planes):
+        copy_into_java(plane, stack.getPixels(1 + c + z * C + t * Z * C), depth)
+
+
+def new_image_stack(
+    width: int,
+    height: int,
+    depth: int,
+    arrays: Sequence[Optional[Any]],
+    labels: Sequence[Optional[str]] = (),
+) -> Any:
+    """An ImageStack of ``len(arrays)`` slices: each given Java pixel array is
+    used as is (no copy: moving planes between stacks costs nothing), a new
+    zeroed one is allocated where ``None``."""
+    stack = J("ij.ImageStack")(int(width), int(height))
+    labels = list(labels)
+    for i, jarr in enumerate(arrays):
+        if jarr is None:
+            jarr = new_java_array(depth, int(width) * int(height))
+        stack.addSlice(labels[i] if i < len(labels) else None, jarr)
+    return stack
+
+
+def make_hyperstack(
+    stack: Any,
+    title: str,
+    C: int,
+    Z: int,
+    T: int,
+    channel_names: Sequence[str] = (),
+    calibration: Optional[Calibration] = None,
+) -> Any:
+    """An ImagePlus over ``stack`` (CZT order): a real hyperstack, a
+    CompositeImage (composite mode, a LUT colour per channel) when C > 1,
+    calibration applied. Display ranges are left to the caller."""
+    imp = J("ij.ImagePlus")(title, stack)
+    imp.setDimensions(int(C), int(Z), int(T))
+    if C * Z * T > 1:
+        imp.setOpenAsHyperStack(True)
+    if calibration is not None:
+        set_calibration(imp, calibration)
+    if C > 1:
+        CI = J("ij.CompositeImage")
+        imp = CI(imp, CI.COMPOSITE)
+        Color, LUT = J("java.awt.Color"), J("ij.process.LUT")
+        for c, colour in enumerate(channel_colours(list(channel_names), C)):
+            imp.setPositionWithoutUpdate(c + 1, 1, 1)
+            lut = LUT.createLutFromColor(getattr(Color, colour))
+            imp.setChannelLut(lut, c + 1)
+        imp.setPosition(1, 1, 1)
+        imp.setOpenAsHyperStack(True)
+    return imp
+
+
+def slice_labels(channel_names: Sequence[str], C: int, n: int) -> list[Optional[str]]:
+    """The label of each of ``n`` slices in CZT order: its channel's name."""
+    names = list(channel_names)
+    return [names[i % C] if i % C < len(names) else None for i in range(n)]
+
+
 def to_imageplus(
     arr5: np.ndarray,
     title: str,
@@ -279,30 +347,10 @@ def to_imageplus(
     if depth is None:
         raise MacroError(f"not an ImageJ pixel type: {arr5.dtype}", kind="argument")
     T, Z, C, Y, X = arr5.shape
-    stack = J("ij.ImageStack")(int(X), int(Y))
-    names = list(channel_names)
-    for t in range(T):
-        for z in range(Z):
-            for c in range(C):
-                jarr = new_java_array(depth, Y * X)
-                copy_into_java(arr5[t, z, c], jarr, depth)
-                stack.addSlice(names[c] if c < len(names) else None, jarr)
-    imp = J("ij.ImagePlus")(title, stack)
-    imp.setDimensions(int(C), int(Z), int(T))
-    if C * Z * T > 1:
-        imp.setOpenAsHyperStack(True)
-    if calibration is not None:
-        set_calibration(imp, calibration)
-    if C > 1:
-        CI = J("ij.CompositeImage")
-        imp = CI(imp, CI.COMPOSITE)
-        Color, LUT = J("java.awt.Color"), J("ij.process.LUT")
-        for c, colour in enumerate(channel_colours(names, C)):
-            imp.setPositionWithoutUpdate(c + 1, 1, 1)
-            lut = LUT.createLutFromColor(getattr(Color, colour))
-            imp.setChannelLut(lut, c + 1)
-        imp.setPosition(1, 1, 1)
-        imp.setOpenAsHyperStack(True)
+    n = T * Z * C
+    stack = new_image_stack(X, Y, depth, [None] * n, slice_labels(channel_names, C, n))
+    write_stack(stack, arr5, depth)
+    imp = make_hyperstack(stack, title, C, Z, T, channel_names, calibration)
     reset_display_ranges(imp, array_min_max(arr5))
     return imp
 
@@ -330,14 +378,14 @@ def reset_display_ranges(imp: Any, ranges: Optional[list[tuple[float, float]]] =
         return
     C = int(imp.getNChannels())
     stats = ranges if ranges is not None else array_min_max(from_imageplus(imp)[0])
-    z, t = int(imp.getZ()), int(imp.getT())
+    c0, z, t = int(imp.getC()), int(imp.getZ()), int(imp.getT())
     for c in range(C):
         lo, hi = stats[c]
         if imp.isComposite():
             imp.setPositionWithoutUpdate(c + 1, z, t)
         imp.setDisplayRange(float(lo), float(hi) if hi > lo else float(lo) + 1)
     if imp.isComposite():
-        imp.setPositionWithoutUpdate(1, z, t)
+        imp.setPositionWithoutUpdate(c0, z, t)
 
 
 def from_imageplus(imp: Any, title: Optional[str] = None) -> tuple[np.ndarray, ImageInfo]:

@@ -117,6 +117,28 @@ class StreamStats:
         return {"planes": self.planes, "bytes": self.bytes, "dropped": self.dropped, "rejected": self.rejected, "transport": self.transport, "last": self.last}
 
 
+def reap_runtime_dirs(tmp: Optional[str] = None) -> list[Path]:
+    """Remove the runtime folders (worker socket, logs) of bridges that died
+    without cleaning up (SIGKILL). A folder is reaped only when the pid in
+    its ``owner.pid`` is gone; folders of live bridges are left alone."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob("fiji-bridge-*-*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 class BridgeServer:
     """The bridge. ``run()`` blocks until shutdown; returns an exit code."""
 
@@ -142,7 +164,9 @@ class BridgeServer:
         self.store = StackStore(max_bytes=max_bytes)
         self.started = time.time()
         self.ctx = zmq.Context()
+        reap_runtime_dirs()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"fiji-bridge-{self.port}-"))
+        (self.runtime_dir / "owner.pid").write_text(str(os.getpid()))
         self.ctrl_endpoint, self.data_endpoint = endpoints(self.port, host, ipc)
         self.auth: Optional[ServerAuth] = ServerAuth(self.ctx, keys_dir) if keys_dir else None
         self.ctrl = self._bind(zmq.ROUTER, self.ctrl_endpoint)

@@ -113,3 +113,31 @@ def test_killed_bridge_leaves_no_worker_and_no_shared_memory(tmp_path):
                 time.sleep(0.1)
             assert not _pid_alive(worker), "the engine worker outlived its bridge"
             assert shm_segments(f"fjbs_{bp.proc.pid}_") == [] and shm_segments(f"fjbw_{bp.proc.pid}_") == []
+
+
+@pytest.mark.timeout(60)
+def test_a_new_bridge_reaps_the_runtime_folder_of_a_killed_one(tmp_path):
+    import glob
+    import tempfile
+
+    with bridge_process(tmp_path, "--no-display") as bp:
+        with bp.client() as c:
+            c.ping()
+        pid = bp.proc.pid
+        mine = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "fiji-bridge-*-*"))
+                if os.path.exists(os.path.join(d, "owner.pid"))
+                and open(os.path.join(d, "owner.pid")).read() == str(pid)]
+        assert len(mine) == 1, "the bridge records its pid in its runtime folder"
+        os.kill(pid, signal.SIGKILL)
+        bp.proc.wait(10)
+        assert os.path.isdir(mine[0]), "a SIGKILLed bridge cannot clean up after itself"
+    # the next bridge to start reaps it, and leaves live bridges' folders alone
+    (tmp_path / "second").mkdir()
+    with bridge_process(tmp_path / "second", "--no-display") as bp2:
+        with bp2.client() as c:
+            c.ping()
+        assert not os.path.exists(mine[0])
+        live = os.path.join(tempfile.gettempdir())
+        assert any(open(os.path.join(d, "owner.pid")).read() == str(bp2.proc.pid)
+                   for d in glob.glob(os.path.join(live, "fiji-bridge-*-*"))
+                   if os.path.exists(os.path.join(d, "owner.pid")))

@@ -133,6 +133,11 @@ class ImageJ1Engine(Engine):
                 for w in J("java.awt.Window").getWindows():
                     if w.isDisplayable():
                         w.dispose()
+                # ImageJ's shared filter pool (Gaussian Blur...) has non-daemon
+                # threads that keep the JVM, and so the process, alive for minutes
+                pool = J("ij.util.ThreadUtil").threadPoolExecutor
+                if pool is not None:
+                    pool.shutdown()
             except Exception:  # pragma: no cover - closing must not fail
                 pass
 

@@ -1,0 +1,769 @@
+"""Batch macro processing of a plate: every well field through a bridge.
+
+A *work unit* is one well field: all its C/Z/T planes as one hyperstack.
+Units stream from the plate's backend into bridge workers, the macro runs on
+each, and what it produces goes back through the virtual backend::
+
+    <source>_<macro>            the derived plate (same wells and fields)
+      <well>/<table>_s<site>.csv   per-field tables (plate, well, field first)
+      <well>/fiji_bridge_unit_s<site>.json   the unit's marker: done | failed
+      <table>.csv                  one plate-level table per macro table
+      <table>_per_well.csv         rows per well and mean of numeric columns
+      failures.csv, batch.json     failed units; the batch's report
+
+Per-unit outputs are written as each unit finishes, the marker last, so an
+interrupted batch resumes (``resume=True``) by skipping units whose marker
+says done, and the plate tables are assembled at the end from the per-unit
+tables the markers list: no unit is counted twice.
+
+Where the macro runs:
+
+* ``workers=N``: N bridges on this machine (spawned on free ports, or the
+  ``ports`` given), each running one unit at a time while the next unit is
+  loaded, so ImageJ stays busy;
+* ``scheduler=``: a Dask distributed cluster (an address, a ``Client`` or a
+  cluster); each worker process owns one bridge, started once by a worker
+  plugin, not per task.
+
+The unit function and the writing are the same either way, so the tables
+are identical whichever way a batch ran.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from . import __version__
+from .components import Calibration, normalize_well
+from .macros import Macro, resolve
+from .outputs import save_result, slug, table_file_name
+
+__all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "batch_command"]
+
+log = logging.getLogger("fiji_bridge.batch")
+
+MARKER = "fiji_bridge_unit"
+
+
+class BatchError(RuntimeError):
+    """The batch cannot start (bad plate, wells, derived plate in the way)."""
+
+
+@dataclass
+class UnitOutcome:
+    """What running the macro on one unit gave (before writing)."""
+
+    well: str
+    site: int
+    ok: bool
+    result: Any = None  # MacroResult when ok
+    error: Optional[dict] = None  # {"kind", "message", "line"} when not
+    elapsed: float = 0.0
+    worker: str = ""
+    imagej: str = ""
+
+
+@dataclass
+class BatchReport:
+    """The outcome of :func:`run_batch`."""
+
+    source: str
+    derived: str  # URI of the derived plate
+    plate: str  # id of the derived plate in its store
+    macro: str
+    arguments: dict
+    units: int  # units selected
+    done: int  # units run now and succeeded
+    skipped: int  # units already done (resume)
+    failed: int
+    failures: list[dict] = field(default_factory=list)
+    tables: dict[str, str] = field(default_factory=dict)  # table -> virtual path
+    elapsed: float = 0.0
+    workers: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    @property
+    def units_per_s(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["units_per_s"] = self.units_per_s
+        return d
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1000 free on 127.0.0.1 (control and data channel)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + 1000 >= 65535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", p + 1000))
+            return p
+        except OSError:
+            continue
+    raise BatchError("no free port pair for a bridge")
+
+
+def _error_dict(e: BaseException) -> dict:
+    kind = getattr(e, "kind", None) or type(e).__name__
+    return {
+        "kind": str(kind),
+        "message": str(getattr(e, "message", None) or e),
+        "line": getattr(e, "line", None),
+    }
+
+
+def unit_title(plate: str, well: str, site: int) -> str:
+    """The title the input image gets in ImageJ: ``<plate>_<well>_s<site>``."""
+    return f"{plate}_{well}_s{site:03d}"
+
+
+def _marker_path(scheme: str, plate: str, well: str, site: int) -> str:
+    return f"/{scheme}/plate_{plate}/{well}/{MARKER}_s{site:03d}.json"
+
+
+def _csv_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return [], []
+    return rows[0], rows[1:]
+
+
+def _to_float(v: str) -> Optional[float]:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _default_derived_uri(plate_uri: str, src_id: str, macro: Macro) -> tuple[Any, str]:
+    from .backends import PlateURI
+
+    u = PlateURI.parse(plate_uri)
+    return u, f"{slug(src_id)}_{slug(macro.name)}"
+
+
+def _resolve_out(plate_uri: str, src_id: str, macro: Macro, out_uri: Optional[str]) -> str:
+    from .backends import PlateURI
+
+    u, default_name = _default_derived_uri(plate_uri, src_id, macro)
+    if out_uri is None:
+        return str(u.with_plate(default_name))
+    o = PlateURI.parse(out_uri)
+    if not o.plate:
+        return str(o.with_plate(default_name))
+    return str(o)
+
+
+# --------------------------------------------------------------------------- running units
+
+
+class _BridgeWorker:
+    """One bridge (connected or spawned) that runs units one at a time."""
+
+    def __init__(self, port: int, own: bool, log_dir: Optional[str] = None) -> None:
+        from .client import BridgeClient
+
+        self.port = port
+        self.client = BridgeClient.connect_or_spawn(port=port, timeout=180, own=own, log_dir=log_dir)
+        self.imagej = _imagej_version(self.client)
+
+    def reconnect(self) -> None:
+        from .client import BridgeClient
+
+        try:
+            self.client.close()
+        except Exception:  # pragma: no cover - best effort
+            pass
+        self.client = BridgeClient.connect_or_spawn(port=self.port, timeout=180, own=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _imagej_version(client: Any) -> str:
+    try:
+        r = client.run_macro('print("IJVERSION=" + getVersion());', timeout=60)
+        for line in r.log.splitlines():
+            if line.startswith("IJVERSION="):
+                return line.split("=", 1)[1].strip()
+    except Exception as e:  # pragma: no cover - reported, not fatal
+        return f"unknown ({e})"
+    return "unknown"
+
+
+def run_unit(
+    client: Any,
+    code: str,
+    array: np.ndarray,
+    *,
+    title: str,
+    timeout: float,
+    channel_names: Sequence[str] = (),
+    calibration: Optional[Calibration] = None,
+) -> Any:
+    """Run the bound macro on one unit's TZCYX array; returns the MacroResult."""
+    names = list(channel_names) if channel_names and len(channel_names) == array.shape[2] else None
+    return client.run_macro(
+        code,
+        array=array,
+        dims="TZCYX",
+        timeout=timeout,
+        title=title,
+        channel_names=names,
+        calibration=calibration if calibration is not None and calibration.is_set else None,
+    )
+
+
+def _run_local(
+    units: Sequence[tuple[str, int]],
+    load: Callable[[str, int], np.ndarray],
+    code: str,
+    plate_label: str,
+    timeout: float,
+    structure: Any,
+    ports: Sequence[int],
+    own: bool,
+    emit: Callable[[UnitOutcome], None],
+) -> str:
+    """Run ``units`` on one bridge per port; ``emit`` gets every outcome in the
+    calling thread (the single writer). Returns a description of the workers."""
+    workers: list[_BridgeWorker] = []
+    errors: list[BaseException] = []
+
+    def start(port: int) -> None:
+        try:
+            workers.append(_BridgeWorker(port, own))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(p,), daemon=True) for p in ports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for w in workers:
+            w.close()
+        raise BatchError(f"could not start a bridge: {errors[0]}") from errors[0]
+
+    pending = list(units)
+    lock = threading.Lock()
+    outq: "queue.Queue[Optional[UnitOutcome]]" = queue.Queue()
+    loader = ThreadPoolExecutor(max_workers=max(2, len(workers)), thread_name_prefix="fiji-bridge-load")
+
+    def take() -> Optional[tuple[tuple[str, int], Any]]:
+        with lock:
+            if not pending:
+                return None
+            u = pending.pop(0)
+        return u, loader.submit(load, *u)
+
+    def loop(w: _BridgeWorker) -> None:
+        nxt = take()
+        while nxt is not None:
+            (well, site), fut = nxt
+            nxt = take()  # the next unit loads while this one runs
+            t0 = time.perf_counter()
+            try:
+                arr = fut.result()
+            except Exception as e:
+                outq.put(UnitOutcome(well, site, False, error={**_error_dict(e), "kind": "load"}, worker=str(w.port)))
+                continue
+            try:
+                r = run_unit(w.client, code, arr, title=unit_title(plate_label, well, site), timeout=timeout,
+                             channel_names=structure.channel_names, calibration=structure.calibration)
+                outq.put(UnitOutcome(well, site, True, result=r, elapsed=time.perf_counter() - t0, worker=str(w.port), imagej=w.imagej))
+            except Exception as e:
+                from .client import BridgeError
+
+                outq.put(UnitOutcome(well, site, False, error=_error_dict(e), elapsed=time.perf_counter() - t0, worker=str(w.port), imagej=w.imagej))
+                if isinstance(e, BridgeError):  # the bridge itself is in trouble: reconnect (or respawn) once
+                    try:
+                        w.reconnect()
+                    except Exception as e2:  # pragma: no cover - the remaining units fail with this
+                        log.error("bridge on port %s is gone: %s", w.port, e2)
+        outq.put(None)
+
+    runners = [threading.Thread(target=loop, args=(w,), daemon=True, name=f"fiji-bridge-worker-{w.port}") for w in workers]
+    for t in runners:
+        t.start()
+    try:
+        finished = 0
+        while finished < len(runners):
+            o = outq.get()
+            if o is None:
+                finished += 1
+                continue
+            emit(o)
+    finally:
+        for t in runners:
+            t.join(timeout=5)
+        loader.shutdown(wait=False, cancel_futures=True)
+        for w in workers:
+            try:
+                w.close()
+            except Exception:  # pragma: no cover
+                pass
+    return f"{len(workers)} local bridge(s) on port(s) {', '.join(str(w.port) for w in workers)}"
+
+
+# -- Dask: one bridge per worker process ------------------------------------------
+
+_PROCESS: dict[str, Any] = {}  # per worker process: the bridge worker and opened plates
+_PROCESS_LOCK = threading.Lock()
+
+
+def _process_bridge() -> _BridgeWorker:
+    with _PROCESS_LOCK:
+        w = _PROCESS.get("bridge")
+        if w is None:
+            w = _BridgeWorker(free_port_pair(), own=True)
+            _PROCESS["bridge"] = w
+        return w
+
+
+def _process_plate(uri: str) -> tuple[Any, str]:
+    from .backends import open_plate
+
+    with _PROCESS_LOCK:
+        key = f"plate:{uri}"
+        if key not in _PROCESS:
+            _PROCESS[key] = open_plate(uri)
+        return _PROCESS[key]
+
+
+def _close_process_bridge() -> None:
+    with _PROCESS_LOCK:
+        w = _PROCESS.pop("bridge", None)
+    if w is not None:
+        w.close()
+
+
+def _dask_plugin() -> Any:
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class BridgePlugin(WorkerPlugin):
+        """Starts this worker process's bridge once; shuts it down with the worker."""
+
+        name = "fiji-bridge"
+
+        def setup(self, worker: Any) -> None:
+            _process_bridge()
+
+        def teardown(self, worker: Any) -> None:
+            _close_process_bridge()
+
+    return BridgePlugin()
+
+
+def _dask_unit(source_uri: str, well: str, site: int, code: str, plate_label: str, timeout: float,
+               channel_names: Sequence[str], calibration: Optional[dict]) -> UnitOutcome:
+    """The Dask task: load one unit in the worker and run it on the worker's bridge."""
+    t0 = time.perf_counter()
+    w = _process_bridge()
+    try:
+        backend, pid = _process_plate(source_uri)
+        arr = backend.load_field(pid, well, site)
+    except Exception as e:
+        return UnitOutcome(well, site, False, error={**_error_dict(e), "kind": "load"}, worker=socket.gethostname())
+    try:
+        r = run_unit(w.client, code, arr, title=unit_title(plate_label, well, site), timeout=timeout,
+                     channel_names=channel_names, calibration=Calibration.from_dict(calibration))
+        return UnitOutcome(well, site, True, result=r, elapsed=time.perf_counter() - t0,
+                           worker=f"{socket.gethostname()}:{w.port}", imagej=w.imagej)
+    except Exception as e:
+        return UnitOutcome(well, site, False, error=_error_dict(e), elapsed=time.perf_counter() - t0,
+                           worker=f"{socket.gethostname()}:{w.port}", imagej=w.imagej)
+
+
+def _run_dask(
+    units: Sequence[tuple[str, int]],
+    source_uri: str,
+    code: str,
+    plate_label: str,
+    timeout: float,
+    structure: Any,
+    scheduler: Any,
+    emit: Callable[[UnitOutcome], None],
+) -> str:
+    from distributed import Client, as_completed
+
+    own_client = False
+    if isinstance(scheduler, Client):
+        client = scheduler
+    elif isinstance(scheduler, str):
+        client = Client(scheduler, timeout=60)
+        own_client = True
+    else:  # a cluster object (LocalCluster, SLURMCluster...)
+        client = Client(scheduler)
+        own_client = True
+    try:
+        client.register_plugin(_dask_plugin(), name="fiji-bridge")
+        cal = structure.calibration.to_dict() if structure.calibration.is_set else None
+        futures = [
+            client.submit(_dask_unit, source_uri, w, s, code, plate_label, timeout, list(structure.channel_names), cal,
+                          pure=False, key=f"fiji-bridge-unit-{w}-{s}-{os.urandom(4).hex()}")
+            for w, s in units
+        ]
+        for fut in as_completed(futures):
+            try:
+                o = fut.result()
+            except Exception as e:  # the task itself died (worker lost...)
+                w, s = _unit_of_key(fut.key)
+                o = UnitOutcome(w, s, False, error={**_error_dict(e), "kind": "worker"})
+            emit(o)
+        n = len(client.scheduler_info().get("workers", {}))
+        return f"Dask cluster {client.scheduler.address} with {n} worker(s)"
+    finally:
+        if own_client:
+            client.close()
+
+
+def _unit_of_key(key: str) -> tuple[str, int]:
+    parts = str(key).split("-")
+    return parts[3], int(parts[4])
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+class _Progress:
+    """Rich progress on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, skipped: int, enabled: bool, label: str) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self.t0 = time.perf_counter()
+        self.rich = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.rich = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(), transient=False,
+            )
+            self.rich.start()
+            self.task = self.rich.add_task(label, total=total, failed=0, rate="")
+        elif enabled:
+            print(f"{label}: {total} unit(s) to run" + (f", {skipped} already done" if skipped else ""), file=sys.stderr, flush=True)
+
+    def update(self, o: UnitOutcome) -> None:
+        self.done += 1
+        self.failed += 0 if o.ok else 1
+        dt = time.perf_counter() - self.t0
+        rate = self.done / dt if dt > 0 else 0.0
+        if self.rich is not None:
+            self.rich.update(self.task, advance=1, failed=self.failed, rate=f"{rate:.2f} units/s")
+        elif self.enabled:
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            status = "done" if o.ok else f"FAILED ({o.error.get('kind') if o.error else '?'}: {o.error.get('message') if o.error else ''})"
+            print(f"[{self.done}/{self.total}] {o.well} field {o.site}: {status}; {self.failed} failed, {rate:.2f} units/s, ETA {eta:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.rich is not None:
+            self.rich.stop()
+
+
+def run_batch(
+    plate_uri: str,
+    macro: Union[str, Macro],
+    args: Optional[Mapping[str, Any]] = None,
+    out_uri: Optional[str] = None,
+    wells: Optional[Union[str, Sequence[str]]] = None,
+    workers: int = 1,
+    scheduler: Any = None,
+    resume: bool = False,
+    timeout: float = 600,
+    progress: bool = True,
+    *,
+    ports: Optional[Sequence[int]] = None,
+) -> BatchReport:
+    """Run ``macro`` over every field of the plate ``plate_uri``.
+
+    ``macro``: a library name, a ``.ijm`` path, or a :class:`Macro`; ``args``
+    are checked against its ``#@`` header before anything runs.
+    ``out_uri``: the derived plate (default ``<source>_<macro>`` in the
+    source's store). ``wells``: ``"all"``, ``"A01,B02"`` or a list.
+    ``workers``: local bridges (spawned on free ports and shut down at the
+    end), or ``ports``: bridges to use (spawned if none answers, left
+    running). ``scheduler``: a Dask scheduler address, Client or cluster.
+    ``resume``: skip units already done in an existing derived plate.
+    """
+    from .backends import BackendError, open_plate, open_store
+
+    t_start = time.perf_counter()
+    m = macro if isinstance(macro, Macro) else resolve(macro)
+    values = m.check(args)  # MacroArgumentError before anything runs
+    code = m.bind(args)
+
+    src_backend, src_id = open_plate(plate_uri)
+    if not src_id:
+        raise BatchError(f"{plate_uri!r} names a store, not a plate")
+    try:
+        structure = src_backend.plate_structure(src_id)
+    except BackendError as e:
+        raise BatchError(f"cannot read plate {plate_uri!r}: {e}") from e
+    units = structure.units()
+    if wells not in (None, "all", "", ["all"]):
+        wanted = [normalize_well(w) for w in (wells.split(",") if isinstance(wells, str) else wells) if str(w).strip()]
+        unknown = [w for w in wanted if w not in structure.wells]
+        if unknown:
+            raise BatchError(f"well(s) {', '.join(unknown)} not in plate {src_id!r} (it has {', '.join(structure.wells)})")
+        units = [u for u in units if u[0] in set(wanted)]
+    if not units:
+        raise BatchError(f"plate {src_id!r} has no fields to process")
+    well_order = {w: i for i, w in enumerate(structure.wells)}
+
+    derived_uri = _resolve_out(plate_uri, src_id, m, out_uri)
+    dst_backend, dst_id = open_plate(derived_uri)
+    exists = dst_backend.exists(f"/{dst_backend.scheme}/plate_{dst_id}")
+    if exists and not resume:
+        raise BatchError(
+            f"the derived plate {derived_uri} exists already: use --resume to finish it, "
+            f"or --out to write another plate"
+        )
+    done_before: set[tuple[str, int]] = set()
+    if exists:
+        for w, s in units:
+            marker = _read_marker(dst_backend, dst_id, w, s)
+            if marker and marker.get("status") == "done":
+                done_before.add((w, s))
+    pending = [u for u in units if u not in done_before]
+
+    provenance = {
+        "source": str(plate_uri),
+        "source_plate": src_id,
+        "macro": m.name,
+        "macro_sha256": m.sha256,
+        "macro_path": str(m.path) if m.path else None,
+        "arguments": values,
+        "fiji_bridge": __version__,
+        "imagej": None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    state = {"plate": dst_id if exists else None}
+    failures: list[dict] = []
+    counts = {"done": 0, "failed": 0}
+    prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
+
+    def ensure_plate(imagej: str) -> str:
+        if state["plate"] is None:
+            provenance["imagej"] = imagej or None
+            state["plate"] = dst_backend.create_plate(dst_id, structure, provenance=provenance)
+        return state["plate"]
+
+    def emit(o: UnitOutcome) -> None:
+        """The single writer: outputs, then the unit's marker."""
+        pid = ensure_plate(o.imagej)
+        marker: dict[str, Any] = {"well": o.well, "field": o.site, "elapsed": round(o.elapsed, 4),
+                                  "worker": o.worker, "imagej": o.imagej,
+                                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if o.ok:
+            try:
+                written = save_result(o.result, derived_uri, well=o.well, site=o.site, source={"plate": src_id},
+                                      backend=dst_backend, plate=pid, plate_label=src_id)
+                marker.update(status="done", written=written,
+                              tables={t: f"/{dst_backend.scheme}/plate_{pid}/{o.well}/{table_file_name(t, o.site)}.csv" for t in o.result.tables},
+                              images=list(o.result.images))
+            except Exception as e:
+                log.exception("saving outputs of %s/%s failed", o.well, o.site)
+                o = UnitOutcome(o.well, o.site, False, error={**_error_dict(e), "kind": "save"}, elapsed=o.elapsed, worker=o.worker)
+        if not o.ok:
+            marker.update(status="failed", error=o.error)
+            failures.append({"well": o.well, "field": o.site, **(o.error or {})})
+        try:
+            dst_backend.save(marker, _marker_path(dst_backend.scheme, pid, o.well, o.site))
+        except Exception as e:  # pragma: no cover - the unit is redone on resume
+            log.error("could not write the marker of %s/%s: %s", o.well, o.site, e)
+        counts["done" if o.ok else "failed"] += 1
+        prog.update(o)
+
+    try:
+        if pending:
+            if scheduler is not None:
+                where = _run_dask(pending, plate_uri, code, src_id, timeout, structure, scheduler, emit)
+            else:
+                own = ports is None
+                n_workers = max(1, min(int(workers), len(pending)))  # no idle JVMs
+                use = list(ports) if ports else [free_port_pair() for _ in range(n_workers)]
+                if own:  # distinct ports even if the OS hands one out twice
+                    use = list(dict.fromkeys(use))
+                where = _run_local(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
+                                   timeout, structure, use, own, emit)
+        else:
+            where = "nothing to run"
+    finally:
+        prog.close()
+    pid = ensure_plate("")
+
+    tables = _assemble(dst_backend, pid, units, well_order, failures)
+    elapsed = time.perf_counter() - t_start
+    report = BatchReport(
+        source=str(plate_uri), derived=derived_uri, plate=pid, macro=m.name, arguments=values,
+        units=len(units), done=counts["done"], skipped=len(done_before), failed=len(failures),
+        failures=failures, tables=tables, elapsed=elapsed, workers=where,
+    )
+    try:
+        dst_backend.save(report.to_dict(), f"/{dst_backend.scheme}/plate_{pid}/batch.json")
+    except Exception as e:  # pragma: no cover
+        log.error("could not write batch.json: %s", e)
+    return report
+
+
+def _read_marker(backend: Any, plate: str, well: str, site: int) -> Optional[dict]:
+    path = _marker_path(backend.scheme, plate, well, site)
+    try:
+        if not backend.exists(path):
+            return None
+        data = backend.load(path)
+    except Exception:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_order: Mapping[str, int],
+              failures: list[dict]) -> dict[str, str]:
+    """Plate tables from the per-unit tables of every done unit (in plate
+    order: well, field, row), per-well summaries, and the failures table."""
+    per_table: dict[str, list[tuple[tuple[int, int], list[str], list[list[str]]]]] = {}
+    failed: list[dict] = []
+    for w, s in sorted(units, key=lambda u: (well_order.get(u[0], 1 << 30), u[1])):
+        marker = _read_marker(backend, plate, w, s)
+        if not marker:
+            continue
+        if marker.get("status") != "done":
+            failed.append({"well": w, "field": s, **(marker.get("error") or {})})
+            continue
+        for title, path in (marker.get("tables") or {}).items():
+            text = backend.load(path)
+            header, rows = _csv_rows(text if isinstance(text, str) else str(text))
+            per_table.setdefault(title, []).append(((well_order.get(w, 0), s), header, rows))
+    written: dict[str, str] = {}
+    for title, parts in per_table.items():
+        header: list[str] = []
+        for _, h, _ in parts:
+            header += [c for c in h if c not in header]
+        rows = []
+        for _, h, rs in parts:
+            idx = [h.index(c) if c in h else None for c in header]
+            rows += [[r[i] if i is not None and i < len(r) else "" for i in idx] for r in rs]
+        name = slug(title)
+        written[title] = backend.save_table(plate, name, _csv_text(header, rows))
+        written[f"{title} per well"] = backend.save_table(plate, f"{name}_per_well", _per_well(header, rows))
+    # failures from this run first, then units still failed from earlier runs
+    seen = {(f["well"], f["field"]) for f in failures}
+    failures.extend(f for f in failed if (f["well"], f["field"]) not in seen)
+    if failures:
+        fails = sorted(failures, key=lambda f: (well_order.get(f["well"], 1 << 30), f["field"]))
+        failures[:] = fails
+        written["failures"] = backend.save_table(
+            plate, "failures",
+            _csv_text(["well", "field", "kind", "message", "line"],
+                      [[f["well"], f["field"], f.get("kind", ""), f.get("message", ""), f.get("line") or ""] for f in fails]))
+    return written
+
+
+def _per_well(header: list[str], rows: list[list[str]]) -> str:
+    """Rows per well, fields per well, and the mean of every numeric column."""
+    skip = {"plate", "well", "field"}
+    numeric = [c for i, c in enumerate(header) if c not in skip and rows
+               and all(_to_float(r[i]) is not None for r in rows if r[i] != "")
+               and any(r[i] != "" for r in rows)]
+    iw, ifd = header.index("well"), header.index("field")
+    ip = header.index("plate") if "plate" in header else None
+    groups: dict[str, list[list[str]]] = {}
+    for r in rows:
+        groups.setdefault(r[iw], []).append(r)
+    out = []
+    for w, rs in groups.items():
+        line: list[Any] = [rs[0][ip] if ip is not None else "", w, len(rs), len({r[ifd] for r in rs})]
+        for c in numeric:
+            i = header.index(c)
+            vals = [v for v in (_to_float(r[i]) for r in rs) if v is not None]
+            line.append(repr(float(np.mean(vals))) if vals else "")
+        out.append(line)
+    return _csv_text(["plate", "well", "rows", "fields"] + [f"mean_{c}" for c in numeric], out)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def batch_command(
+    plate_uri: str,
+    macro: str,
+    args: Optional[Mapping[str, str]] = None,
+    out_uri: Optional[str] = None,
+    wells: str = "all",
+    workers: int = 1,
+    scheduler: Optional[str] = None,
+    resume: bool = False,
+    timeout: float = 600,
+    ports: Optional[Sequence[int]] = None,
+) -> int:
+    """``fiji-bridge batch``: exit 0 when every unit succeeded, 1 when some
+    failed, 2 when the batch could not start."""
+    from .backends import BackendError
+    from .macros import MacroArgumentError, MacroNotFound, MacroParseError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = run_batch(plate_uri, macro, args=args, out_uri=out_uri, wells=wells, workers=workers,
+                           scheduler=scheduler, resume=resume, timeout=timeout, progress=True,
+                           ports=list(ports) if ports else None)
+    except (BatchError, BackendError, MacroArgumentError, MacroNotFound, MacroParseError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0 if report.ok else 1
+
+
+def print_report(report: BatchReport) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    say = console.print if console.is_terminal else print
+    say(f"batch {report.macro} on {report.source}: {report.done} done, {report.skipped} skipped (already done), "
+        f"{report.failed} failed of {report.units} unit(s) in {report.elapsed:.1f} s "
+        f"({report.units_per_s:.2f} units/s; {report.workers})")
+    say(f"derived plate: {report.derived}")
+    for title, path in report.tables.items():
+        say(f"  {title}: {path}")
+    for f in report.failures:
+        say(f"  FAILED {f['well']} field {f['field']}: {f.get('kind', '')}: {f.get('message', '')}")

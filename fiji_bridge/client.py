@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -406,7 +407,7 @@ class BridgeClient:
         """
         if stack is not None and array is not None:
             raise ValueError("give either stack= or array=, not both")
-        code = _macro_code(code_or_path)
+        code, args = _prepare_macro(code_or_path, args)
         fields: dict[str, Any] = {"code": code, "dims": dims}
         frames: list = []
         if stack is not None:
@@ -701,13 +702,31 @@ def _mapping_dict(mapping: Any) -> Optional[dict]:
     return to_dict() if callable(to_dict) else dict(mapping)
 
 
-def _macro_code(code_or_path: Union[str, os.PathLike]) -> str:
-    if isinstance(code_or_path, os.PathLike) or (isinstance(code_or_path, str) and "\n" not in code_or_path and code_or_path.strip().endswith(".ijm")):
-        p = Path(code_or_path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"macro file {p} does not exist")
-        return p.read_text(encoding="utf-8")
-    return str(code_or_path)
+_MACRO_NAME = re.compile(r"^[\w.\-/~]+$")
+
+
+def _prepare_macro(code_or_path: Union[str, os.PathLike], args: Any) -> tuple[str, Any]:
+    """Macro source and the arguments to send for ``code_or_path``: a library
+    name (``"nuclei_count"``), a ``.ijm`` path, or macro source.
+
+    When the macro has ``#@`` parameters and ``args`` is a mapping (or None),
+    the arguments are checked against the header and bound here, so unknown
+    or ill-typed arguments fail before anything reaches the bridge
+    (:class:`~fiji_bridge.macros.MacroArgumentError`); an unknown name raises
+    :class:`~fiji_bridge.macros.MacroNotFound` listing the library.
+    """
+    from .macros import load_macro, resolve
+
+    text = os.fspath(code_or_path)
+    if isinstance(code_or_path, os.PathLike) or ("\n" not in text and _MACRO_NAME.match(text.strip())):
+        if text.strip().endswith(".ijm") and not Path(text.strip()).expanduser().is_file() and "/" in text:
+            raise FileNotFoundError(f"macro file {Path(text).expanduser()} does not exist")
+        macro = resolve(text.strip())
+    else:
+        macro = load_macro(text)
+    if macro.parameters and (args is None or isinstance(args, Mapping)):
+        return macro.bind(args or {}), None
+    return macro.code, args
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -868,16 +887,7 @@ def run_command(macro: str, stack_key: Optional[str] = None, image_path: Optiona
     from .engine.base import MacroError
 
     try:
-        from . import macros as _macros
-    except ImportError:
-        _macros = None  # type: ignore[assignment]
-    try:
-        if _macros is not None:
-            m = _macros.resolve(macro)
-            code = m.bind(args or {})
-            call_args = None
-        else:
-            code, call_args = _macro_code(macro), args
+        code, call_args = _prepare_macro(macro, args)
     except Exception as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

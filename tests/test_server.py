@@ -340,3 +340,22 @@ def test_close_stack_and_clear_state(client):
     with pytest.raises(BridgeError) as ei:
         client.stack_info("to-close")
     assert ei.value.code == ErrorCode.NOT_FOUND
+
+
+def test_library_macros_run_by_name_with_checked_arguments(client):
+    """A library name works in the Python API as in the CLI; its #@ arguments
+    are checked before anything reaches the bridge."""
+    from fiji_bridge.macros import MacroArgumentError, MacroNotFound
+
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 4000, size=(1, 4, 2, 32, 40), dtype=np.uint16)  # T Z C Y X
+    r = client.run_macro("z_projection", array=stack, args={"method": "max"}, timeout=60)
+    (proj,) = [a for t, a in r.images.items() if a.shape[1] == 1]
+    np.testing.assert_array_equal(proj[0, 0], stack[0].max(axis=0))  # oracle: numpy's max over Z
+    with pytest.raises(MacroArgumentError):
+        client.run_macro("z_projection", array=stack, args={"methd": "max"})
+    with pytest.raises(MacroArgumentError):
+        client.run_macro("nuclei_count", array=stack, args={"channel": "two"})
+    with pytest.raises(MacroNotFound):
+        client.run_macro("no_such_macro", array=stack)
+    assert client.ping()["ok"]

@@ -76,6 +76,11 @@ log = logging.getLogger("fiji_bridge.server")
 DATA_PORT_OFFSET = 1000
 #: live window updates per second and stack, at most
 DISPLAY_HZ = 20.0
+#: a stack whose shape differs from its window's waits until its shape has
+#: been stable this long (planes streaming in grow it index by index) ...
+DISPLAY_SETTLE_S = 0.1
+#: ... but never longer than this after the first pending change
+DISPLAY_SETTLE_MAX_S = 1.0
 #: most bytes of planes one display push carries to the engine worker
 STAGING_BYTES = 256 << 20
 #: seconds between sweeps for shared memory left by dead producers
@@ -191,6 +196,8 @@ class BridgeServer:
         self._dirty: dict[str, Optional[set]] = {}
         self._shown: dict[str, tuple] = {}
         self._last_push: dict[str, float] = {}
+        # key -> (shape last seen, when it last changed, when it first differed from the window's)
+        self._settling: dict[str, tuple[tuple, float, float]] = {}
         self._display_more: set[str] = set()  # stacks whose last push was capped: the rest goes next
         self.display_error: Optional[str] = None
         self._display_failures: dict[str, int] = {}
@@ -721,6 +728,7 @@ class BridgeServer:
     def _forget_window(self, key: str) -> None:
         self._dirty.pop(key, None)
         self._last_push.pop(key, None)
+        self._settling.pop(key, None)
         self._display_more.discard(key)
         if not self.display:
             return
@@ -753,13 +761,16 @@ class BridgeServer:
         for key in list(self._dirty):
             if key not in self._display_more and now - self._last_push.get(key, 0.0) < 1.0 / DISPLAY_HZ:
                 continue
-            planes = self._dirty.pop(key)
-            self._display_more.discard(key)
             try:
                 stack = self.store.get(key)
             except StackNotFound:
+                self._dirty.pop(key, None)
                 continue
             shape = stack.shape
+            if not self._settled(key, shape, now):
+                continue  # still growing: build the window once, at its settled shape
+            planes = self._dirty.pop(key)
+            self._display_more.discard(key)
             fresh = planes is None
             if fresh:
                 positions = [(int(t), int(z), int(c)) for t, z, c in np.argwhere(stack.present)]
@@ -790,6 +801,26 @@ class BridgeServer:
             self._last_push[key] = now
             self._shown[key] = shape
             self.sup.submit(WorkerJob("update_planes", body, timeout=60.0, done=functools.partial(self._display_done, key), kind="display"))
+
+    def _settled(self, key: str, shape: tuple, now: float) -> bool:
+        """Whether a push may go now as far as the stack's shape is concerned.
+
+        A new window, or a window whose stack grew, costs ImageJ a re-layout
+        (new CompositeImage, new arrays), so while planes keep growing a stack
+        the push waits for its shape to hold still DISPLAY_SETTLE_S, at most
+        DISPLAY_SETTLE_MAX_S: a fast stream builds its window once, a slow
+        acquisition still shows each new plane promptly."""
+        if self._shown.get(key) == shape:
+            self._settling.pop(key, None)
+            return True
+        seen, changed, first = self._settling.get(key, (None, now, now))
+        if seen != shape:
+            self._settling[key] = (shape, now, first)
+            return now - first >= DISPLAY_SETTLE_MAX_S
+        if now - changed >= DISPLAY_SETTLE_S or now - first >= DISPLAY_SETTLE_MAX_S:
+            self._settling.pop(key, None)
+            return True
+        return False
 
     def _display_done(self, key: str, reply: dict, get: Any) -> None:
         if reply.get("ok"):

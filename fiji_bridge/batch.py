@@ -27,6 +27,15 @@ Where the macro runs:
 
 The unit function and the writing are the same either way, so the tables
 are identical whichever way a batch ran.
+
+A derived plate on a remote store (OMERO) is written through one
+:class:`~fiji_bridge.upload.Uploader` (retries with backoff on connection
+errors, spill-over to ``spill_dir``, which a resumed batch picks up); a unit's
+marker is submitted after its outputs and requires them, so it reaches the
+server only after they did. When the server stays away, outputs go to a local
+fallback plate (``<spill_dir>/fallback``), the plate tables are assembled
+there, and the report says so: run the batch again with ``resume=True`` when
+the server is back. Local stores are written directly.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -52,6 +62,7 @@ from . import __version__
 from .components import Calibration, normalize_well
 from .macros import Macro, resolve
 from .outputs import save_result, slug, table_file_name
+from .upload import key_of
 
 __all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "batch_command"]
 
@@ -95,10 +106,16 @@ class BatchReport:
     tables: dict[str, str] = field(default_factory=dict)  # table -> virtual path
     elapsed: float = 0.0
     workers: str = ""
+    upload: dict = field(default_factory=dict)  # the uploader's counters (remote stores)
+    spill: str = ""  # the uploader's spill folder (remote stores)
+    fallback: str = ""  # URI of the local fallback plate, when outputs went there
+    fallback_items: list[str] = field(default_factory=list)  # keys written to the fallback plate
+    upload_left: dict[str, str] = field(default_factory=dict)  # key -> why it is nowhere yet (spilled)
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        """Every unit succeeded and its outputs reached the derived plate."""
+        return self.failed == 0 and not self.fallback_items and not self.upload_left
 
     @property
     def units_per_s(self) -> float:
@@ -514,6 +531,8 @@ def run_batch(
     progress: bool = True,
     *,
     ports: Optional[Sequence[int]] = None,
+    spill_dir: Optional[Union[str, os.PathLike]] = None,
+    upload_options: Optional[Mapping[str, Any]] = None,
 ) -> BatchReport:
     """Run ``macro`` over every field of the plate ``plate_uri``.
 
@@ -525,6 +544,10 @@ def run_batch(
     end), or ``ports``: bridges to use (spawned if none answers, left
     running). ``scheduler``: a Dask scheduler address, Client or cluster.
     ``resume``: skip units already done in an existing derived plate.
+    ``spill_dir``: the uploader's folder for a remote derived plate (default
+    ``<spill root>/<store>_plate_<id>``, see :func:`fiji_bridge.upload.spill_root`);
+    ``upload_options``: more :class:`~fiji_bridge.upload.Uploader` arguments
+    (``max_retries``, ``backoff``, ``queue_size``...).
     """
     from .backends import BackendError, open_plate, open_store
 
@@ -578,7 +601,8 @@ def run_batch(
         "imagej": None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    state = {"plate": dst_id if exists else None}
+    state: dict[str, Any] = {"plate": dst_id if exists else None, "uploader": None}
+    remote = bool(getattr(dst_backend, "is_remote", False))
     failures: list[dict] = []
     counts = {"done": 0, "failed": 0}
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
@@ -587,18 +611,23 @@ def run_batch(
         if state["plate"] is None:
             provenance["imagej"] = imagej or None
             state["plate"] = dst_backend.create_plate(dst_id, structure, provenance=provenance)
+        if remote and state["uploader"] is None:
+            state["uploader"] = _uploader(dst_backend, state["plate"], spill_dir, upload_options)
         return state["plate"]
 
     def emit(o: UnitOutcome) -> None:
         """The single writer: outputs, then the unit's marker."""
         pid = ensure_plate(o.imagej)
+        up = state["uploader"]
+        requires: list[str] = []
         marker: dict[str, Any] = {"well": o.well, "field": o.site, "elapsed": round(o.elapsed, 4),
                                   "worker": o.worker, "imagej": o.imagej,
                                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if o.ok:
             try:
                 written = save_result(o.result, derived_uri, well=o.well, site=o.site, source={"plate": src_id},
-                                      backend=dst_backend, plate=pid, plate_label=src_id)
+                                      backend=dst_backend, plate=pid, plate_label=src_id, uploader=up)
+                requires = sorted({key_of(p) for p in written})
                 marker.update(status="done", written=written,
                               tables={t: f"/{dst_backend.scheme}/plate_{pid}/{o.well}/{table_file_name(t, o.site)}.csv" for t in o.result.tables},
                               images=list(o.result.images))
@@ -608,8 +637,12 @@ def run_batch(
         if not o.ok:
             marker.update(status="failed", error=o.error)
             failures.append({"well": o.well, "field": o.site, **(o.error or {})})
+        path = _marker_path(dst_backend.scheme, pid, o.well, o.site)
         try:
-            dst_backend.save(marker, _marker_path(dst_backend.scheme, pid, o.well, o.site))
+            if up is not None:  # after the unit's outputs, and only if they arrived
+                up.submit(marker, path, key=f"{path}#{marker['status']}", requires=requires)
+            else:
+                dst_backend.save(marker, path)
         except Exception as e:  # pragma: no cover - the unit is redone on resume
             log.error("could not write the marker of %s/%s: %s", o.well, o.site, e)
         counts["done" if o.ok else "failed"] += 1
@@ -632,18 +665,80 @@ def run_batch(
     finally:
         prog.close()
     pid = ensure_plate("")
+    if pid != dst_id:  # a store that numbers its plates (OMERO): name the plate that was made
+        from .backends import PlateURI
 
-    tables = _assemble(dst_backend, pid, units, well_order, failures)
-    elapsed = time.perf_counter() - t_start
-    report = BatchReport(
+        derived_uri = str(PlateURI.parse(derived_uri).with_plate(pid))
+    up = state["uploader"]
+    if up is None:
+        tables = _assemble(dst_backend, pid, units, well_order, failures)
+        report = _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before, failures, tables,
+                         t_start, where)
+        try:
+            dst_backend.save(report.to_dict(), f"/{dst_backend.scheme}/plate_{pid}/batch.json")
+        except Exception as e:  # pragma: no cover
+            log.error("could not write batch.json: %s", e)
+        return report
+    return _finish_remote(up, dst_backend, pid, units, well_order, failures,
+                          lambda tables: _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before,
+                                                 failures, tables, t_start, where))
+
+
+def _report(plate_uri: str, derived_uri: str, pid: str, m: Macro, values: dict, units: Sequence[Any],
+            counts: Mapping[str, int], done_before: set, failures: list[dict], tables: dict[str, str],
+            t_start: float, where: str) -> BatchReport:
+    return BatchReport(
         source=str(plate_uri), derived=derived_uri, plate=pid, macro=m.name, arguments=values,
         units=len(units), done=counts["done"], skipped=len(done_before), failed=len(failures),
-        failures=failures, tables=tables, elapsed=elapsed, workers=where,
+        failures=failures, tables=tables, elapsed=time.perf_counter() - t_start, workers=where,
     )
-    try:
-        dst_backend.save(report.to_dict(), f"/{dst_backend.scheme}/plate_{pid}/batch.json")
-    except Exception as e:  # pragma: no cover
-        log.error("could not write batch.json: %s", e)
+
+
+def _uploader(backend: Any, plate: str, spill_dir: Any, options: Optional[Mapping[str, Any]]) -> Any:
+    """The batch's uploader to a remote derived plate, with its spill folder
+    and a local fallback store in it."""
+    from .backends.zarr_plate import ZarrPlateStore
+    from .outputs import fallback_root
+    from .upload import Uploader
+
+    d = Path(spill_dir) if spill_dir is not None else fallback_root(backend).parent.parent / (
+        f"{fallback_root(backend).name}_plate_{slug(plate)}")
+    opts = {"queue_size": 16, **dict(options or {})}
+    return Uploader(backend, spill_dir=d, fallback=ZarrPlateStore(d / "fallback"), **opts)
+
+
+def _finish_remote(up: Any, backend: Any, pid: str, units: Sequence[tuple[str, int]], well_order: Mapping[str, int],
+                   failures: list[dict], make_report: Callable[[dict], BatchReport]) -> BatchReport:
+    """Wait for the unit outputs, then assemble the plate tables on the
+    server (through the uploader), or in the fallback plate when outputs
+    went there; the report says which."""
+    from .backends import PlateURI
+
+    up.wait()
+    fallback = up.fallback
+    sent = up.report()
+    if sent.fallback or sent.left:
+        # the server plate lacks some units: the plate tables are those of the fallback plate
+        tables = _assemble(fallback, pid, units, well_order, failures)
+        fallback.save(make_report(tables).to_dict(), f"/{fallback.scheme}/plate_{pid}/batch.json")
+    else:
+        def save_table(plate: str, name: str, text: str) -> str:
+            up.submit_table(plate, name, text)
+            return f"/{backend.scheme}/plate_{plate}/{name}.csv"
+
+        tables = _assemble(backend, pid, units, well_order, failures, save_table=save_table)
+        up.wait()
+        interim = make_report(tables)
+        interim.upload = dict(up.counters)
+        up.submit(interim.to_dict(), f"/{backend.scheme}/plate_{pid}/batch.json")
+    final = up.finalize()
+    report = make_report(tables)
+    report.upload = dict(final.counters)
+    report.spill = str(up.spill_dir or "")
+    report.fallback_items = sorted(final.fallback)
+    report.upload_left = {k: final.failed.get(k, "spilled: uploaded when the batch runs again") for k in final.left}
+    if final.fallback:
+        report.fallback = str(PlateURI("zarr", path=str(fallback.root), plate=slug(pid)))
     return report
 
 
@@ -659,9 +754,11 @@ def _read_marker(backend: Any, plate: str, well: str, site: int) -> Optional[dic
 
 
 def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_order: Mapping[str, int],
-              failures: list[dict]) -> dict[str, str]:
+              failures: list[dict], save_table: Optional[Callable[[str, str, str], str]] = None) -> dict[str, str]:
     """Plate tables from the per-unit tables of every done unit (in plate
-    order: well, field, row), per-well summaries, and the failures table."""
+    order: well, field, row), per-well summaries, and the failures table.
+    ``save_table(plate, name, text) -> path`` writes them (default: the backend's)."""
+    save_table = save_table or backend.save_table
     per_table: dict[str, list[tuple[tuple[int, int], list[str], list[list[str]]]]] = {}
     failed: list[dict] = []
     for w, s in sorted(units, key=lambda u: (well_order.get(u[0], 1 << 30), u[1])):
@@ -672,7 +769,7 @@ def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_o
             failed.append({"well": w, "field": s, **(marker.get("error") or {})})
             continue
         for title, path in (marker.get("tables") or {}).items():
-            text = backend.load(path)
+            text = backend.load(f"/{backend.scheme}/{path.lstrip('/').split('/', 1)[1]}")  # a fallback plate too
             header, rows = _csv_rows(text if isinstance(text, str) else str(text))
             per_table.setdefault(title, []).append(((well_order.get(w, 0), s), header, rows))
     written: dict[str, str] = {}
@@ -685,15 +782,15 @@ def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_o
             idx = [h.index(c) if c in h else None for c in header]
             rows += [[r[i] if i is not None and i < len(r) else "" for i in idx] for r in rs]
         name = slug(title)
-        written[title] = backend.save_table(plate, name, _csv_text(header, rows))
-        written[f"{title} per well"] = backend.save_table(plate, f"{name}_per_well", _per_well(header, rows))
+        written[title] = save_table(plate, name, _csv_text(header, rows))
+        written[f"{title} per well"] = save_table(plate, f"{name}_per_well", _per_well(header, rows))
     # failures from this run first, then units still failed from earlier runs
     seen = {(f["well"], f["field"]) for f in failures}
     failures.extend(f for f in failed if (f["well"], f["field"]) not in seen)
     if failures:
         fails = sorted(failures, key=lambda f: (well_order.get(f["well"], 1 << 30), f["field"]))
         failures[:] = fails
-        written["failures"] = backend.save_table(
+        written["failures"] = save_table(
             plate, "failures",
             _csv_text(["well", "field", "kind", "message", "line"],
                       [[f["well"], f["field"], f.get("kind", ""), f.get("message", ""), f.get("line") or ""] for f in fails]))
@@ -767,3 +864,13 @@ def print_report(report: BatchReport) -> None:
         say(f"  {title}: {path}")
     for f in report.failures:
         say(f"  FAILED {f['well']} field {f['field']}: {f.get('kind', '')}: {f.get('message', '')}")
+    if report.upload:
+        c = report.upload
+        say(f"upload: {c.get('uploaded', 0)} uploaded, {c.get('retried', 0)} retried, {c.get('spilled', 0)} spilled, "
+            f"{c.get('fallback', 0)} to the fallback store, {c.get('failed', 0)} failed")
+    if report.fallback:
+        say(f"SERVER UNAVAILABLE: {len(report.fallback_items)} output(s) went to the local fallback plate "
+            f"{report.fallback} (its plate tables are there); run the batch again with --resume "
+            f"--out {report.derived} when the server is back")
+    for key, why in report.upload_left.items():
+        say(f"  NOT UPLOADED {key}: {why} (kept in {report.spill})")

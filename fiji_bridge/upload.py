@@ -9,19 +9,33 @@ A background thread drains a bounded in-memory queue into a
   commit point). With ``durable=True`` every item is written there at
   ``submit`` (a write-ahead journal), so even items still in memory survive a
   crash. Without a ``spill_dir``, ``submit`` blocks while the queue is full.
+* **items**: a path-level write (:meth:`Uploader.submit`: ``store.save``), a
+  whole field (:meth:`Uploader.submit_field`: ``store.save_field``, one
+  transaction per field on OMERO) or a table (:meth:`Uploader.submit_table`:
+  ``store.save_table``); the manifest carries the operation and its
+  arguments, so all three spill, retry and fall back alike;
+* **order**: items are written in the order they were submitted (once an
+  item spilled, later ones spill behind it), so an item submitted last for a
+  group of items (a batch unit's marker) is written after them; ``requires``
+  makes that explicit: such an item is written only when the keys it
+  requires were uploaded (to the fallback store when one of them went there;
+  not at all, reported failed, when one of them failed);
 * **restart**: a new ``Uploader`` over the same ``spill_dir`` picks up every
   spilled item and uploads it;
 * **retry**: :class:`~fiji_bridge.backends.base.StoreUnavailable` /
   ``ConnectionError`` / ``TimeoutError`` are retried with exponential backoff
   (``backoff=(base, max)`` seconds) and full jitter, up to ``max_retries``;
-* **idempotent keys**: an item's key (its virtual path unless given) is
-  uploaded at most once: completed keys are recorded in ``spill_dir/done.log``
+* **idempotent keys**: an item's key (the virtual path it lands at unless
+  given) is uploaded at most once: keys written to the store are recorded in
+  ``spill_dir/done.log``
   (fsynced) and a key already pending or done is not queued again; the
   stores' ``save`` replaces what is at a path anyway;
 * **fallback**: when the store stays away past ``max_retries``, the item is
-  written to the ``fallback`` store (a local plate store) and reported;
-  without a fallback it stays spilled (retried on the next start) and is
-  reported as failed;
+  written to the ``fallback`` store (a local plate store; paths are moved to
+  its scheme) and reported; later items then get a single attempt each until
+  a write succeeds again, so a dead server costs one backoff, not one per
+  item. Without a fallback the item stays spilled (retried on the next start)
+  and is reported as failed;
 * :meth:`Uploader.finalize` waits for everything, or until its timeout, and
   reports exactly which keys are where.
 """
@@ -38,13 +52,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends.base import StoreUnavailable, VirtualBackend
+from .backends.base import StoreUnavailable, VirtualBackend, columns_to_csv
+from .components import Calibration, normalize_well
 
-__all__ = ["UploadReport", "Uploader", "UploaderError", "RETRYABLE"]
+__all__ = ["UploadReport", "Uploader", "UploaderError", "RETRYABLE", "field_key", "key_of", "spill_root"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,17 @@ RETRYABLE: tuple[type[BaseException], ...] = (StoreUnavailable, ConnectionError,
 
 class UploaderError(RuntimeError):
     """The uploader was used wrongly (closed, bad data)."""
+
+
+def spill_root() -> Path:
+    """Where uploaders keep spilled items by default:
+    ``$FIJI_BRIDGE_SPILL_DIR``, else ``$XDG_CACHE_HOME/fiji-bridge/spill``
+    (``~/.cache/fiji-bridge/spill``)."""
+    env = os.environ.get("FIJI_BRIDGE_SPILL_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "fiji-bridge" / "spill"
 
 
 @dataclass
@@ -79,12 +105,20 @@ class UploadReport:
         return sorted(set(self.queued) | set(self.spilled) | set(self.failed))
 
 
+#: what an item does: "save" -> store.save(data, path); "field" ->
+#: store.save_field(plate, well, site, data, ...); "table" -> store.save_table(plate, name, data, ...)
+OPS = ("save", "field", "table")
+
+
 @dataclass
 class _Item:
     key: str
     path: str
     data: Any = None  # None once only on disk
     manifest: Optional[Path] = None  # set when spilled
+    op: str = "save"
+    args: dict = field(default_factory=dict)  # JSON-able arguments of the op
+    requires: tuple[str, ...] = ()
 
 
 class Uploader:
@@ -125,6 +159,8 @@ class Uploader:
         self._pending: dict[str, _Item] = {}  # key -> item not yet done
         self._spilled_only: list[_Item] = []  # on disk, not in the memory queue
         self._done: set[str] = set()
+        self._fell_back: set[str] = set()
+        self._away = False  # the store gave up on an item: one attempt per item until a write succeeds
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         if self.spill_dir is not None:
             (self.spill_dir / "items").mkdir(parents=True, exist_ok=True)
@@ -134,22 +170,73 @@ class Uploader:
 
     # -- public API -----------------------------------------------------------
 
-    def submit(self, data: Any, path: str, key: Optional[str] = None) -> bool:
+    def submit(self, data: Any, path: str, key: Optional[str] = None, *, requires: Sequence[str] = ()) -> bool:
         """Queue ``data`` for ``store.save(data, path)``. Returns False when
-        the key was already uploaded or is pending (idempotent)."""
+        the key was already uploaded or is pending (idempotent). ``requires``:
+        keys that must have been uploaded before this item is written."""
+        _check_data(data, path)
+        return self._submit(_Item(str(key or path), str(path), data, requires=tuple(requires)))
+
+    def submit_field(
+        self,
+        plate: str,
+        well: str,
+        site: int,
+        array: np.ndarray,
+        *,
+        channel_names: Optional[Sequence[str]] = None,
+        calibration: Optional[Calibration] = None,
+        name: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> bool:
+        """Queue a whole field (TZCYX) for ``store.save_field`` (one
+        transaction per field). Default key: ``/<scheme>/plate_<plate>/<well>/<well>_s<site>``."""
+        well, site = normalize_well(well), int(site)
+        path = field_key(self.store.scheme, str(plate), well, site)
+        arr = np.asarray(array)
+        if arr.ndim != 5 or arr.dtype == object:
+            raise UploaderError(f"{path}: a field is a 5-D (T, Z, C, Y, X) array, got {arr.dtype} {arr.shape}")
+        args = {"plate": str(plate), "well": well, "site": site,
+                "channel_names": list(channel_names) if channel_names else None,
+                "calibration": calibration.to_dict() if calibration is not None else None,
+                "name": None if name is None else str(name)}
+        return self._submit(_Item(str(key or path), path, arr, op="field", args=args))
+
+    def submit_table(
+        self,
+        plate: str,
+        name: str,
+        table: Union[str, Mapping[str, Sequence[Any]]],
+        *,
+        well: Optional[str] = None,
+        site: Optional[int] = None,
+        key: Optional[str] = None,
+        requires: Sequence[str] = (),
+    ) -> bool:
+        """Queue a table (CSV text, or columns) for ``store.save_table``.
+        Default key: ``/<scheme>/plate_<plate>/[<well>/]<name>[_s<site>].csv``."""
+        text = table if isinstance(table, str) else columns_to_csv(table)
+        well = normalize_well(well) if well else None
+        site = None if site is None else int(site)
+        path = (f"/{self.store.scheme}/plate_{plate}/" + (f"{well}/" if well else "") + str(name)
+                + (f"_s{site:03d}" if site is not None else "") + ".csv")
+        args = {"plate": str(plate), "name": str(name), "well": well, "site": site}
+        return self._submit(_Item(str(key or path), path, text, op="table", args=args, requires=tuple(requires)))
+
+    def _submit(self, item: _Item) -> bool:
         if self._closed:
             raise UploaderError("the uploader is finalized; create a new one")
-        key = str(key or path)
-        _check_data(data, path)
         with self._lock:
-            if key in self._done or key in self._pending:
+            if item.key in self._done or item.key in self._pending:
                 self.counters["skipped"] += 1
                 return False
-            item = _Item(key, str(path), data)
-            self._pending[key] = item
+            self._pending[item.key] = item
+            behind_spill = bool(self._spilled_only) and self.spill_dir is not None  # keep the order
         if self.durable:
             self._spill(item)
         try:
+            if behind_spill:
+                raise queue.Full
             self._q.put_nowait(item)
         except queue.Full:
             if self.spill_dir is None:
@@ -166,17 +253,24 @@ class Uploader:
             self.counters["queued"] += 1
         return True
 
-    def finalize(self, timeout: Optional[float] = None) -> UploadReport:
-        """Wait for every item (at most ``timeout`` seconds), stop the thread
-        and report where each key is."""
-        self._closed = True
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every submitted item is done (uploaded, fallen back or
+        failed), at most ``timeout`` seconds; the uploader stays open.
+        Returns True when nothing is left to do."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._pending_work():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    break
+                    return False
                 self._idle.wait(timeout=0.05 if left is None else min(0.05, left))
+        return True
+
+    def finalize(self, timeout: Optional[float] = None) -> UploadReport:
+        """Wait for every item (at most ``timeout`` seconds), stop the thread
+        and report where each key is."""
+        self._closed = True
+        self.wait(timeout)
         self._stop.set()
         self._thread.join(timeout=5)
         self._spill_leftovers()
@@ -246,14 +340,22 @@ class Uploader:
         except Exception as e:  # a damaged spill file: report, never crash the thread
             self._finish(item, failed=f"cannot read spilled item: {e}")
             return
+        needs = self._requirements(item)
+        if needs == "fallback":
+            self._to_fallback(item, data, StoreUnavailable("an item it requires went to the fallback store"))
+            return
+        if needs:
+            self._finish(item, failed=needs)
+            return
         attempt = 0
         while True:
             try:
-                self.store.save(data, item.path)
+                self._apply(self.store, item, data)
+                self._away = False
                 self._finish(item, uploaded=True)
                 return
             except RETRYABLE as e:
-                if attempt >= self.max_retries:
+                if attempt >= (0 if self._away else self.max_retries):
                     self._give_up(item, data, e)
                     return
                 with self._lock:
@@ -270,20 +372,62 @@ class Uploader:
                 self._finish(item, failed=f"{type(e).__name__}: {e}")
                 return
 
+    def _requirements(self, item: _Item) -> str:
+        """"" when every required key was uploaded, "fallback" when one went
+        to the fallback store, else why the item cannot be written."""
+        fell_back = False
+        with self._lock:
+            for k in item.requires:
+                if k in self._done:
+                    continue
+                if k in self._fell_back:
+                    fell_back = True
+                elif k in self._failed:
+                    return f"not written: it requires {k}, which failed ({self._failed[k]})"
+                else:
+                    return f"not written: it requires {k}, which was not uploaded before it"
+        return "fallback" if fell_back else ""
+
+    def _apply(self, store: VirtualBackend, item: _Item, data: Any) -> None:
+        """Perform the item's operation on ``store``."""
+        a = item.args
+        if item.op == "field":
+            cal = a.get("calibration")
+            store.save_field(a["plate"], a["well"], int(a["site"]), data, name=a.get("name"),
+                             channel_names=a.get("channel_names"),
+                             calibration=Calibration.from_dict(cal) if cal else None)
+        elif item.op == "table":
+            store.save_table(a["plate"], a["name"], data, well=a.get("well"), site=a.get("site"))
+        elif item.op == "save":
+            path = item.path
+            if store is not self.store and store.scheme != self.store.scheme:
+                prefix = f"/{self.store.scheme}/"
+                if path.startswith(prefix):  # the same place in the fallback store
+                    path = f"/{store.scheme}/" + path[len(prefix):]
+            store.save(data, path)
+        else:
+            raise UploaderError(f"{item.key}: unknown operation {item.op!r} (expected one of {OPS})")
+
     def _give_up(self, item: _Item, data: Any, err: BaseException) -> None:
+        self._away = True
         if self.fallback is not None:
-            try:
-                self.fallback.save(data, item.path)
-            except Exception as e2:
-                self._keep_for_later(item, data, f"store unavailable ({err}); fallback failed: {e2}")
-                return
-            if self.on_fallback is not None:
-                self.on_fallback(item.key, err)
-            log.warning("store unavailable after %d retries: %s went to the fallback store", self.max_retries,
-                        item.key)
-            self._finish(item, fallback=True)
+            self._to_fallback(item, data, err)
             return
         self._keep_for_later(item, data, f"store unavailable after {self.max_retries} retries: {err}")
+
+    def _to_fallback(self, item: _Item, data: Any, err: BaseException) -> None:
+        if self.fallback is None:
+            self._finish(item, failed=f"not written: {err} and there is no fallback store")
+            return
+        try:
+            self._apply(self.fallback, item, data)
+        except Exception as e2:
+            self._keep_for_later(item, data, f"store unavailable ({err}); fallback failed: {e2}")
+            return
+        if self.on_fallback is not None:
+            self.on_fallback(item.key, err)
+        log.warning("store unavailable (%s): %s went to the fallback store", err, item.key)
+        self._finish(item, fallback=True)
 
     def _keep_for_later(self, item: _Item, data: Any, reason: str) -> None:
         if self.spill_dir is not None and item.manifest is None:
@@ -294,7 +438,8 @@ class Uploader:
     def _finish(self, item: _Item, *, uploaded: bool = False, fallback: bool = False,
                 failed: Optional[str] = None, keep: bool = False) -> None:
         if failed is None:
-            self._mark_done(item.key)
+            if uploaded:  # only what reached the store is never written again
+                self._mark_done(item.key)
             if item.manifest is not None:
                 _remove_spill(item.manifest)
         with self._lock:
@@ -303,6 +448,7 @@ class Uploader:
                 self.counters["uploaded"] += 1
                 self._pending.pop(item.key, None)
             elif fallback:
+                self._fell_back.add(item.key)
                 self._fallback.append(item.key)
                 self.counters["fallback"] += 1
                 self._pending.pop(item.key, None)
@@ -345,7 +491,8 @@ class Uploader:
             kind, name = "json", stem + ".data.json"
             _atomic(d / name, lambda f: f.write(json.dumps(data, default=_json_default).encode()))
         manifest = d / (stem + ".json")
-        doc = {"key": item.key, "path": item.path, "kind": kind, "file": name}
+        doc = {"key": item.key, "path": item.path, "kind": kind, "file": name, "op": item.op, "args": item.args,
+               "requires": list(item.requires)}
         _atomic(manifest, lambda f: f.write(json.dumps(doc).encode()))
         item.manifest = manifest
 
@@ -371,13 +518,35 @@ class Uploader:
             if key in self._done or key in self._pending:
                 _remove_spill(manifest)
                 continue
-            item = _Item(key, doc["path"], None, manifest)
+            item = _Item(key, doc["path"], None, manifest, op=doc.get("op", "save"), args=doc.get("args") or {},
+                         requires=tuple(doc.get("requires") or ()))
             self._pending[key] = item
             self._spilled_only.append(item)
             self.counters["recovered"] += 1
             self._seq += 1
         if self.counters["recovered"]:
             log.info("uploader: %d spilled items from a previous run will be uploaded", self.counters["recovered"])
+
+
+def field_key(scheme: str, plate: str, well: str, site: int) -> str:
+    """The key of a whole-field item: ``/<scheme>/plate_<plate>/<well>/<well>_s<site>``."""
+    well = normalize_well(well)
+    return f"/{scheme}/plate_{plate}/{well}/{well}_s{int(site):03d}"
+
+
+def key_of(path: str) -> str:
+    """The default key of the item that writes ``path``: a plane's path ->
+    its field's key (fields are written whole); any other path -> itself."""
+    from .components import VirtualPath
+
+    try:
+        vp = VirtualPath.parse(path)
+    except Exception:
+        return str(path)
+    if vp.is_plane and vp.components is not None:
+        c = vp.components
+        return field_key(vp.scheme, vp.plate, c.well, c.site)
+    return str(path)
 
 
 def _check_data(data: Any, path: str) -> None:

@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fiji_bridge.backends import open_plate
@@ -265,3 +266,96 @@ def test_real_plates_match_imagej_alone(data_dir, tmp_path, bridges):
             well, site = stem[:3], int(stem[4:6])
             assert got[(well, site)] == want[f.name], (f.name, got[(well, site)], want[f.name])
         assert min(got.values()) > 0
+
+
+# --------------------------------------------------------------------------- a derived plate on OMERO (test double)
+
+
+def _omero_server(monkeypatch, host, drop_before=None, stop_after_plate=False):
+    """The OMERO double answering omero://<host>; it can drop every
+    connection just before the n-th call of some methods, or go away for
+    good right after the derived plate is created."""
+    pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
+    import pickle
+
+    from fiji_bridge.testing.omero_double import ServerDouble
+
+    class Faulty(ServerDouble):
+        calls: dict = {}
+
+        def handle(self, blob):
+            method = pickle.loads(blob)[2]
+            n = self.calls[method] = self.calls.get(method, 0) + 1
+            if drop_before and n in drop_before.get(method, ()):
+                self.drop_connections()  # this call and the next ones on the connection are lost
+            out = super().handle(blob)
+            if stop_after_plate and method == "saveAndReturnObject":
+                self.stop()
+            return out
+
+    monkeypatch.setenv("FIJI_BRIDGE_OMERO_GATEWAY", "fiji_bridge.testing.omero_double:GatewayDouble")
+    monkeypatch.setenv("OMERO_PASSWORD", "pw")
+    return Faulty(users={"u": "pw"}).register(host, 4064)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    plate = make_plate(("A01", "B02"), fields=1, size=96, size_z=2, seed=3, nuclei={"A01": 2, "B02": 3})
+    uri = f"zarr://{root}/tiny.zarr"
+    write_plate(plate, uri)
+    return plate, uri, root
+
+
+@pytest.mark.timeout(240)
+def test_omero_derived_plate_survives_connection_drops(tiny, bridges, probe_macro, tmp_path, monkeypatch):
+    plate, uri, root = tiny
+    macro = str(probe_macro)
+    local = run_batch(uri, macro, out_uri=f"zarr://{tmp_path}/local.zarr", ports=bridges[:1], progress=False)
+    srv = _omero_server(monkeypatch, "batch-drops.test",
+                        drop_before={"createImage": (2,), "loadAnnotations": (2,)})
+    try:
+        rep = run_batch(uri, macro, out_uri="omero://u@batch-drops.test:4064/plate/derived", ports=bridges[:1],
+                        progress=False, spill_dir=tmp_path / "spill", upload_options={"backoff": (0.01, 0.05)})
+        assert rep.ok and rep.done == 2, rep
+        assert rep.upload["retried"] >= 2 and rep.upload["fallback"] == 0 and not rep.upload_left
+        assert srv.counters["join"] >= 2  # the connection really dropped twice
+        backend, pid = open_plate(rep.derived)
+        assert pid == rep.plate != "derived"  # OMERO numbered the plate; the report names it
+        lb, lpid = open_plate(local.derived)
+        # every field once, pixel for pixel as the local run; one image per field
+        assert backend.plate_structure(pid).units() == [("A01", 0), ("B02", 0)]
+        assert len(srv.objects("Image")) == 2
+        for w in ("A01", "B02"):
+            np.testing.assert_array_equal(backend.load_field(pid, w, 0), lb.load_field(lpid, w, 0))
+            assert [len(v) for v in backend._tables(pid, w).values()] == [1, 1]  # results + marker, once each
+        # the same plate tables as the local run
+        for name in ("Results", "Results per well"):
+            assert table_text(rep, name) == table_text(local, name), name
+    finally:
+        srv.unregister()
+
+
+@pytest.mark.timeout(240)
+def test_omero_down_outputs_go_to_the_fallback_plate(tiny, bridges, probe_macro, tmp_path, monkeypatch, capsys):
+    plate, uri, root = tiny
+    macro = str(probe_macro)
+    srv = _omero_server(monkeypatch, "batch-down.test", stop_after_plate=True)
+    try:
+        rep = run_batch(uri, macro, out_uri="omero://u@batch-down.test:4064/plate/derived", ports=bridges[:1],
+                        progress=False, spill_dir=tmp_path / "spill",
+                        upload_options={"max_retries": 2, "backoff": (0.01, 0.02)})
+    finally:
+        srv.unregister()
+    assert rep.done == 2 and rep.failed == 0 and not rep.ok  # computed, but not on the server
+    assert rep.fallback.startswith(f"zarr://{tmp_path / 'spill' / 'fallback'}") and not rep.upload_left
+    assert len(rep.fallback_items) == 6  # 2 fields, 2 tables, 2 markers
+    fb, pid = open_plate(rep.fallback)
+    assert fb.plate_structure(pid).units() == [("A01", 0), ("B02", 0)]
+    rows = table(fb, rep.tables["Results"].replace("/omero/", "/zarr/"))
+    assert sorted(r["well"] for r in rows) == ["A01", "B02"]
+    from fiji_bridge.batch import print_report
+
+    print_report(rep)
+    out = capsys.readouterr().out
+    assert "SERVER UNAVAILABLE" in out and rep.fallback in out

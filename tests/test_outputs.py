@@ -77,3 +77,34 @@ def test_run_macro_save_to_from_the_bridge(tmp_path, free_port):
     np.testing.assert_array_equal(backend.load_field(pid, "C04", 1), arr.max(axis=1, keepdims=True))
     np.testing.assert_array_equal(r.images["projection"], arr.max(axis=1, keepdims=True))
     assert any("C04" in p for p in getattr(r, "saved", []))
+
+
+@pytest.mark.timeout(120)
+def test_save_result_to_omero_goes_through_the_uploader(ij, tmp_path, monkeypatch):
+    """A remote store gets an uploader: a dropped connection is retried, and a
+    server that stays away leaves the outputs in the local fallback store."""
+    pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
+    from fiji_bridge.backends.omero import OmeroBackend
+    from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble
+
+    monkeypatch.setenv("FIJI_BRIDGE_SPILL_DIR", str(tmp_path / "spill"))
+    a = (np.arange(2 * 32 * 32) % 251).astype(np.uint8).reshape(2, 32, 32)
+    r = ij.run_macro('run("Invert", "stack"); run("Set Measurements...", "area mean redirect=None decimal=3"); '
+                    'run("Measure");', image=a, dims="ZYX")
+    srv = ServerDouble(users={"u": "pw"}).register("outputs.test", 4064)
+    try:
+        b = OmeroBackend(host="outputs.test", user="u", password="pw", gateway=GatewayDouble, keepalive=0)
+        pid = b.create_plate("derived")
+        srv.drop_connections()
+        paths = save_result(r, "omero://outputs.test/plate/x", well="A01", site=0, backend=b, plate=pid)
+        np.testing.assert_array_equal(b.load_field(pid, "A01", 0)[0, :, 0], 255 - a)  # numpy's invert
+        assert f"/omero/plate_{pid}/A01/results_s000.csv" in paths
+        srv.stop()  # the server goes away for good
+        paths = save_result(r, "omero://outputs.test/plate/x", well="B02", site=0, backend=b, plate=pid,
+                            upload_timeout=60)
+    finally:
+        srv.unregister()
+    assert paths and all("saved in the local fallback store" in p for p in paths)
+    fb, fpid = open_plate(f"zarr://{tmp_path}/spill/fallback/omero_outputs_test_4064/{pid}.zarr")
+    np.testing.assert_array_equal(fb.load_field(fpid, "B02", 0)[0, :, 0], 255 - a)
+    assert rows(fb, f"/zarr/plate_{fpid}/B02/results_s000.csv")[0]["well"] == "B02"

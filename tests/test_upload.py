@@ -46,6 +46,22 @@ class FlakyStore(VirtualBackend):
         self.lock = threading.Lock()
 
     def save(self, data, path):
+        self._gate()
+        self.inner.save(data, path)
+        self._count(path)
+
+    def save_field(self, plate, well, site, array, **kw):
+        self._gate()
+        self.inner.save_field(plate, well, site, array, **kw)
+        self._count(f"field {plate} {well} {site}")
+
+    def save_table(self, plate, name, table, *, well=None, site=None):
+        self._gate()
+        path = self.inner.save_table(plate, name, table, well=well, site=site)
+        self._count(path)
+        return path
+
+    def _gate(self):
         with self.lock:
             n = self.calls
             self.calls += 1
@@ -60,7 +76,8 @@ class FlakyStore(VirtualBackend):
                 raise StoreUnavailable("injected: server gone")
             if self.rng.random() < self.fail_rate:
                 raise StoreUnavailable(f"injected: write {n} failed")
-        self.inner.save(data, path)
+
+    def _count(self, path):
         with self.lock:
             self.writes[path] += 1
             if self.write_log:
@@ -84,8 +101,6 @@ class FlakyStore(VirtualBackend):
     def create_plate(self, *a, **k):
         return self.inner.create_plate(*a, **k)
 
-    def save_field(self, *a, **k):
-        return self.inner.save_field(*a, **k)
 
 
 def _planes(seed=1, n=N):
@@ -246,3 +261,83 @@ def test_bad_items_are_refused_at_submit(tmp_path):
     with pytest.raises(Exception, match="cannot upload"):
         up.submit(object(), "/zarr/plate_x/a.json")
     assert up.finalize(timeout=5).complete
+
+
+@pytest.mark.timeout(120)
+def test_field_and_table_items_under_faults_arrive_exactly_once_omero_double(tmp_path):
+    """Whole fields and tables (the batch's items) over the OMERO double: 30%
+    failed writes, the connection dropped twice; each arrives once."""
+    pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
+    from fiji_bridge.backends.omero import OmeroBackend
+    from fiji_bridge.components import Calibration
+    from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble
+
+    srv = ServerDouble(users={"u": "pw"}).register("upload-fields.test", 4064)
+    try:
+        def backend():
+            return OmeroBackend(host="upload-fields.test", user="u", password="pw", gateway=GatewayDouble, keepalive=0)
+
+        store = backend()
+        plate = store.create_plate("fields")
+        flaky = FlakyStore(store, fail_rate=0.3, drops=(3, 9), on_drop=srv.drop_connections, seed=7)
+        rng = np.random.default_rng(2)
+        units = [(w, s) for w in ("A01", "B02", "C03") for s in range(2)]
+        fields = {u: rng.integers(0, 4000, size=(1, 2, 2) + YX, dtype=np.uint16) for u in units}
+        cal = Calibration(pixel_width=0.5, pixel_height=0.5)
+        up = Uploader(flaky, queue_size=2, spill_dir=tmp_path / "spill", max_retries=60, backoff=(0.001, 0.01))
+        for (w, s), arr in fields.items():
+            assert up.submit_field(plate, w, s, arr, channel_names=["DNA", "GFP"], calibration=cal)
+            assert up.submit_table(plate, f"results_s{s:03d}", {"well": [w], "sum": [int(arr.sum())]}, well=w)
+        assert not up.submit_field(plate, "A01", 0, fields[("A01", 0)])  # same key: not twice
+        rep = up.finalize(timeout=60)
+        assert rep.complete, rep
+        assert rep.counters["retried"] > 0 and rep.counters["spilled"] > 0
+        assert sorted(flaky.writes.values()) == [1] * (2 * len(units))  # one write per item at the store
+        assert len(srv.objects("Image")) == len(units)  # no duplicate or orphan images
+        fresh = backend()
+        assert fresh.plate_structure(plate).channel_names == ("DNA", "GFP")
+        for (w, s), arr in fields.items():
+            np.testing.assert_array_equal(fresh.load_field(plate, w, s), arr)
+            text = fresh.load(f"/omero/plate_{plate}/{w}/results_s{s:03d}.csv")
+            assert text.splitlines()[1] == f"{w},{int(arr.sum())}"  # numpy on the same pixels
+            assert len(fresh._tables(plate, w)[f"results_s{s:03d}.csv"]) == 1  # one FileAnnotation
+    finally:
+        srv.unregister()
+
+
+@pytest.mark.timeout(60)
+def test_spilled_field_and_table_items_keep_their_arguments_across_a_restart(tmp_path):
+    from fiji_bridge.components import Calibration
+
+    store = ZarrPlateStore(tmp_path / "store")
+    plate = store.create_plate("restart")
+    arr = _planes(n=3).reshape(1, 1, 3, *YX)
+    up = Uploader(FlakyStore(store, fail_rate=1.0), spill_dir=tmp_path / "spill", durable=True, max_retries=1,
+                  backoff=(0.001, 0.002))
+    up.submit_field(plate, "B02", 1, arr, channel_names=["a", "b", "c"], calibration=Calibration(0.25, 0.25))
+    up.submit_table(plate, "counts", "well,n\nB02,3\n", well="B02", site=1)
+    rep = up.finalize(timeout=30)
+    assert sorted(rep.failed) == ["/zarr/plate_restart/B02/B02_s001", "/zarr/plate_restart/B02/counts_s001.csv"]
+    up2 = Uploader(store, spill_dir=tmp_path / "spill")  # the next start
+    assert up2.counters["recovered"] == 2
+    assert up2.finalize(timeout=30).complete
+    fresh = ZarrPlateStore(tmp_path / "store")
+    np.testing.assert_array_equal(fresh.load_field(plate, "B02", 1), arr)
+    s = fresh.plate_structure(plate)
+    assert s.channel_names == ("a", "b", "c") and s.calibration.pixel_width == pytest.approx(0.25)
+    assert fresh.load("/zarr/plate_restart/B02/counts_s001.csv") == "well,n\nB02,3\n"
+
+
+@pytest.mark.timeout(60)
+def test_an_item_requiring_a_failed_item_is_not_written(tmp_path):
+    store = ZarrPlateStore(tmp_path / "store")
+    plate = store.create_plate("req")
+    up = Uploader(store)
+    up.submit_field(plate, "A01", 0, np.zeros((1, 1, 1, 4, 4), "uint16"))
+    up.submit_field(plate, "A01", 1, np.zeros((1, 1, 1, 8, 8), "uint16"))  # refused: the plate holds 4x4
+    marker = "/zarr/plate_req/A01/marker.json"
+    up.submit({"status": "done"}, marker, requires=["/zarr/plate_req/A01/A01_s000", "/zarr/plate_req/A01/A01_s001"])
+    rep = up.finalize(timeout=30)
+    assert rep.uploaded == ["/zarr/plate_req/A01/A01_s000"]
+    assert "requires /zarr/plate_req/A01/A01_s001" in rep.failed[marker]
+    assert not store.exists(marker)

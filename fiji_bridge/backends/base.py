@@ -131,6 +131,9 @@ class VirtualBackend(abc.ABC):
     #: the first component of this store's virtual paths ("zarr", "omero", ...)
     scheme: str = ""
 
+    #: a server across the network (writes go through :mod:`fiji_bridge.upload`)
+    is_remote: bool = False
+
     #: how many metadata queries this backend made to learn plate structures
     #: (a file/group read, a server query); stores increment it on every such
     #: read, so tests can check that ``plate_structure`` is served from cache

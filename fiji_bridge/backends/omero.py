@@ -166,6 +166,7 @@ class OmeroBackend(VirtualBackend):
     """An OMERO server as a :class:`VirtualBackend` (scheme ``omero``)."""
 
     scheme = "omero"
+    is_remote = True
 
     def __init__(
         self,

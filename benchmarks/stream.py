@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,25 +48,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fiji_bridge.client import BridgeClient, BridgeError  # noqa: E402
+from fiji_bridge.client import BridgeClient, BridgeError, free_port_pair  # noqa: E402
 
 Y = X = 2048
 DEPTH = 16  # positions the store-ingest planes cycle through
 
 
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + 1000 < 65535:
-            try:
-                with socket.socket() as s2:
-                    s2.bind(("127.0.0.1", p + 1000))
-                return p
-            except OSError:
-                pass
-    raise RuntimeError("no free port pair")
+free_port = free_port_pair
 
 
 @contextlib.contextmanager

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import queue
@@ -129,22 +128,7 @@ class BatchReport:
 
 # --------------------------------------------------------------------------- helpers
 
-
-def free_port_pair() -> int:
-    """A port P with P and P+1000 free on 127.0.0.1 (control and data channel)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + 1000 >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1000))
-            return p
-        except OSError:
-            continue
-    raise BatchError("no free port pair for a bridge")
+from .client import free_port_pair  # noqa: E402  (re-exported: batch users start bridges)
 
 
 def _error_dict(e: BaseException) -> dict:
@@ -549,7 +533,7 @@ def run_batch(
     ``upload_options``: more :class:`~fiji_bridge.upload.Uploader` arguments
     (``max_retries``, ``backoff``, ``queue_size``...).
     """
-    from .backends import BackendError, open_plate, open_store
+    from .backends import BackendError, open_plate
 
     t_start = time.perf_counter()
     m = macro if isinstance(macro, Macro) else resolve(macro)

@@ -729,6 +729,24 @@ def _prepare_macro(code_or_path: Union[str, os.PathLike], args: Any) -> tuple[st
     return macro.code, args
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port P such that P (control) and P + 1000 (data) are both free on
+    ``host`` right now: for starting a bridge of your own."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            p = s.getsockname()[1]
+        if p + 1000 >= 65535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind((host, p + 1000))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError(f"no free pair of ports P, P+1000 on {host}")
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -4,7 +4,6 @@ several modules need, and only by appending."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,21 +20,7 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-def free_port_pair() -> int:
-    """A port P such that P and P+1000 are both free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + 1000 >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", p + 1000))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
+from fiji_bridge.client import free_port_pair  # noqa: E402,F401  (tests import it from here)
 
 
 @pytest.fixture

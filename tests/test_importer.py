@@ -5,7 +5,6 @@ back from the plate by a fresh store (opened from the reported URI)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

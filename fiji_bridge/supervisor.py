@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import zmq
@@ -452,7 +452,7 @@ class EngineSupervisor:
                     self._unlink_results(msg)
                     continue
                 self.current = None
-                self._finish(job, msg)
+                self._finish(job, msg, frames[1:])
                 err = msg.get("error") or {}
                 if not msg.get("ok") and (err.get("kind") in ("timeout", "engine")):
                     # a stopped macro may leave a runaway Java thread: start clean
@@ -503,12 +503,20 @@ class EngineSupervisor:
 
     # -- helpers -------------------------------------------------------------
 
-    def _finish(self, job: WorkerJob, reply: dict) -> None:
+    def _finish(self, job: WorkerJob, reply: dict, frames: Sequence[Any] = ()) -> None:
+        """Hand ``reply`` to the job; its arrays are in shared memory or, small
+        ones, in the reply's extra ``frames``."""
         for seg in job.segments:
             self._recycle(seg)
         job.segments.clear()
+
+        def get(desc: dict) -> np.ndarray:
+            if desc.get("frame") is not None:
+                return np.array(ArrayDesc.parse(desc, len(frames), any_dtype=True).from_frame(frames[desc["frame"]]))
+            return _copy_out(desc)
+
         try:
-            job.done(reply, _copy_out)
+            job.done(reply, get)
         except Exception:  # a callback bug must not kill the loop
             log.exception("engine job callback failed")
         finally:

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Optional
 
 from .base import MacroError, MacroTimeout
@@ -197,28 +198,87 @@ class DialogGuard:
             stop_interpreter(run.interp)
         return True
 
-    def sweep(self) -> None:
+    def sweep(self, wait: Optional[float] = None) -> None:
         """Close blocking windows the listener may have missed (polling fallback).
 
         Runs on the AWT event thread: closing a window from another thread can
-        deadlock against the event queue.
+        deadlock against the event queue. ``wait``: block (up to that many
+        seconds) until the sweep ran; since the event thread works in order,
+        every window event queued before it has then been handled too.
         """
-        from jpype import JImplements, JOverride
+        done = threading.Event() if wait is not None else None
+        J("java.awt.EventQueue").invokeLater(_sweep_class()(self, done))
+        if done is not None:
+            done.wait(wait)
 
-        guard = self
 
-        @JImplements("java.lang.Runnable")
-        class _Sweep:
-            @JOverride
-            def run(self) -> None:
+@lru_cache(maxsize=None)
+def _sweep_class() -> Any:
+    """The Runnable that sweeps on the event thread (a JPype proxy class,
+    built once: making one costs about a millisecond)."""
+    from jpype import JImplements, JOverride
+
+    @JImplements("java.lang.Runnable")
+    class _Sweep:
+        def __init__(self, guard: DialogGuard, done: Optional[threading.Event]) -> None:
+            self.guard, self.done = guard, done
+
+        @JOverride
+        def run(self) -> None:
+            try:
+                for w in J("java.awt.Window").getWindows():
+                    if w.isShowing():
+                        self.guard.handle(w)
+            except Exception:  # pragma: no cover - defensive
+                _log.exception("dialog sweep failed")
+            finally:
+                if self.done is not None:
+                    self.done.set()
+
+    return _Sweep
+
+
+@lru_cache(maxsize=None)
+def _task_class() -> Any:
+    """The Runnable a ``Run$_`` thread runs: one macro (built once)."""
+    from jpype import JImplements, JOverride
+
+    Interpreter, Macro, WindowManager = J("ij.macro.Interpreter"), J("ij.Macro"), J("ij.WindowManager")
+
+    @JImplements("java.lang.Runnable")
+    class _Task:
+        def __init__(self, record: RunRecord) -> None:
+            self.record = record
+
+        @JOverride
+        def run(self) -> None:  # on the Run$_ thread
+            record = self.record
+            try:
+                interp = record.interp
+                if record.dialog_options:
+                    Macro.setOptions(record.dialog_options)
+                Interpreter.batchMode = True
+                current = None
+                for imp in [*record.kept_images, record.image]:
+                    if imp is not None:
+                        Interpreter.addBatchModeImage(imp)
+                        current = imp
+                if current is not None:
+                    WindowManager.setTempCurrentImage(current)
+                interp.run(record.code, record.argument)
+            except Exception as e:  # Java exceptions arrive as Python exceptions
+                record.throwable = _describe(e)
+            finally:
                 try:
-                    for w in J("java.awt.Window").getWindows():
-                        if w.isShowing():
-                            guard.handle(w)
+                    record.error_message = _str_or_none(record.interp.getErrorMessage())
+                    record.line = int(record.interp.getLineNumber())
+                    Macro.setOptions(None)
+                    WindowManager.setTempCurrentImage(None)
                 except Exception:  # pragma: no cover - defensive
-                    _log.exception("dialog sweep failed")
+                    pass
+                record.done.set()
 
-        J("java.awt.EventQueue").invokeLater(_Sweep())
+    return _Task
 
 
 class MacroRunner:
@@ -229,19 +289,9 @@ class MacroRunner:
         self.broken: Optional[str] = None
 
     def flush_events(self, timeout: float = 1.0) -> None:
-        """Let the AWT event thread process what is queued (window-opened events)."""
-        from jpype import JImplements, JOverride
-
-        done = threading.Event()
-
-        @JImplements("java.lang.Runnable")
-        class _Mark:
-            @JOverride
-            def run(self) -> None:
-                done.set()
-
-        J("java.awt.EventQueue").invokeLater(_Mark())
-        done.wait(timeout)
+        """Let the AWT event thread process what is queued (window-opened
+        events), sweeping for blocking windows on the way."""
+        self.guard.sweep(wait=timeout)
 
     def run(self, record: RunRecord, timeout: Optional[float]) -> float:
         """Run ``record.code``; raise :class:`MacroError` on failure. Returns elapsed s.
@@ -252,41 +302,8 @@ class MacroRunner:
         """
         if self.broken:
             raise MacroError(self.broken, kind="engine")
-        from jpype import JImplements, JOverride
-
-        Interpreter, Macro, WindowManager = J("ij.macro.Interpreter"), J("ij.Macro"), J("ij.WindowManager")
-
-        @JImplements("java.lang.Runnable")
-        class _Task:
-            @JOverride
-            def run(self) -> None:  # on the Run$_ thread
-                try:
-                    interp = record.interp
-                    if record.dialog_options:
-                        Macro.setOptions(record.dialog_options)
-                    Interpreter.batchMode = True
-                    current = None
-                    for imp in [*record.kept_images, record.image]:
-                        if imp is not None:
-                            Interpreter.addBatchModeImage(imp)
-                            current = imp
-                    if current is not None:
-                        WindowManager.setTempCurrentImage(current)
-                    interp.run(record.code, record.argument)
-                except Exception as e:  # Java exceptions arrive as Python exceptions
-                    record.throwable = _describe(e)
-                finally:
-                    try:
-                        record.error_message = _str_or_none(record.interp.getErrorMessage())
-                        record.line = int(record.interp.getLineNumber())
-                        Macro.setOptions(None)
-                        WindowManager.setTempCurrentImage(None)
-                    except Exception:  # pragma: no cover - defensive
-                        pass
-                    record.done.set()
-
-        record.interp = Interpreter()
-        thread = J("java.lang.Thread")(_Task(), f"Run$_fiji_bridge_{next(_counter)}")
+        record.interp = J("ij.macro.Interpreter")()
+        thread = J("java.lang.Thread")(_task_class()(record), f"Run$_fiji_bridge_{next(_counter)}")
         thread.setDaemon(True)
         self.guard.run = record
         t0 = time.perf_counter()
@@ -303,8 +320,7 @@ class MacroRunner:
             if not record.done.is_set():
                 self._stop(thread, record, timeout)
             thread.join(int(GRACE * 1000))
-            self.guard.sweep()
-            self.flush_events()
+            self.flush_events()  # a last sweep, after every window event of the run
         finally:
             self.guard.run = None
         elapsed = time.perf_counter() - t0

@@ -170,7 +170,7 @@ class Parameter:
 _HEADER_RE = re.compile(r"^\s*#@\s*(?P<rest>.*)$")
 _IO_RE = re.compile(r"^(input|output|both)\b\s*", re.I)
 _TYPE_RE = re.compile(r"^(?P<type>[A-Za-z_][\w.$]*(?:\[\])?)\s*")
-_NAME_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*)\s*(?://.*)?$")
+_NAME_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*)\b")
 
 
 def parse_parameters(code: str) -> list[Parameter]:
@@ -205,10 +205,19 @@ def _parse_header(rest: str, lineno: int, line: str) -> Parameter:
     if rest.startswith("("):
         body, rest = _split_parenthesised(rest, where)
         attrs = _parse_attributes(body, where)
-    m = _NAME_RE.match(rest.strip())
+    rest = rest.strip()
+    m = _NAME_RE.match(rest)
     if not m:
         raise MacroParseError(f"{where}: expected a variable name after the type")
     name = m.group("name")
+    # SciJava also takes the attributes after the name: #@ Double sigma (value=2)
+    tail = rest[m.end():].strip()
+    if tail.startswith("(") and not attrs:
+        body, tail = _split_parenthesised(tail, where)
+        attrs = _parse_attributes(body, where)
+    tail = tail.strip()
+    if tail and not tail.startswith("//"):
+        raise MacroParseError(f"{where}: unexpected {tail!r} after the parameter")
     kind = _KINDS.get(java_type.split(".")[-1].lower(), "other")
     p = Parameter(
         name=name,

@@ -291,7 +291,7 @@ print(sigma + "|" + label + "|" + count + "|" + flag);
     with pytest.raises(MacroError, match="label") as info:
         ij.run_macro(macro)
     assert info.value.kind == "argument"
-    with pytest.raises(MacroError, match="unknown parameter"):
+    with pytest.raises(MacroError, match="unknown argument bogus"):
         ij.run_macro(macro, args={"label": "a", "bogus": 1})
 
 

@@ -56,7 +56,10 @@ def test_java_home_lookup(tmp_path):
 def test_script_parameter_rewrite_keeps_line_numbers():
     code = '#@ Double sigma (value=2)\n#@ ImagePlus imp\nprint(sigma);\nDialog.create("x");'
     out, arg = apply_args(code, {"sigma": 3})
-    assert out.splitlines() == ["sigma = 3;", "", "print(sigma);", 'Dialog.create("x");']
+    lines = out.splitlines()
+    assert len(lines) == 4, "one line per header line: ImageJ's line numbers stay right"
+    assert lines[0].split("//")[0].strip() in ("sigma = 3;", "sigma = 3.0;") and lines[1].lstrip().startswith("//")
+    assert lines[2:] == ["print(sigma);", 'Dialog.create("x");']
     assert arg == ""
     injected = inject_dialog_options(out, 'a=1 b=[x "y"]')
     assert injected.splitlines()[3] == 'call("ij.Macro.setOptions", "a=1 b=[x \\"y\\"]"); Dialog.create("x");'

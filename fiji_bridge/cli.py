@@ -12,7 +12,7 @@ from typing import Optional
 
 import click
 
-DEFAULT_PORT = 5570  # control channel; data channel on DEFAULT_PORT + 1000
+from .protocol import DATA_PORT_OFFSET, DEFAULT_PORT  # control port; data on port + DATA_PORT_OFFSET
 
 
 def _parse_args(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -35,7 +35,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="control port; data on port+1000")
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help=f"control port; data on port+{DATA_PORT_OFFSET}")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (non-loopback needs --keys)")
 @click.option("--ipc", is_flag=True, help="bind ipc:// sockets instead of tcp (Unix)")
 @click.option("--engine", type=click.Choice(["auto", "imagej1", "pyimagej"]), default="auto", show_default=True)

@@ -47,6 +47,8 @@ import zmq
 
 from .components import Calibration, ComponentError, PlaneComponents
 from .protocol import (
+    DATA_PORT_OFFSET,
+    DEFAULT_PORT,
     DTYPES,
     Ack,
     ArrayDesc,
@@ -71,7 +73,6 @@ __all__ = [
     "run_command",
 ]
 
-DEFAULT_PORT = 5570
 #: seconds a macro may run when the caller gives no timeout
 DEFAULT_MACRO_TIMEOUT = 600.0
 #: a bridge that does not answer a ping within this many seconds is dead
@@ -212,11 +213,11 @@ class BridgeClient:
             pass
         try:
             if not ipc:
-                held = [p for p in (port, port + 1000) if _port_open(host, p)]
+                held = [p for p in (port, port + DATA_PORT_OFFSET) if _port_open(host, p)]
                 if held:
                     raise BridgeError(
                         f"port {held[0]} on {host} is held by something that does not answer as a fiji-bridge "
-                        f"(control {port}, data {port + 1000}); stop it or choose another --port"
+                        f"(control {port}, data {port + DATA_PORT_OFFSET}); stop it or choose another --port"
                     )
                 from .security import is_loopback
 
@@ -730,21 +731,21 @@ def _prepare_macro(code_or_path: Union[str, os.PathLike], args: Any) -> tuple[st
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port P such that P (control) and P + 1000 (data) are both free on
+    """A port P such that P (control) and P + DATA_PORT_OFFSET (data) are both free on
     ``host`` right now: for starting a bridge of your own."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind((host, 0))
             p = s.getsockname()[1]
-        if p + 1000 >= 65535:
+        if p + DATA_PORT_OFFSET >= 65535:
             continue
         try:
             with socket.socket() as s2:
-                s2.bind((host, p + 1000))
+                s2.bind((host, p + DATA_PORT_OFFSET))
             return p
         except OSError:
             continue
-    raise RuntimeError(f"no free pair of ports P, P+1000 on {host}")
+    raise RuntimeError(f"no free pair of ports P, P+{DATA_PORT_OFFSET} on {host}")
 
 
 def _port_open(host: str, port: int) -> bool:

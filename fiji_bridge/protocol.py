@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: the bridge's default control port
+DEFAULT_PORT = 5570
+#: the data channel listens on the control port + this
+DATA_PORT_OFFSET = 1000
 
 #: largest JSON frame accepted (a macro source of several MB is still fine)
 MAX_JSON_BYTES = 32 << 20

@@ -44,6 +44,8 @@ from . import __version__
 from .components import Calibration, ComponentError
 from .hyperstack import AxisMapping, StackError, StackNotFound, StackStore
 from .protocol import (
+    DATA_PORT_OFFSET,
+    DEFAULT_PORT,
     PROTOCOL_VERSION,
     Ack,
     ErrorCode,
@@ -73,7 +75,6 @@ __all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
 
 log = logging.getLogger("fiji_bridge.server")
 
-DATA_PORT_OFFSET = 1000
 #: live window updates per second and stack, at most
 DISPLAY_HZ = 20.0
 #: a stack whose shape differs from its window's waits until its shape has
@@ -517,11 +518,6 @@ class BridgeServer:
             body["title"] = body["title"] or req.stack
         elif req.image is not None:
             arrays["image"] = req.image_array()
-        if req.save_to:
-            try:
-                from .outputs import save_result  # noqa: F401
-            except ImportError as e:
-                raise ProtocolError(ErrorCode.UNAVAILABLE, f"save_to needs fiji_bridge.outputs, which is not available here: {e}") from None
 
         def done(reply: dict, get: Callable[[dict], np.ndarray]) -> None:
             if not reply.get("ok"):
@@ -932,7 +928,7 @@ def _save(result: Any, uri: str, origin: dict, stack: Optional[str]) -> list[str
 
 
 def serve(
-    port: int = 5570,
+    port: int = DEFAULT_PORT,
     host: str = "127.0.0.1",
     ipc: bool = False,
     engine: str = "auto",

@@ -56,7 +56,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends.base import StoreUnavailable, VirtualBackend, columns_to_csv
+from .backends.base import StoreUnavailable, VirtualBackend, columns_to_csv, json_default
 from .components import Calibration, normalize_well
 
 __all__ = ["UploadReport", "Uploader", "UploaderError", "RETRYABLE", "field_key", "key_of", "spill_root"]
@@ -489,7 +489,7 @@ class Uploader:
             _atomic(d / name, lambda f: f.write(bytes(data)))
         else:
             kind, name = "json", stem + ".data.json"
-            _atomic(d / name, lambda f: f.write(json.dumps(data, default=_json_default).encode()))
+            _atomic(d / name, lambda f: f.write(json.dumps(data, default=json_default).encode()))
         manifest = d / (stem + ".json")
         doc = {"key": item.key, "path": item.path, "kind": kind, "file": name, "op": item.op, "args": item.args,
                "requires": list(item.requires)}
@@ -590,9 +590,3 @@ def _remove_spill(manifest: Path) -> None:
         manifest.unlink(missing_ok=True)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -275,6 +275,17 @@ def columns_to_csv(columns: Mapping[str, Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for store payloads (tables, manifests,
+    provenance): numpy scalars and arrays as plain values, anything else as
+    its ``str``."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
 def _cell(v: Any) -> Any:
     if isinstance(v, (np.floating, float)):
         return repr(float(v))

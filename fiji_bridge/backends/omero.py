@@ -54,7 +54,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..components import Calibration, ComponentError, PlaneComponents, format_well, normalize_well, parse_well
-from .base import BackendError, NotFound, PlateStructure, StoreUnavailable, VirtualBackend, columns_to_csv
+from .base import BackendError, NotFound, PlateStructure, StoreUnavailable, VirtualBackend, columns_to_csv, json_default
 
 __all__ = ["NS_PROVENANCE", "NS_RESULTS", "NS_TABLE", "OmeroBackend", "OmeroParams"]
 
@@ -799,7 +799,7 @@ class OmeroBackend(VirtualBackend):
                 payload = data.encode() if isinstance(data, str) else data
                 json.loads(payload)  # refuse what is not JSON
             else:
-                payload = json.dumps(data, indent=1, default=_json_default).encode()
+                payload = json.dumps(data, indent=1, default=json_default).encode()
             mimetype = "application/json"
         else:
             if isinstance(data, Mapping):
@@ -938,14 +938,6 @@ def _unit(unit: str) -> Any:
     if u not in table:
         raise BackendError(f"unknown length unit {unit!r}: use micron, nm or mm")
     return getattr(UnitsLength, table[u])
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 _INT_RE = re.compile(r"^[+-]?\d+$")

@@ -16,13 +16,12 @@ One :class:`BridgeServer` owns
 
 Everything runs in one thread around a ``zmq.Poller``; SIGTERM/SIGINT and the
 ``shutdown`` request stop it cleanly. Live Fiji windows (with a display) are
-updated at most :data:`DISPLAY_HZ` times per second per stack.
+updated through :class:`~fiji_bridge.live_display.LiveDisplay`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import logging
 import mmap
 import os
@@ -43,6 +42,7 @@ import zmq
 from . import __version__
 from .components import Calibration, ComponentError
 from .hyperstack import AxisMapping, StackError, StackNotFound, StackStore
+from .live_display import LiveDisplay
 from .protocol import (
     DATA_PORT_OFFSET,
     DEFAULT_PORT,
@@ -75,17 +75,10 @@ __all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
 
 log = logging.getLogger("fiji_bridge.server")
 
-#: live window updates per second and stack, at most
-DISPLAY_HZ = 20.0
-#: a stack whose shape differs from its window's waits until its shape has
-#: been stable this long (planes streaming in grow it index by index) ...
-DISPLAY_SETTLE_S = 0.1
-#: ... but never longer than this after the first pending change
-DISPLAY_SETTLE_MAX_S = 1.0
-#: most bytes of planes one display push carries to the engine worker
-STAGING_BYTES = 256 << 20
 #: seconds between sweeps for shared memory left by dead producers
 REAP_INTERVAL = 5.0
+#: seconds between checks that the owner (``--parent-pid``) still lives
+PARENT_CHECK_INTERVAL = 0.5
 #: messages handled per socket before the loop looks at the others
 BATCH = 64
 #: ... and seconds spent on one socket before the loop looks at the others
@@ -159,8 +152,10 @@ class BridgeServer:
         openhcs_port: Optional[int] = None,
         keys_dir: Optional[str] = None,
         max_bytes: Optional[int] = None,
+        parent_pid: Optional[int] = None,
     ) -> None:
         check_bind(host, keys_dir, ipc=ipc)
+        self.parent_pid = parent_pid
         self.port = int(port)
         self.host = host
         self.ipc = ipc
@@ -191,17 +186,9 @@ class BridgeServer:
         self.origins: dict[str, dict] = {}  # stack key -> plate/well/site of its planes
         self.errors = 0
         self.segments = SegmentCache()
-        self.sup = EngineSupervisor(self.ctx, self.runtime_dir, engine=engine, display=self.display, on_ready=self._on_engine_ready)
+        self.sup = EngineSupervisor(self.ctx, self.runtime_dir, engine=engine, display=self.display, on_ready=lambda: self.live.engine_ready())
         self.sup.set_socket_listener(self._swap_worker_socket)
-        # live display state
-        self._dirty: dict[str, Optional[set]] = {}
-        self._shown: dict[str, tuple] = {}
-        self._last_push: dict[str, float] = {}
-        # key -> (shape last seen, when it last changed, when it first differed from the window's)
-        self._settling: dict[str, tuple[tuple, float, float]] = {}
-        self._display_more: set[str] = set()  # stacks whose last push was capped: the rest goes next
-        self.display_error: Optional[str] = None
-        self._display_failures: dict[str, int] = {}
+        self.live = LiveDisplay(self.store, self.sup, self.display)
         # saves to a plate store run off the loop
         self._saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="save")
         self._saves: list[tuple[concurrent.futures.Future, list, Any, dict, list]] = []
@@ -211,6 +198,7 @@ class BridgeServer:
         self.openhcs: Any = None
         self._stop = False
         self._last_reap = 0.0
+        self._last_parent_check = 0.0
         self.handlers: dict[str, Callable[[list, Request], None]] = {
             "ping": self._ping,
             "status": self._status,
@@ -260,7 +248,7 @@ class BridgeServer:
         print(f"fiji-bridge listening on {self.ctrl_endpoint} (data {self.data_endpoint}), pid {os.getpid()}", flush=True)
         try:
             while not self._stop:
-                events = dict(self.poller.poll(self._poll_ms()))
+                events = dict(self.poller.poll(self.live.poll_ms()))
                 if self.ctrl in events:
                     self._drain(self.ctrl, self._on_control)
                 if self.data in events:
@@ -295,10 +283,15 @@ class BridgeServer:
     def _housekeeping(self) -> None:
         self.sup.tick()
         self._take_inbox()
-        self._flush_display()
+        self.live.flush()
         if self._saves:
             self._finish_saves()
         now = time.monotonic()
+        if self.parent_pid is not None and now - self._last_parent_check > PARENT_CHECK_INTERVAL:
+            self._last_parent_check = now
+            if not _owner_alive(self.parent_pid):
+                log.warning("the owner (pid %s) is gone: shutting down", self.parent_pid)
+                self._stop = True
         if now - self._last_reap > REAP_INTERVAL:
             self._last_reap = now
             self.segments.evict(older_than=REAP_INTERVAL)
@@ -407,9 +400,9 @@ class BridgeServer:
             "uptime": time.time() - self.started,
             "engine": self.sup.status(),
             "display": self.display,
-            "display_error": self.display_error,
-            "windows": sorted(self._shown),
-            "display_pending": sorted(self._dirty),
+            "display_error": self.live.error,
+            "windows": self.live.windows,
+            "display_pending": self.live.pending,
             "stacks": stacks,
             "memory": {"used": self.store.nbytes, "max": self.store.max_bytes},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
@@ -437,7 +430,7 @@ class BridgeServer:
 
     def _close_stack(self, env: list, req: Any) -> None:
         self.store.close(req.key)
-        self._forget_window(req.key)
+        self.live.forget(req.key)
         self.origins.pop(req.key, None)
         self._reply(env, ok_reply(req.id, closed=req.key))
 
@@ -445,7 +438,7 @@ class BridgeServer:
         keys = self.store.keys()
         self.store.clear()
         for k in keys:
-            self._forget_window(k)
+            self.live.forget(k)
         self.origins.clear()
         self.streams.clear()
         self._reply(env, ok_reply(req.id, closed=keys))
@@ -566,7 +559,7 @@ class BridgeServer:
     def _render(self, env: list, req: Any) -> None:
         body: dict = {"montage": req.montage}
         arrays: dict[str, np.ndarray] = {}
-        if self.display and req.key in self._shown and req.key not in self._dirty:
+        if self.live.is_current(req.key):
             body["key"] = req.key
         else:
             arr, info = self.store.snapshot(req.key)
@@ -633,7 +626,7 @@ class BridgeServer:
             stats.last = time.time()
             comps = h.components
             self.origins[key] = {"plate": comps.plate, "well": comps.well, "site": comps.site}
-            self._mark_dirty(key, (t, z, c))
+            self.live.mark(key, (t, z, c))
             return Ack(stream, seq, True, key, t, z, c)
         except ProtocolError as e:
             self.errors += 1
@@ -698,140 +691,7 @@ class BridgeServer:
             st = self._stream("openhcs")
             st.planes += 1
             st.transport = "openhcs"
-            self._mark_dirty(key, (t, z, c))
-
-    # ------------------------------------------------------------------ live display
-
-    def _on_engine_ready(self) -> None:
-        # a (re)started engine has no windows: show every stack again
-        self._shown.clear()
-        if self.display and self.display_error is None:
-            for k in self.store.keys():
-                self._dirty[k] = None
-
-    def _mark_dirty(self, key: str, tzc: tuple[int, int, int]) -> None:
-        if not self.display or self.display_error is not None:
-            return
-        cur = self._dirty.get(key, set())
-        if cur is None:
-            return
-        if key not in self._shown:
-            self._dirty[key] = None
-            return
-        cur.add(tzc)
-        self._dirty[key] = cur
-
-    def _forget_window(self, key: str) -> None:
-        self._dirty.pop(key, None)
-        self._last_push.pop(key, None)
-        self._settling.pop(key, None)
-        self._display_more.discard(key)
-        if not self.display:
-            return
-        self.sup.drop_display_jobs(key)
-        self.sup.drop_staging(key)  # a job in flight keeps its own mapping
-        if self._shown.pop(key, None) is not None:
-            self.sup.submit(WorkerJob("close_stack", {"key": key}, timeout=30.0, kind="display"))
-
-    def _poll_ms(self) -> int:
-        """How long the loop may sleep: 50 ms, less when a throttled display
-        push falls due sooner (so a window is never up to 50 ms late)."""
-        if not self._dirty or not self.sup.ready or self.sup.busy:
-            return 50
-        now = time.monotonic()
-        due = min(self._last_push.get(k, 0.0) + 1.0 / DISPLAY_HZ for k in self._dirty)
-        return max(1, min(50, int((due - now) * 1000) + 1))
-
-    def _flush_display(self) -> None:
-        """Push what changed in the stacks to their ImageJ windows.
-
-        Per stack at most DISPLAY_HZ pushes a second (planes arriving in
-        between coalesce), one worker request each: the changed planes are
-        copied into the stack's staging segment and the worker copies them
-        into the hyperstack's own pixel arrays (grown in place as the stack
-        grows). A push is capped at STAGING_BYTES; the rest follows at once.
-        """
-        if not self._dirty or not self.sup.ready or self.sup.busy or self.sup.queue:
-            return
-        now = time.monotonic()
-        for key in list(self._dirty):
-            if key not in self._display_more and now - self._last_push.get(key, 0.0) < 1.0 / DISPLAY_HZ:
-                continue
-            try:
-                stack = self.store.get(key)
-            except StackNotFound:
-                self._dirty.pop(key, None)
-                continue
-            shape = stack.shape
-            if not self._settled(key, shape, now):
-                continue  # still growing: build the window once, at its settled shape
-            planes = self._dirty.pop(key)
-            self._display_more.discard(key)
-            fresh = planes is None
-            if fresh:
-                positions = [(int(t), int(z), int(c)) for t, z, c in np.argwhere(stack.present)]
-            else:
-                positions = sorted(planes)
-            per_plane = shape[3] * shape[4] * stack.dtype.itemsize
-            cap = max(1, STAGING_BYTES // per_plane)
-            if len(positions) > cap:
-                self._dirty[key] = set(positions[cap:])
-                self._display_more.add(key)
-                positions = positions[:cap]
-            try:
-                seg = self.sup.staging(key, len(positions), stack.yx, stack.dtype, reserve=min(cap, shape[0] * shape[1] * shape[2]))
-            except OSError as e:
-                log.warning("display update of %s skipped: %s", key, e)
-                self._dirty[key] = None if fresh else set(positions) | (self._dirty.get(key) or set())
-                continue
-            arr = stack.array
-            for i, (t, z, c) in enumerate(positions):
-                np.copyto(seg.array[i], arr[t, z, c])
-            names = [n or f"C{i + 1}" for i, n in enumerate(stack.channel_names)]
-            cal = stack.calibration
-            body = {
-                "key": key, "shape": list(shape), "positions": [list(p) for p in positions],
-                "staging": seg.desc(), "channel_names": names,
-                "calibration": cal.to_dict() if cal.is_set else None, "fresh": fresh,
-            }
-            self._last_push[key] = now
-            self._shown[key] = shape
-            self.sup.submit(WorkerJob("update_planes", body, timeout=60.0, done=functools.partial(self._display_done, key), kind="display"))
-
-    def _settled(self, key: str, shape: tuple, now: float) -> bool:
-        """Whether a push may go now as far as the stack's shape is concerned.
-
-        A new window, or a window whose stack grew, costs ImageJ a re-layout
-        (new CompositeImage, new arrays), so while planes keep growing a stack
-        the push waits for its shape to hold still DISPLAY_SETTLE_S, at most
-        DISPLAY_SETTLE_MAX_S: a fast stream builds its window once, a slow
-        acquisition still shows each new plane promptly."""
-        if self._shown.get(key) == shape:
-            self._settling.pop(key, None)
-            return True
-        seen, changed, first = self._settling.get(key, (None, now, now))
-        if seen != shape:
-            self._settling[key] = (shape, now, first)
-            return now - first >= DISPLAY_SETTLE_MAX_S
-        if now - changed >= DISPLAY_SETTLE_S or now - first >= DISPLAY_SETTLE_MAX_S:
-            self._settling.pop(key, None)
-            return True
-        return False
-
-    def _display_done(self, key: str, reply: dict, get: Any) -> None:
-        if reply.get("ok"):
-            return
-        err = reply.get("error") or {}
-        if err.get("code") == "unavailable":
-            self.display_error = err.get("message", "the engine has no live display")
-            log.warning("live display off: %s", self.display_error)
-            self._dirty.clear()
-        elif err.get("code") not in ("cancelled", "shutting_down"):
-            fails = self._display_failures[key] = self._display_failures.get(key, 0) + 1
-            log.warning("display update of %s failed (%s)%s", key, err.get("message"), "; showing it anew" if fails <= 3 else "; giving up on its window")
-            if self._shown.pop(key, None) is not None and key in self.store and fails <= 3:
-                self._dirty[key] = None
-
+            self.live.mark(key, (t, z, c))
 
 # --------------------------------------------------------------------------- helpers
 
@@ -895,6 +755,20 @@ class SegmentCache:
                 self._drop(name)
 
 
+def _owner_alive(pid: int) -> bool:
+    """Whether the owner ``pid`` lives and is still our parent (a reused pid
+    is not our parent: orphans are re-parented to init or a subreaper)."""
+    if os.getppid() != pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _envelope(frames: list) -> tuple[list, list]:
     """Split a ROUTER message into (routing envelope, body); REQ peers add an empty delimiter."""
     env = [frames[0].bytes]
@@ -935,11 +809,12 @@ def serve(
     display: Optional[bool] = None,
     openhcs_port: Optional[int] = None,
     keys_dir: Optional[str] = None,
+    parent_pid: Optional[int] = None,
 ) -> int:
     """``fiji-bridge serve``: run a bridge until shutdown; returns an exit code."""
     logging.basicConfig(level=os.environ.get("FIJI_BRIDGE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir)
+        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid)
     except SecurityError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

@@ -42,11 +42,12 @@ def main() -> None:
 @click.option("--display/--no-display", default=None, help="show live Fiji windows (default: when DISPLAY is set)")
 @click.option("--openhcs-port", type=int, default=None, help="also act as OpenHCS's Fiji viewer on this port")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), default=None, help="CurveZMQ key folder (see `fiji-bridge keys`)")
-def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str]) -> None:
+@click.option("--parent-pid", type=int, default=None, help="shut down when the process with this pid (the owner) ends")
+def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str], parent_pid: Optional[int]) -> None:
     """Run the bridge: own ImageJ, take planes, run macros on request."""
     from .server import serve as _serve
 
-    sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir))
+    sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid))
 
 
 @main.command()

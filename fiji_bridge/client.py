@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 
 from .components import Calibration, ComponentError, PlaneComponents
+from .lifecycle import SpawnedBridge, SpawnFailed, default_log_dir, free_port_pair, port_open  # noqa: F401  (re-exported)
 from .protocol import (
     DATA_PORT_OFFSET,
     DEFAULT_PORT,
@@ -102,10 +103,6 @@ class PlanesRejected(BridgeError):
         super().__init__(f"{len(rejected)} plane(s) rejected by the bridge:\n" + "\n".join(lines) + more, "rejected")
 
 
-def default_log_dir() -> Path:
-    return Path(os.environ.get("FIJI_BRIDGE_LOG_DIR", Path.home() / ".cache" / "fiji-bridge" / "logs"))
-
-
 @dataclass
 class _Stream:
     id: str
@@ -152,9 +149,8 @@ class BridgeClient:
         self._streams: dict[bool, _Stream] = {}
         self._by_id: dict[str, _Stream] = {}
         self._shm_ok: Optional[bool] = None
-        self._proc: Optional[subprocess.Popen] = None
+        self._spawned: Optional[SpawnedBridge] = None
         self._own = False
-        self.log_path: Optional[Path] = None
         self._closed = False
 
     # ------------------------------------------------------------------ connecting
@@ -213,7 +209,7 @@ class BridgeClient:
             pass
         try:
             if not ipc:
-                held = [p for p in (port, port + DATA_PORT_OFFSET) if _port_open(host, p)]
+                held = [p for p in (port, port + DATA_PORT_OFFSET) if port_open(host, p)]
                 if held:
                     raise BridgeError(
                         f"port {held[0]} on {host} is held by something that does not answer as a fiji-bridge "
@@ -223,47 +219,30 @@ class BridgeClient:
 
                 if not is_loopback(host):
                     raise BridgeError(f"no bridge answers on {host}:{port}, and a bridge can only be spawned on this machine")
-            c._spawn(engine, display, log_dir)
-            c._wait_spawned(timeout)
+            c._spawned = SpawnedBridge.start(port, host, ipc=ipc, engine=engine, display=display, keys=keys, log_dir=log_dir, owned=own)
+            try:
+                c._spawned.wait_ready(lambda: c.ping(timeout=0.5), timeout, retry=(BridgeError,))
+            except SpawnFailed as e:
+                raise (BridgeTimeout if e.timed_out else BridgeError)(str(e)) from None
         except BaseException:
             c.close()
             raise
         c._own = own
         return c
 
-    def _spawn(self, engine: str, display: Optional[bool], log_dir: Optional[Union[str, Path]]) -> None:
-        d = Path(log_dir) if log_dir is not None else default_log_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        self.log_path = d / f"bridge-{self.port}.log"
-        cmd = [sys.executable, "-m", "fiji_bridge.cli", "serve", "--port", str(self.port), "--host", self.host, "--engine", engine]
-        if display is not None:
-            cmd.append("--display" if display else "--no-display")
-        if self.ipc:
-            cmd.append("--ipc")
-        if self.keys is not None:
-            cmd += ["--keys", str(self.keys)]
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-            logf.flush()
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-
-    def _wait_spawned(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self._proc.poll() if self._proc else None
-            if code is not None:
-                raise BridgeError(f"the bridge exited with code {code} while starting; see {self.log_path}:\n{_tail(self.log_path)}")
-            try:
-                self.ping(timeout=0.5)
-                return
-            except BridgeError:
-                continue
-        raise BridgeTimeout(f"the spawned bridge (pid {self._proc.pid if self._proc else '?'}) did not answer within {timeout:.0f} s; see {self.log_path}")
-
     @property
     def pid(self) -> Optional[int]:
         """The pid of the bridge this client spawned, if it spawned one."""
-        return self._proc.pid if self._proc is not None else None
+        return self._spawned.pid if self._spawned is not None else None
+
+    @property
+    def log_path(self) -> Optional[Path]:
+        """The log file of the bridge this client spawned, if it spawned one."""
+        return self._spawned.log_path if self._spawned is not None else None
+
+    @property
+    def _proc(self) -> Optional[subprocess.Popen]:
+        return self._spawned.proc if self._spawned is not None else None
 
     # ------------------------------------------------------------------ control calls
 
@@ -376,11 +355,8 @@ class BridgeClient:
     def shutdown(self, wait: float = 10.0) -> None:
         """Stop the bridge (its engine worker too); waits until it is gone."""
         self._call("shutdown", wait=min(self.timeout, 10.0))
-        if self._proc is not None:
-            try:
-                self._proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
+        if self._spawned is not None:
+            self._spawned.wait(wait)
 
     def run_macro(
         self,
@@ -656,11 +632,11 @@ class BridgeClient:
                     self._wait_acks(None, 0, what="closing", timeout=flush_timeout)
                 except BridgeError:
                     pass
-            if self._own and self._proc is not None:
+            if self._own and self._spawned is not None:
                 try:
                     self.shutdown()
                 except BridgeError:
-                    self._proc.terminate()
+                    self._spawned.terminate()
         finally:
             self._closed = True
             for st in self._streams.values():
@@ -728,41 +704,6 @@ def _prepare_macro(code_or_path: Union[str, os.PathLike], args: Any) -> tuple[st
     if macro.parameters and (args is None or isinstance(args, Mapping)):
         return macro.bind(args or {}), None
     return macro.code, args
-
-
-def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port P such that P (control) and P + DATA_PORT_OFFSET (data) are both free on
-    ``host`` right now: for starting a bridge of your own."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            p = s.getsockname()[1]
-        if p + DATA_PORT_OFFSET >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind((host, p + DATA_PORT_OFFSET))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError(f"no free pair of ports P, P+{DATA_PORT_OFFSET} on {host}")
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(path: Optional[Path], n: int = 1500) -> str:
-    if path is None:
-        return ""
-    try:
-        return path.read_bytes()[-n:].decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------------------- CLI bodies

@@ -141,8 +141,21 @@ class BridgeClient:
         self.credits = max(1, int(credits))
         self._transport = transport
         self.ctrl_endpoint, self.data_endpoint = endpoints(self.port, host, ipc)
+        self._secret: Optional[str] = None
+        if keys is None:
+            from .security import SecurityError, ensure_secret
+
+            try:
+                self._secret = ensure_secret()
+            except (SecurityError, OSError) as e:
+                raise BridgeError(f"cannot use this user's bridge secret: {e}", "unauthorized") from None
         self._ctx = zmq.Context()
         self._ctrl = self._socket(zmq.DEALER, self.ctrl_endpoint)
+        # handshake failures (a wrong secret or keys) surface here, not on _ctrl
+        self._monitor = self._ctrl.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._poller = zmq.Poller()
+        self._poller.register(self._ctrl, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._data: Optional[zmq.Socket] = None
         self._ids = itertools.count(1)
         self._uid = f"{socket.gethostname()[:20]}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -163,6 +176,10 @@ class BridgeClient:
             from .security import apply_client_keys
 
             apply_client_keys(s, self.keys)
+        else:
+            from .security import apply_client_secret
+
+            apply_client_secret(s, self._secret or "")
         s.connect(endpoint)
         return s
 
@@ -175,7 +192,9 @@ class BridgeClient:
                 c.ping(timeout=min(timeout, 10.0))
             except BridgeError as e:
                 c.close()
-                raise BridgeError(f"no fiji-bridge answers on {c.ctrl_endpoint}: {e}") from None
+                if e.code == "unauthorized":
+                    raise
+                raise BridgeError(f"no fiji-bridge answers on {c.ctrl_endpoint}: {e}", e.code) from None
         return c
 
     @classmethod
@@ -205,8 +224,10 @@ class BridgeClient:
         try:
             c.ping(timeout=1.5)
             return c
-        except BridgeError:
-            pass
+        except BridgeError as e:
+            if e.code == "unauthorized":  # a bridge is there, but not ours to use
+                c.close()
+                raise
         try:
             if not ipc:
                 held = [p for p in (port, port + DATA_PORT_OFFSET) if port_open(host, p)]
@@ -277,7 +298,10 @@ class BridgeClient:
                 except zmq.ZMQError:
                     pass
             wait = min(deadline - now, 0.5 if long else deadline - now)
-            if not self._ctrl.poll(max(1, int(wait * 1000))):
+            ready = dict(self._poller.poll(max(1, int(wait * 1000))))
+            if self._monitor in ready:
+                self._check_handshake()
+            if self._ctrl not in ready:
                 continue
             msg = self._ctrl.recv_multipart(copy=False)
             body = msg[1:] if msg and len(msg[0]) == 0 else msg
@@ -303,6 +327,21 @@ class BridgeClient:
                     raise MacroError.from_dict(err["macro"] or {"message": err.get("message", "")})
                 raise BridgeError(f"{type_}: [{code}] {err.get('message', 'failed')}", code)
             return reply, [f.buffer for f in body[1:]]
+
+    def _check_handshake(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            ev = recv_monitor_message(self._monitor)
+            if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                how = f"the CurveZMQ keys in {self.keys}" if self.keys is not None else "this user's secret"
+                raise BridgeError(
+                    f"the bridge at {self.ctrl_endpoint} refused {how}: it belongs to another user (a bridge admits only "
+                    f"clients that present its user's secret, {_secret_hint()}), or it was started with other keys or an older secret (restart it)",
+                    "unauthorized",
+                )
+            if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                raise BridgeError(f"the peer at {self.ctrl_endpoint} does not speak fiji-bridge's authenticated protocol (an older bridge, another program, or keys on one side only)", "unauthorized")
 
     def ping(self, timeout: float = 5.0) -> dict:
         reply, _ = self._call("ping", wait=timeout)
@@ -642,6 +681,11 @@ class BridgeClient:
             for st in self._streams.values():
                 if st.ring is not None:
                     st.ring.close()
+            try:
+                self._ctrl.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
             self._ctrl.close(0)
             if self._data is not None:
                 self._data.close(0)
@@ -658,6 +702,12 @@ class BridgeClient:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _secret_hint() -> str:
+    from .security import secret_path
+
+    return f"kept in {secret_path()}"
 
 
 def to_tzcyx(arr: np.ndarray, dims: str) -> np.ndarray:

@@ -1,7 +1,24 @@
-"""CurveZMQ keys: who may talk to a bridge that listens beyond loopback.
+"""Who may talk to a bridge: a per-user secret on this host, CurveZMQ keys beyond it.
 
-A macro is arbitrary code, so a bridge bound to anything but 127.0.0.1 /
-::1 / ipc must authenticate its peers. ``fiji-bridge keys -o DIR`` makes::
+A macro is arbitrary code run as the bridge's user, so every peer of both
+channels (control and data) must prove it may do that:
+
+* **On this host** (127.0.0.1 / ::1 / ipc, the default) a per-user secret:
+  32 random bytes (hex) in :func:`secret_path` (``$FIJI_BRIDGE_SECRET_FILE``,
+  else ``~/.cache/fiji-bridge/secret`` of the account), a 0600 file in a
+  folder only this user can write to, created on first use by whichever side comes first (bridge or
+  client; atomically, so two never disagree). The bridge's sockets are ZMTP
+  PLAIN servers whose ZAP handler admits username ``fiji-bridge`` with that
+  secret as password (compared in constant time, never logged); clients
+  present it automatically (:func:`apply_client_secret`). A peer without it
+  (another local account, a program that does not know the file) fails the
+  handshake: not one of its messages reaches the bridge.
+  :class:`~fiji_bridge.client.BridgeClient` turns the failure into a
+  ``BridgeError`` with code ``unauthorized``. PLAIN sends the password in
+  the clear, which is fine on loopback and ipc (only root can read those)
+  and is why it is never used beyond this host.
+* **Beyond this host** CurveZMQ (encryption and key authentication), which
+  replaces the secret. ``fiji-bridge keys -o DIR`` makes::
 
     DIR/server.key            server public key   (give to clients)
     DIR/server.key_secret     server key pair     (stays with the bridge)
@@ -16,21 +33,129 @@ uses ``client.key_secret`` and ``server.key``.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
+import secrets
 import shutil
 import socket
+import stat
 from pathlib import Path
 from typing import Optional, Union
 
 import zmq
 import zmq.auth
 
-__all__ = ["SecurityError", "is_loopback", "check_bind", "create_keys", "keys_command", "ServerAuth", "apply_client_keys"]
+__all__ = [
+    "SecurityError",
+    "is_loopback",
+    "check_bind",
+    "create_keys",
+    "keys_command",
+    "ServerAuth",
+    "apply_client_keys",
+    "apply_client_secret",
+    "secret_path",
+    "ensure_secret",
+    "PLAIN_USER",
+]
+
+#: the PLAIN username every client presents (the password is the secret)
+PLAIN_USER = "fiji-bridge"
 
 
 class SecurityError(RuntimeError):
-    """Refusing an unsafe configuration (non-loopback bind without keys, missing key files)."""
+    """Refusing an unsafe configuration (non-loopback bind without keys, missing
+    key files, a secret file others could read or write)."""
+
+
+# --------------------------------------------------------------------------- the per-user secret
+
+
+def secret_path() -> Path:
+    """The per-user secret file: ``$FIJI_BRIDGE_SECRET_FILE``, else
+    ``<home>/.cache/fiji-bridge/secret`` with the home directory of the
+    account (from the password database, not ``$HOME``: a bridge started
+    with another ``HOME`` or ``XDG_*`` must still find the same secret)."""
+    env = os.environ.get("FIJI_BRIDGE_SECRET_FILE")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import pwd
+
+        home = Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    except (ImportError, KeyError):  # no such account entry (containers with arbitrary uids)
+        home = Path.home()
+    return home / ".cache" / "fiji-bridge" / "secret"
+
+
+def _check_private(st: os.stat_result, path: Path, what: str, mask: int = 0o077) -> None:
+    if st.st_uid != os.geteuid():
+        raise SecurityError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}): remove it or set FIJI_BRIDGE_SECRET_FILE")
+    if st.st_mode & mask:
+        raise SecurityError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):o}: others could read or change it; `chmod go-rwx {path}` (and restart the bridges of this user)")
+
+
+def _read_secret(path: Path) -> Optional[str]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SecurityError(f"cannot read the bridge secret {path}: {e} (it must be a regular file, not a link)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecurityError(f"the bridge secret {path} is not a regular file")
+        _check_private(st, path, "the bridge secret")
+        text = os.read(fd, 4096).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if len(text) < 32:
+        raise SecurityError(f"the bridge secret {path} is empty or too short; delete it (a new one is made on the next start) and restart the bridges of this user")
+    return text
+
+
+def ensure_secret(path: Optional[Union[str, Path]] = None) -> str:
+    """This user's secret, created (0600; a new folder 0700) if there is none yet.
+
+    Creation is atomic (written to a private temporary file, then
+    hard-linked into place, which fails if another process won the race),
+    so a bridge and a client starting together always agree. Raises
+    :class:`SecurityError` when the file or its folder is not private to
+    this user."""
+    p = Path(path) if path is not None else secret_path()
+    found = _read_secret(p)
+    if found is not None:
+        return found
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # others may list the folder, never write to it (they could swap the file)
+    # (a sticky folder such as /tmp is fine: others cannot rename or remove our file)
+    dst = os.stat(p.parent)
+    _check_private(dst, p.parent, "the folder of the bridge secret", mask=0 if dst.st_mode & stat.S_ISVTX else 0o022)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        pass  # another process made it first: use theirs
+    finally:
+        os.unlink(tmp)
+    found = _read_secret(p)
+    if found is None:
+        raise SecurityError(f"the bridge secret {p} vanished while it was being created")
+    return found
+
+
+def apply_client_secret(sock: zmq.Socket, secret: str) -> None:
+    """Make ``sock`` present ``secret`` (ZMTP PLAIN) to a bridge on this host."""
+    sock.plain_username = PLAIN_USER.encode()
+    sock.plain_password = secret.encode()
 
 
 def is_loopback(host: str) -> bool:
@@ -112,22 +237,47 @@ def _server_files(d: Path) -> tuple[Path, Path]:
 
 
 class ServerAuth:
-    """CURVE on the bridge's sockets, with a ZAP authenticator thread that
-    admits only the client keys in ``DIR/authorized``."""
+    """Authentication on the bridge's sockets, with a ZAP authenticator
+    thread: CURVE admitting only the client keys in ``DIR/authorized`` when
+    ``keys_dir`` is given, else PLAIN admitting only this user's secret.
 
-    def __init__(self, ctx: zmq.Context, keys_dir: Union[str, Path]) -> None:
+    ``refused`` counts the handshakes turned away (PLAIN)."""
+
+    def __init__(self, ctx: zmq.Context, keys_dir: Optional[Union[str, Path]] = None, secret: Optional[str] = None) -> None:
         from zmq.auth.thread import ThreadAuthenticator
 
-        sec, auth_dir = _server_files(Path(keys_dir))
-        self.public, self.secret = zmq.auth.load_certificate(str(sec))
-        self.auth = ThreadAuthenticator(ctx)
+        owner = self
+
+        class _Authenticator(ThreadAuthenticator):
+            def _authenticate_plain(self, domain: str, username: str, password: str) -> tuple[bool, bytes]:
+                # constant time, and never log the password (pyzmq's own logs it at debug level)
+                ok = owner._plain is not None and hmac.compare_digest(username.encode(), PLAIN_USER.encode()) & hmac.compare_digest(password.encode(), owner._plain.encode())
+                if not ok:
+                    owner.refused += 1
+                return (True, b"OK") if ok else (False, b"wrong or missing fiji-bridge secret")
+
+        self.mode = "curve" if keys_dir is not None else "secret"
+        self.refused = 0
+        self._plain = secret
+        self.public = self.secret = b""
+        if keys_dir is not None:
+            sec, auth_dir = _server_files(Path(keys_dir))
+            self.public, self.secret = zmq.auth.load_certificate(str(sec))
+        elif not secret:
+            raise SecurityError("a bridge needs either CurveZMQ keys or the per-user secret")
+        self.auth = _Authenticator(ctx)
         self.auth.start()
-        self.auth.configure_curve(domain="*", location=str(auth_dir))
+        if keys_dir is not None:
+            self.auth.configure_curve(domain="*", location=str(auth_dir))
 
     def apply(self, sock: zmq.Socket) -> None:
-        sock.curve_secretkey = self.secret
-        sock.curve_publickey = self.public
-        sock.curve_server = True
+        if self.mode == "curve":
+            sock.curve_secretkey = self.secret
+            sock.curve_publickey = self.public
+            sock.curve_server = True
+        else:
+            sock.plain_server = True
+            sock.zap_domain = b"fiji-bridge"
 
     def stop(self) -> None:
         self.auth.stop()

@@ -62,7 +62,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
-from .security import SecurityError, ServerAuth, check_bind
+from .security import SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
 from .transport import TransportError, read_inline, read_shm, reap_orphans  # noqa: F401
 
@@ -169,7 +169,12 @@ class BridgeServer:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"fiji-bridge-{self.port}-"))
         (self.runtime_dir / "owner.pid").write_text(str(os.getpid()))
         self.ctrl_endpoint, self.data_endpoint = endpoints(self.port, host, ipc)
-        self.auth: Optional[ServerAuth] = ServerAuth(self.ctx, keys_dir) if keys_dir else None
+        try:
+            self.auth = ServerAuth(self.ctx, keys_dir) if keys_dir else ServerAuth(self.ctx, secret=ensure_secret())
+        except BaseException:
+            self.ctx.term()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise
         self.ctrl = self._bind(zmq.ROUTER, self.ctrl_endpoint)
         try:
             self.data = self._bind(zmq.ROUTER, self.data_endpoint)
@@ -218,8 +223,7 @@ class BridgeServer:
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.linger = 0
-        if self.auth is not None:
-            self.auth.apply(s)
+        self.auth.apply(s)
         try:
             s.bind(endpoint)
         except zmq.ZMQError as e:
@@ -331,8 +335,7 @@ class BridgeServer:
         self.subs.clear()
         self.ctrl.close(0)
         self.data.close(0)
-        if self.auth is not None:
-            self.auth.stop()
+        self.auth.stop()
         self.ctx.term()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self.ipc:
@@ -410,7 +413,8 @@ class BridgeServer:
             "subscriptions": list(self.subs),
             "openhcs": ({"port": self.openhcs_port, **_safe_stats(self.openhcs)} if self.openhcs is not None else None),
             "errors": self.errors,
-            "secure": self.auth is not None,
+            "secure": True,
+            "auth": {"mode": self.auth.mode, "refused": self.auth.refused, **({"secret_file": str(secret_path())} if self.auth.mode == "secret" else {})},
         }
 
     def _status(self, env: list, req: Request) -> None:

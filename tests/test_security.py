@@ -84,3 +84,79 @@ def test_curve_bridge_admits_only_key_holders(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         log.close()
+
+
+# --------------------------------------------------------------------------- the per-user secret
+
+
+def test_secret_is_created_private_and_atomically(tmp_path, monkeypatch):
+    from fiji_bridge.security import ensure_secret
+
+    path = tmp_path / "d" / "secret"
+    monkeypatch.setenv("FIJI_BRIDGE_SECRET_FILE", str(path))
+    first = ensure_secret()
+    assert ensure_secret() == first and len(first) == 64 and int(first, 16) >= 0
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in path.parent.iterdir()] == ["secret"]  # no temporary file left
+
+
+def test_secret_file_others_could_touch_is_refused(tmp_path):
+    from fiji_bridge.security import ensure_secret
+
+    loose = tmp_path / "loose"
+    loose.write_text("a" * 64)
+    loose.chmod(0o644)
+    with pytest.raises(SecurityError, match="chmod go-rwx"):
+        ensure_secret(loose)
+    target = tmp_path / "target"
+    target.write_text("b" * 64)
+    target.chmod(0o600)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(SecurityError, match="not a link"):
+        ensure_secret(tmp_path / "link")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecurityError, match="not a regular file"):
+        ensure_secret(fifo)  # and does not block
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.write_text("c" * 64)
+        foreign.chmod(0o600)
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(SecurityError, match="belongs to uid 65534"):
+            ensure_secret(foreign)
+
+
+def test_bridge_admits_only_peers_with_the_secret(tmp_path, monkeypatch):
+    import zmq
+
+    from conftest import bridge_process
+
+    with bridge_process(tmp_path, "--no-display", wait_engine=False) as bp:
+        with bp.client(timeout=5) as c:
+            st = c.status()
+            assert st["auth"]["mode"] == "secret" and st["auth"]["refused"] == 0
+        # a peer that knows no secret (NULL mechanism): not one message is read
+        ctx = zmq.Context()
+        try:
+            for port in (bp.port, bp.port + 1000):
+                s = ctx.socket(zmq.DEALER)
+                s.linger = 0
+                s.connect(f"tcp://127.0.0.1:{port}")
+                s.send_multipart([b"", b'{"type": "ping", "id": 1}'])
+                assert s.poll(1500) == 0
+                s.close(0)
+        finally:
+            ctx.term()
+        # a client with another secret: a clear error, at once
+        other = tmp_path / "other" / "secret"
+        monkeypatch.setenv("FIJI_BRIDGE_SECRET_FILE", str(other))
+        t0 = time.monotonic()
+        with pytest.raises(BridgeError, match="refused this user's secret") as ei:
+            BridgeClient.connect(bp.port, timeout=10)
+        assert ei.value.code == "unauthorized" and time.monotonic() - t0 < 5
+        with pytest.raises(BridgeError, match="refused"):
+            BridgeClient.connect_or_spawn(bp.port, timeout=10)  # and spawns nothing
+        monkeypatch.delenv("FIJI_BRIDGE_SECRET_FILE")
+        with bp.client(timeout=5) as c:
+            assert c.status()["auth"]["refused"] >= 2

@@ -21,6 +21,7 @@ from conftest import bridge_process, shm_segments
 from fiji_bridge.client import BridgeError, PlanesRejected
 from fiji_bridge.engine.base import MacroError
 from fiji_bridge.protocol import ErrorCode
+from fiji_bridge.security import apply_client_secret, ensure_secret
 
 pytestmark = [pytest.mark.imagej, pytest.mark.timeout(120)]
 
@@ -206,6 +207,7 @@ def _ctrl(port):
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.rcvtimeo = 5000
+    apply_client_secret(s, ensure_secret())  # a raw peer of this user
     s.connect(f"tcp://127.0.0.1:{port}")
     return s
 
@@ -267,6 +269,7 @@ def test_bad_data_messages_get_error_acks_and_stacks_survive(bridge, header, pay
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.rcvtimeo = 5000
+    apply_client_secret(s, ensure_secret())
     s.connect(f"tcp://127.0.0.1:{bridge.port + 1000}")
     try:
         s.send_multipart([b"", header, payload])

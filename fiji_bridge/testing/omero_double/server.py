@@ -774,6 +774,12 @@ class ServerDouble(PixelsServices, FileServices):
                     image(oid)
                 elif spec == "Roi":
                     roi(oid)
+                elif spec == "OriginalFile":
+                    users = [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
+                             and r.file is not None and r.file.id.val == oid]
+                    if users:  # FileAnnotation.file is required
+                        errors.append(f"may not delete OriginalFile[{oid}] while FileAnnotation[{users[0]}] remains")
+                    doomed.add(oid)
                 elif spec == "Annotation" or kind.endswith("Annotation"):
                     annotation(oid)
                 elif spec == "Well":

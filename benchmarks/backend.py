@@ -12,7 +12,9 @@ Pixels are real microscopy (the HeLa and SBS images of ../shared/data,
 tiled and scaled to 16 bits) when present, so compression behaves as on real
 data; otherwise smooth synthetic images with noise. The files were just
 written, so reads come from the OS page cache: these are the stores' CPU
-costs, not disk speed. If ``benchmarks/backend_upload.py`` exists, its
+costs, not disk speed. Then the OMERO write path over the test double
+(:func:`bench_omero_write`: setPlane vs full-width strips vs pyramid tiles).
+If ``benchmarks/backend_upload.py`` exists, its
 ``run()`` lines (the uploader figures) are printed after ours.
 
 Usage: ``python benchmarks/backend.py [--wells 4 --fields 4 --c 2 --z 5 --size 1024]``
@@ -102,6 +104,52 @@ def bench_store(name: str, make, wells: list[str], fields: int, c: int, z: int, 
     return lines
 
 
+def bench_omero_write(planes: int = 8) -> list[str]:
+    """The OMERO write path over the test double (omero-py's model objects and
+    rtypes, every call pickled both ways as over Ice; the double enforces the
+    server's rules): ``setPlane`` of whole planes, full-width strips (ROMIO,
+    planes above the backend's plane budget) and 256x256 tiles (a pyramid,
+    above 3192^2 px), then reading the planes back."""
+    try:
+        from fiji_bridge.backends.omero import OmeroBackend
+        from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble
+    except ImportError as e:  # no omero-py
+        return [f"omero    (skipped: {e})"]
+    cases = [  # label, plane side, backend plane budget
+        ("warm-up    64^2", 64, 16 * 2**20),  # imports, the strict surface's attribute tables (not reported)
+        ("setPlane 1024^2", 1024, 16 * 2**20),
+        ("strips   3000^2", 3000, 16 * 2**20),  # 17.2 MiB > 16 MiB: strips of 2796 rows
+        ("strips   1024^2", 1024, 256 * 2**10),  # forced: 128-row strips
+        ("tiles    3300^2", 3300, 16 * 2**20),  # 10.9 Mpx > 3192^2: a pyramid, 169 tiles per plane
+    ]
+    lines = []
+    for label, side, budget in cases:
+        srv = ServerDouble(users={"bench": "bench-pw"}).register("bench-write.double", 4064)
+        try:
+            b = OmeroBackend(host="bench-write.double", user="bench", password="bench-pw", gateway=GatewayDouble,
+                             keepalive=0, plane_bytes=budget, summaries=False)
+            field = np.stack(source_planes(planes, side)).reshape(1, planes, 1, side, side)
+            pid = b.create_plate("bench")
+            t0 = time.perf_counter()
+            b.save_field(pid, "A01", 0, field)
+            dt = time.perf_counter() - t0
+            r = OmeroBackend(host="bench-write.double", user="bench", password="bench-pw", gateway=GatewayDouble,
+                             keepalive=0, plane_bytes=budget)
+            t1 = time.perf_counter()
+            back = r.load_field(pid, "A01", 0)
+            dr = time.perf_counter() - t1
+            assert np.array_equal(back, field)
+            calls = srv.counters["rps.setPlane"] + srv.counters["rps.setTile"]
+            if label.startswith("warm-up"):
+                continue
+            lines.append(f"omero    {label}: write {planes / dt:7.1f} planes/s {field.nbytes / 2**20 / dt:7.1f} MB/s "
+                         f"({calls // planes} calls/plane), read {planes / dr:7.1f} planes/s")
+            b.close(), r.close()
+        finally:
+            srv.unregister()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wells", type=int, default=4)
@@ -119,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         ):
             for line in bench_store(name, make, wells, a.fields, a.c, a.z, a.size):
                 print(line, flush=True)
+    print("== OMERO write path (test double, uint16 planes)")
+    for line in bench_omero_write():
+        print(line, flush=True)
     upload = Path(__file__).with_name("backend_upload.py")
     if upload.exists():
         spec = importlib.util.spec_from_file_location("backend_upload", upload)

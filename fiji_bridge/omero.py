@@ -2,9 +2,11 @@
 
 ``InstanceManager(...).ensure()`` = check -> connect -> start -> wait:
 
-* :meth:`InstanceManager.check` — is a server answering at host:port? A TCP
-  connect, then a BlitzGateway login attempt (a refused login still proves
-  the server answers; an Ice error does not);
+* :meth:`InstanceManager.check` — is an OMERO answering at host:port? A TCP
+  connect, then a BlitzGateway login attempt: a login, or a login refused
+  for its credentials, proves it; ``connect()`` returning False for any
+  other reason (``getLastError()``: a server still starting, a non-OMERO
+  listener, DNS) does not;
 * :meth:`InstanceManager.connect` — an :class:`~fiji_bridge.backends.omero.OmeroBackend`;
 * :meth:`InstanceManager.start` — ``docker compose -f omero/docker-compose.yml up -d``
   (OMERO.server, OMERO.web, PostgreSQL; passwords from the environment);
@@ -74,7 +76,12 @@ class InstanceManager:
             return False
 
     def check(self, timeout: float = 2.0) -> bool:
-        """True when an OMERO server answers at host:port."""
+        """True when an OMERO server answers at host:port and can create
+        sessions: a login succeeds, or is refused for the credentials
+        (``Glacier2.PermissionDeniedException``). ``connect()`` returns False
+        for much else (a non-OMERO listener, a server still starting, DNS or
+        timeout errors: omero-py ``BlitzGateway.connect``), so False alone
+        proves nothing: ``getLastError()`` decides."""
         if not self.port_open(timeout):
             return False
         try:
@@ -86,8 +93,19 @@ class InstanceManager:
             return True
         gw = factory(self.user, self._password_value() or "", host=self.host, port=self.port)
         try:
-            gw.connect()  # True or False: either way a server answered
-            return True
+            if gw.connect():
+                return True
+            err = gw.getLastError()
+            try:
+                import Glacier2
+
+                denied = isinstance(err, Glacier2.PermissionDeniedException)
+            except ImportError:  # pragma: no cover - comes with zeroc-ice
+                denied = False
+            if not denied:
+                log.info("%s:%s answers TCP but OMERO cannot log in yet (%s)", self.host, self.port,
+                         type(err).__name__ if err is not None else "no error")
+            return denied
         except Exception as e:  # Ice errors: something listens, but it is not (yet) OMERO
             log.info("%s:%s answers TCP but not OMERO yet (%s)", self.host, self.port, type(e).__name__)
             return False

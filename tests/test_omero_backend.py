@@ -203,7 +203,8 @@ def test_tables_are_annotations_in_namespace_linked_to_their_target(server):
     # CSV also as an OMERO.table, with typed columns equal to the CSV's
     assert links["plate_results.csv.h5"] == ("Plate", plate_id, NS_TABLE)
     table_file = next(f for f in server.objects("OriginalFile") if f.name.val == "plate_results.csv.h5")
-    assert server.table_columns(table_file.id.val) == {"well": ["A01"], "count": [12], "area": [3.5]}
+    assert server.table_columns(table_file.id.val) == {"well": ["A01"], "count": [12], "area": [3.5],
+                                                       "Well": [well_id]}  # a WellColumn for the "well" column
     # provenance MapAnnotation
     maps = [server._rows[l.child.id.val] for l in server.objects("PlateAnnotationLink")
             if type(server._rows[l.child.id.val]).__name__ == "MapAnnotationI"]
@@ -215,17 +216,37 @@ def test_tables_are_annotations_in_namespace_linked_to_their_target(server):
     assert names.count("plate_results.csv") == 1 and names.count("plate_results.csv.h5") == 1
 
 
-def test_table_skipped_without_tables_service_file_kept():
+def test_rule6_no_tables_service_file_kept_no_orphans_no_duplicates():
+    """SharedResourcesI.newTable raises (never None) without a tables service: the
+    backend asks areTablesEnabled() first; retried saves leave one CSV and no table file."""
     srv = ServerDouble(users={"alice": PASSWORD}, tables=False).register("notables.test", 4064)
     try:
         b = _backend(host="notables.test")
         pid = b.create_plate("p")
         b.save_table(pid, "results", "a,b\n1,2\n")
-        assert srv.counters["tables.newTable"] == 1
-        assert [f.name.val for f in srv.objects("OriginalFile") if f.name.val.endswith(".h5")] == []
+        b.save_table(pid, "results", "a,b\n1,2\n")
+        assert srv.counters["tables.newTable"] == 0 and srv.waited <= 2 * srv.registry_timeout
+        assert [f.name.val for f in srv.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == []
+        names = [srv._rows[a.file.id.val].name.val for a in srv.objects("FileAnnotation")]
+        assert names == ["results.csv"]
         assert _backend(host="notables.test").load(f"/omero/plate_{pid}/results.csv") == "a,b\n1,2\n"
     finally:
         srv.unregister()
+
+
+def test_rule6_a_failing_table_leaves_the_csv_and_no_table_file(server, monkeypatch):
+    b = _backend()
+    pid = b.create_plate("p")
+
+    def broken(self, s, sid, columns, ctx=None):
+        raise OSError("HDF5 write failed")
+    monkeypatch.setattr(ServerDouble, "_rpc_Table_addData", broken)
+    b.save_table(pid, "results", "a,b\n1,2\n")
+    b.save_table(pid, "results", "a,b\n1,3\n")
+    names = [server._rows[a.file.id.val].name.val for a in server.objects("FileAnnotation")]
+    assert names == ["results.csv"]
+    assert [f for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == []
+    assert _backend().load(f"/omero/plate_{pid}/results.csv") == "a,b\n1,3\n"
 
 
 def test_annotation_linked_in_the_objects_group(server):
@@ -239,22 +260,239 @@ def test_annotation_linked_in_the_objects_group(server):
     assert _backend().load(f"/omero/plate_{pid}/A01/results.csv") == "a\n1\n"
 
 
-def test_tiles_for_planes_over_the_server_limit():
-    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=16).register("tiles.test", 4064)
+def _write_read(host, arr, **kw):
+    b = _backend(host=host, **kw)
+    pid = b.create_plate("big")
+    b.save_field(pid, "A01", 0, arr)
+    got = _backend(host=host, **kw).load_field(pid, "A01", 0)
+    b.close()
+    return got
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype,side", [("uint16", 3000), ("float32", 2304), ("float64", 2048)])
+def test_rule3_planes_below_the_pyramid_threshold_are_written_as_planes_or_strips(server, dtype, side):
+    """RomioPixelBuffer.setTile takes full-width strips only: the old 1024^2 tiles failed for these."""
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 60000, size=(1, 1, 1, side, side)).astype(dtype)
+    np.testing.assert_array_equal(_write_read("omero.test", arr), arr)
+    assert server.counters["rps.setTile"] == 0 or server.counters["rps.setPlane"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_rule4_a_pyramid_is_written_in_tiles_of_get_tile_size_in_xyzct_order():
+    """Above 3192^2 px (scaled here: max_plane_size=40 -> 1600 px) BfPyramidPixelBuffer refuses
+    setPlane and takes tiles of getTileSize() in sequence; Z fastest, then C."""
+    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=40, tile_size=16).register("pyr.test", 4064)
     try:
-        arr = _distinct_field((1, 1, 1, 40, 37))
-        b = _backend(host="tiles.test", max_plane_size=16, tile_size=16)
-        pid = b.create_plate("tiles")
-        b.save_field(pid, "A01", 0, arr)
-        assert srv.counters["rps.setTile"] == 9 and srv.counters["rps.setPlane"] == 0
-        np.testing.assert_array_equal(_backend(host="tiles.test", max_plane_size=16, tile_size=16)
-                                      .load_field(pid, "A01", 0), arr)
-        assert srv.counters["rps.getTile"] == 9
-        # without tiles the server refuses, and the error says why
-        with pytest.raises(BackendError, match="max_plane|getTile"):
-            _backend(host="tiles.test").load_field(pid, "A01", 0)
+        arr = _distinct_field((2, 3, 2, 45, 37))  # 1665 px > 1600
+        np.testing.assert_array_equal(_write_read("pyr.test", arr), arr)
+        per_plane = 3 * 3  # ceil(45/16) * ceil(37/16)
+        assert srv.counters["rps.setTile"] == per_plane * 12 and srv.counters["rps.setPlane"] == 0
     finally:
         srv.unregister()
+
+
+def test_rule4_a_real_size_pyramid_plane():
+    """3300^2 uint8 > 3192^2: a pyramid; 13 x 13 tiles of 256."""
+    srv = ServerDouble(users={"alice": PASSWORD}).register("bigpyr.test", 4064)
+    try:
+        arr = (np.arange(3300 * 3300, dtype="uint32").reshape(1, 1, 1, 3300, 3300) % 251).astype("uint8")
+        np.testing.assert_array_equal(_write_read("bigpyr.test", arr), arr)
+        assert srv.counters["rps.setTile"] == 13 * 13
+    finally:
+        srv.unregister()
+
+
+def _field_image(server, well_row=0, well_col=0, site=0):
+    w = next(w for w in server.objects("Well") if (w.row.val, w.column.val) == (well_row, well_col))
+    return server._rows[server.children("Well", "wellSamples", w.id.val)[site]].image.id.val
+
+
+def test_rule2_pixels_are_write_once_a_plane_write_makes_a_new_image(server):
+    """PixelsService: written pixels are read-only; saving a plane into an existing
+    field writes a new image, relinks the well sample and deletes the old image."""
+    b = _backend()
+    pid = b.create_plate("once")
+    arr = _distinct_field((1, 2, 2, 8, 8))
+    b.save_field(pid, "A01", 0, arr)
+    old = _field_image(server)
+    new_plane = np.full((8, 8), 4242, "uint16")
+    b.save(new_plane, f"/omero/plate_{pid}/A01/A01_s000_z001_c000_t000.tif")
+    expected = arr.copy()
+    expected[0, 1, 0] = new_plane
+    np.testing.assert_array_equal(_backend().load_field(pid, "A01", 0), expected)
+    assert _field_image(server) != old and old not in [i.id.val for i in server.objects("Image")]
+    assert _orphans(server) == []
+
+
+def test_rule2_planes_into_an_imported_field(server):
+    arr = _distinct_field((1, 1, 2, 6, 6))
+    pid = server.seed_plate("imported", {("B02", 0): arr})
+    b = _backend()
+    b.save(np.zeros((6, 6), "uint16"), f"/omero/plate_{pid}/B02/B02_s000_z000_c001_t000.tif")
+    expected = arr.copy()
+    expected[0, 0, 1] = 0
+    np.testing.assert_array_equal(_backend().load_field(str(pid), "B02", 0), expected)
+
+
+def test_rule7_load_takes_the_newest_of_duplicate_annotations(server):
+    b = _backend()
+    pid = b.create_plate("dups")
+    b.save_table(pid, "results", "v\n1\n")
+    # a second writer (another worker) attaches the same name again, without replacing
+    other = _backend()
+    other._attach_file("Plate", int(pid), other._index(pid).group, "results.csv", b"v\n2\n", "text/csv", NS_RESULTS)
+    assert _backend().load(f"/omero/plate_{pid}/results.csv") == "v\n2\n"
+
+
+def test_rule8_slow_deletes_finish_and_failures_are_backend_errors(server):
+    """deleteObjects(wait=True) waits 10 x 500 ms then closes (cancels) the delete: the
+    backend waits with waitOnCmd; a refused delete is a BackendError, not a raw CmdError."""
+    server.delete_polls = 25
+    b = _backend()
+    pid = b.create_plate("slow")
+    a = _distinct_field((1, 1, 1, 8, 8))
+    b.save_field(pid, "A01", 0, a)
+    b.save_field(pid, "A01", 0, a + 1)  # replaces: the old image must really go
+    assert len(server.objects("Image")) == 1 and server.counters["cmd.cancelled"] == 0
+    b.save_table(pid, "t", "x\n1\n")
+    b.save_table(pid, "t", "x\n2\n")
+    assert [server._rows[f.file.id.val].name.val for f in server.objects("FileAnnotation")].count("t.csv") == 1
+    with pytest.raises(BackendError, match="WellSample|delete"):
+        with b._call("deleting a linked image") as conn:
+            b._delete(conn, "Image", [_field_image(server)])
+
+
+def test_rule9_keepalive_false_drops_the_connection_and_the_next_call_reconnects(server):
+    server.session_timeout = 0.3
+    b = _backend(keepalive=0.15)
+    pid = b.create_plate("ka")
+    b.keepalive = 10.0  # the thread stops pinging; the session dies
+    time.sleep(0.6)
+    assert b.keep_alive() is False and b._conn is None
+    assert b.plate_structure(pid).wells == ()  # logged in again (password from the params)
+    assert server.counters["login"] == 2
+    b.close()
+
+
+def test_rule10_unreachable_or_starting_servers_are_unavailable_not_refused_logins(server):
+    with pytest.raises(StoreUnavailable, match="nowhere.test:4064"):
+        _backend(host="nowhere.test").plate_structure("1")  # DNS: connect() is False, not a raise
+    server.ready = False
+    with pytest.raises(StoreUnavailable, match="not fully initialized|starting"):
+        _backend().plate_structure("1")
+    server.ready = True
+    with pytest.raises(BackendError, match="login refused") as e:
+        _backend(password="wrong").plate_structure("1")
+    assert not isinstance(e.value, StoreUnavailable)
+
+
+def test_rule11_group_by_id_or_name_lands_in_that_group_or_fails_loudly(server):
+    b = _backend(group=server.group_id("other"))
+    pid = b.create_plate("by-id")
+    plate = next(p for p in server.objects("Plate") if p.id.val == int(pid))
+    assert plate.details.group.id.val == server.group_id("other")
+    b2 = _backend(group="other")
+    pid2 = b2.create_plate("by-name")
+    plate2 = next(p for p in server.objects("Plate") if p.id.val == int(pid2))
+    assert plate2.details.group.id.val == server.group_id("other")
+    with pytest.raises(BackendError, match="nosuchgroup"):
+        _backend(group="nosuchgroup").create_plate("nowhere")
+    assert len(server.objects("Plate")) == 2
+
+
+def test_rule12_instance_manager_needs_a_working_omero(server):
+    from fiji_bridge.omero import InstanceManager
+
+    host, port = server.serve()
+    im = InstanceManager(host=host, port=port, user="alice", password=PASSWORD, gateway=GatewayDouble, timeout=1)
+    assert im.check()
+    server.ready = False  # the port is open, the server is still starting
+    assert not im.check()
+    server.ready = True
+    wrong = InstanceManager(host=host, port=port, user="alice", password="nope", gateway=GatewayDouble, timeout=1)
+    assert wrong.check()  # a refused login (PermissionDenied) proves an OMERO answered
+
+
+@pytest.mark.parametrize("unit,factor", [("pixel", None), ("cm", 1e4), ("inch", 25400.0), ("\u03bcm", 1.0),
+                                         ("\u00b5m", 1.0), ("nm", 1e-3)])
+def test_rule13_imagej_units(server, unit, factor):
+    b = _backend()
+    pid = b.create_plate("units")
+    cal = Calibration(pixel_width=0.5, pixel_height=0.5, pixel_depth=2.0, unit=unit)
+    b.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)), calibration=cal)
+    s = _backend().plate_structure(pid)
+    if factor is None:  # pixels are no length: no physical size is stored
+        assert server.objects("Pixels")[0].physicalSizeX is None and s.calibration.pixel_width is None
+    else:
+        assert s.calibration.pixel_width == pytest.approx(0.5 * factor)
+        assert s.calibration.pixel_depth == pytest.approx(2.0 * factor)
+
+
+def test_rule13_stored_pixel_units_read_without_error(server):
+    from omero.model import LengthI
+    from omero.model.enums import UnitsLength
+
+    pid = server.seed_plate("px", {("A01", 0): _distinct_field((1, 1, 1, 4, 4))})
+    pix = server._rows[server.objects("Pixels")[0].id.val]
+    pix.setPhysicalSizeX(LengthI(1.0, UnitsLength.PIXEL))
+    pix.setPhysicalSizeY(LengthI(2.0, UnitsLength.MILLIMETER))
+    s = _backend().plate_structure(str(pid))
+    assert s.calibration.pixel_width is None and s.calibration.pixel_height == pytest.approx(2000.0)
+
+
+def test_rule14_duplicate_well_rows_give_one_well_each(server):
+    fields = {("A01", s): _distinct_field((1, 1, 1, 4, 4)) for s in range(4)}
+    pid = server.seed_plate("dup", fields)
+    s = _backend().plate_structure(str(pid))
+    assert s.wells == ("A01",) and s.fields == {"A01": 4}
+    assert _backend().list_files(f"/omero/plate_{pid}") == [f"/omero/plate_{pid}/A01"]
+
+
+def test_rule15_no_leaked_clients_or_stores(server):
+    GatewayDouble.open_clients.clear()
+    b = _backend()
+    pid = b.create_plate("leaks")
+    b.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)))
+    for _ in range(3):
+        server.drop_connections()
+        with pytest.raises(StoreUnavailable):
+            b.load_field(pid, "A01", 0)
+        b.load_field(pid, "A01", 0)
+    assert len(GatewayDouble.open_clients) == 1  # every dropped gateway closed its omero.client
+    # stores of a lost connection cannot be closed over it: the server reaps them with the session
+    lost = set(server.open_services())
+    for site in range(12):  # more images than the store cache holds
+        b.save_field(pid, "B01", site, _distinct_field((1, 1, 1, 8, 8)))
+        b.load_field(pid, "B01", site)
+    assert len(set(server.open_services("rps")) - lost) <= 8
+    b.close()
+    assert set(server.open_services()) - lost == set()
+    assert GatewayDouble.open_clients == []
+
+
+def test_rule16_compose_publishes_on_localhost_with_file_limits():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load(open(os.path.join(ROOT, "omero", "docker-compose.yml")))
+    ports = [p for svc in doc["services"].values() for p in svc.get("ports", [])]
+    assert sorted(ports) == ["127.0.0.1:4063:4063", "127.0.0.1:4064:4064", "127.0.0.1:4080:4080"]
+    assert doc["services"]["omeroserver"]["ulimits"]["nofile"]["soft"] >= 8192
+    # omero-server omero-server.properties: binary_access is who may *download* binaries, not pixel writes
+    text = open(os.path.join(ROOT, "omero", "docker-compose.yml")).read()
+    comment = text.split("CONFIG_omero_policy_binary__access")[0].rsplit("\n\n", 1)[-1]
+    assert "download" in comment and "write pixels" not in comment
+
+
+def test_strict_proxy_refuses_invented_gateway_methods(server):
+    """The backend drives the real omero-py surface only: the double refuses a
+    method BlitzGateway lacks, as the real library would."""
+    from fiji_bridge.testing.omero_double import StrictAttributeError
+
+    b = _backend()
+    with pytest.raises(StrictAttributeError):
+        b.conn.getSessionId()
+    assert b.create_plate("strict")
 
 
 # ------------------------------------------------------------------ connection

@@ -1,23 +1,41 @@
-"""The OMERO test double is faithful to omero-py where the backend relies on
-it. Oracles: omero-py's own client code run against the double (its
-createImageFromNumpySeq, getObjects, createOriginalFileFromFileObj), numpy,
-and the documented semantics of the server."""
+"""The OMERO test double is at least as strict as OMERO 5.6 where the backend
+relies on it. Oracles: omero-py's own client code run against the double
+(createImageFromNumpySeq, getObjects, createOriginalFileFromFileObj,
+keepAlive, deleteObjects), numpy, and the rules read from the server's
+source (named in each test and beside each rule in the double)."""
 
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
 
 pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
 
+import Glacier2  # noqa: E402
 import Ice  # noqa: E402
 import omero  # noqa: E402
-from omero.model import FileAnnotationI, OriginalFileI, PlateAnnotationLinkI, PlateI  # noqa: E402
-from omero.rtypes import rstring  # noqa: E402
+import omero.gateway  # noqa: E402
+import omero.grid  # noqa: E402
+import omero_Tables_ice  # noqa: E402,F401
+from omero.model import (  # noqa: E402
+    EllipseI,
+    FileAnnotationI,
+    OriginalFileI,
+    PlateAnnotationLinkI,
+    PlateI,
+    PointI,
+    PolygonI,
+    RectangleI,
+    RoiI,
+)
+from omero.rtypes import rdouble, rint, rstring  # noqa: E402
 
-from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble  # noqa: E402
+from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble, StrictAttributeError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
@@ -46,6 +64,20 @@ def _stack(z=3, c=2, t=2, y=6, x=7):
     return a
 
 
+def _new_pixels(server, conn, shape=(1, 1, 1, 6, 7), ptype="uint16") -> int:
+    """An image made by IPixels.createImage (no pixels file yet): its Pixels id."""
+    t, z, c, y, x = shape
+    pt = conn.getQueryService().findByQuery(f"from PixelsType as p where p.value='{ptype}'", None)
+    iid = conn.getPixelsService().createImage(x, y, z, t, list(range(c)), pt, "new", "").val
+    return server.children("Image", "pixels", iid)[0]
+
+
+def _rps(conn, pid):
+    rps = conn.c.sf.createRawPixelsStore()
+    rps.setPixelsId(pid, True)
+    return rps
+
+
 def test_create_image_from_numpy_seq_consumes_z_then_c_then_t(server, conn):
     truth = _stack()
     t, z, c = truth.shape[:3]
@@ -63,55 +95,242 @@ def test_create_image_from_numpy_seq_consumes_z_then_c_then_t(server, conn):
     assert all(ch.getLogicalChannel().getName() is None for ch in p.copyChannels())
 
 
-def test_raw_planes_are_big_endian_and_limited(server, conn):
-    truth = _stack(1, 1, 1, 4, 5) + 1000
-    img = conn.createImageFromNumpySeq(iter([truth[0, 0, 0]]), "be")
-    rps = conn.c.sf.createRawPixelsStore()
-    rps.setPixelsId(img.getPrimaryPixels().getId(), True)
-    raw = rps.getPlane(0, 0, 0)
-    assert raw == truth[0, 0, 0].astype(">u2").tobytes()
-    with pytest.raises(omero.ApiUsageException):
-        rps.getPlane(1, 0, 0)
-    small = ServerDouble(users={"a": "b"}, max_plane_size=3).register("small.test", 4064)
+def test_raw_planes_are_big_endian_without_a_plane_size_limit(server, conn):
+    # rule 5: RawPixelsBean.getPlane/setPlane have no size limit of their own
+    small = ServerDouble(users={"a": "b"}, max_plane_size=4).register("small.test", 4064)
     try:
         c2 = GatewayDouble("a", "b", host="small.test", port=4064)
         assert c2.connect()
-        with pytest.raises(omero.ApiUsageException, match="max_plane"):
-            c2.createImageFromNumpySeq(iter([truth[0, 0, 0]]), "big")
+        truth = np.arange(3 * 5, dtype="uint16").reshape(3, 5) + 1000  # 5 > 4: still no pyramid (15 < 16)
+        pid = _new_pixels(small, c2, (1, 1, 1, 3, 5))
+        rps = _rps(c2, pid)
+        rps.setPlane(truth.astype(">u2").tobytes(), 0, 0, 0)
+        assert rps.getPlane(0, 0, 0) == truth.astype(">u2").tobytes() != truth.astype("<u2").tobytes()
+        with pytest.raises(omero.ApiUsageException):  # DimensionsOutOfBoundsException
+            rps.getPlane(1, 0, 0)
     finally:
         small.unregister()
 
 
+def test_pixels_are_write_once(server, conn):
+    # rule 2: PixelsService._getPixelBuffer gives a read-only ROMIO buffer once the file exists
+    truth = _stack(1, 1, 1, 4, 5)
+    img = conn.createImageFromNumpySeq(iter([truth[0, 0, 0]]), "written")  # writes the pixels file
+    rps = _rps(conn, img.getPrimaryPixels().getId())
+    with pytest.raises(omero.ApiUsageException, match="Write-method not permitted"):
+        rps.setPlane(truth[0, 0, 0].astype(">u2").tobytes(), 0, 0, 0)
+    # imported images are read-only too
+    pid = server.seed_plate("p", {("A01", 0): truth})
+    seeded = server.children("Image", "pixels", server.objects("WellSample")[0].image.id.val)[0]
+    with pytest.raises(omero.ApiUsageException, match="Write-method not permitted"):
+        _rps(conn, seeded).setTile(truth[0, 0, 0].astype(">u2").tobytes(), 0, 0, 0, 0, 0, 5, 4)
+    assert pid
+    # a new image's pixels take writes until its first store wrote them, through that store
+    fresh = _new_pixels(server, conn, (1, 1, 2, 4, 5))
+    first = _rps(conn, fresh)
+    first.setPlane(truth[0, 0, 0].astype(">u2").tobytes(), 0, 0, 0)
+    first.setPlane(truth[0, 0, 0].astype(">u2").tobytes(), 0, 1, 0)  # same store: still writable
+    with pytest.raises(omero.ApiUsageException, match="Write-method not permitted"):
+        _rps(conn, fresh).setPlane(truth[0, 0, 0].astype(">u2").tobytes(), 0, 0, 0)
+
+
+def test_plane_buffer_of_the_wrong_size_is_a_resource_error(server, conn):
+    pid = _new_pixels(server, conn, (1, 1, 1, 4, 5))
+    with pytest.raises(omero.ResourceError, match="BufferUnderflow"):  # RawPixelsBean.handleException
+        _rps(conn, pid).setPlane(b"\0" * 39, 0, 0, 0)
+    with pytest.raises(omero.ResourceError, match="BufferOverflow"):
+        _rps(conn, pid).setPlane(b"\0" * 41, 0, 0, 0)
+
+
+def test_romio_takes_only_full_width_strips(server, conn):
+    # rule 3: RomioPixelBuffer.setTile / getTileSize; below the pyramid threshold
+    pid = _new_pixels(server, conn, (1, 1, 1, 12, 10))
+    rps = _rps(conn, pid)
+    assert rps.getTileSize() == [10, 12]  # [sizeX, min(sizeY, 1 MiB / 2 / sizeX)]
+    with pytest.raises(omero.InternalException, match="0 offseted"):
+        rps.setTile(b"\0" * 2 * 5 * 4, 0, 0, 0, 5, 0, 5, 4)
+    with pytest.raises(omero.InternalException, match="full row"):
+        rps.setTile(b"\0" * 2 * 5 * 4, 0, 0, 0, 0, 0, 5, 4)
+    strip = (np.arange(40, dtype="uint16").reshape(4, 10) + 500)
+    rps.setTile(strip.astype(">u2").tobytes(), 0, 0, 0, 0, 8, 10, 4)
+    np.testing.assert_array_equal(server.pixels_of(pid)[0, 0, 0, 8:12], strip)
+    # a plane of 3000 x 1000 uint16 has strips of 1 MiB / 2 / 3000 = 174 rows
+    big = _new_pixels(server, conn, (1, 1, 1, 1000, 3000))
+    assert _rps(conn, big).getTileSize() == [3000, 174]
+
+
+def test_pyramid_takes_tiles_in_sequence_only():
+    # rule 4: above 3192^2 px (here 8^2) BfPyramidPixelBuffer: no setPlane, tiles in XYZCT order, row-major
+    srv = ServerDouble(users={"a": "b"}, max_plane_size=8, tile_size=4).register("pyr.test", 4064)
+    try:
+        c = GatewayDouble("a", "b", host="pyr.test", port=4064)
+        assert c.connect()
+        pid = _new_pixels(srv, c, (1, 2, 2, 6, 10))  # 60 px > 64? no: 6*10 = 60 < 64
+        assert not _rps(c, pid).requiresPixelsPyramid()
+        pid = _new_pixels(srv, c, (1, 2, 2, 7, 10))  # 70 px > 64: a pyramid
+        rps = _rps(c, pid)
+        assert rps.requiresPixelsPyramid() and rps.getTileSize() == [4, 4]
+        with pytest.raises(omero.InternalException, match="Non-tile based writing unsupported"):
+            rps.setPlane(b"\0" * 140, 0, 0, 0)
+        truth = np.arange(2 * 2 * 7 * 10, dtype="uint16").reshape(2, 2, 7, 10)  # C, Z, Y, X
+        order = []
+        for ci in range(2):
+            for zi in range(2):  # XYZCT: z fastest, then c
+                for y in range(0, 7, 4):
+                    for x in range(0, 10, 4):
+                        order.append((zi, ci, x, y, min(4, 10 - x), min(4, 7 - y)))
+        # out of order (c before z): refused
+        zi, ci, x, y, w, h = order[0]
+        rps.setTile(truth[ci, zi, y:y + h, x:x + w].astype(">u2").tobytes(), zi, ci, 0, x, y, w, h)
+        with pytest.raises(omero.InternalException, match="expects tile"):
+            rps.setTile(truth[0, 0, 0:4, 4:8].astype(">u2").tobytes(), 0, 0, 0, 4, 4, 4, 3)
+        rps2 = _rps(c, _new_pixels(srv, c, (1, 2, 2, 7, 10)))
+        for zi, ci, x, y, w, h in order:
+            rps2.setTile(truth[ci, zi, y:y + h, x:x + w].astype(">u2").tobytes(), zi, ci, 0, x, y, w, h)
+        last = srv.children("Image", "pixels", srv.objects("Image")[-1].id.val)[0]
+        np.testing.assert_array_equal(srv.pixels_of(last)[0], truth.transpose(1, 0, 2, 3))
+    finally:
+        srv.unregister()
+
+
 def test_sessions_logins_and_a_dead_server(server):
-    assert GatewayDouble("alice", "wrong", host="double.test", port=4064).connect() is False
+    # omero/gateway/__init__.py BlitzGateway.connect: False (not a raise) for a refused login
+    bad = GatewayDouble("alice", "wrong", host="double.test", port=4064)
+    assert bad.connect() is False
+    assert isinstance(bad.getLastError(), Glacier2.PermissionDeniedException)
     assert GatewayDouble("nobody", "pw", host="double.test", port=4064).connect() is False
     c = GatewayDouble("alice", "pw", host="double.test", port=4064)
     assert c.connect()
-    key = c.getSessionId()
+    key = c.c.getSessionId()
     other = GatewayDouble(host="double.test", port=4064)
     assert other.connect(sUuid=key) and other.getEventContext().userName == "alice"
     assert GatewayDouble(host="double.test", port=4064).connect(sUuid="not-a-session") is False
     server.stop()
     with pytest.raises(Ice.ConnectionLostException):
         c.getObject("Plate", 1)
-    with pytest.raises(Ice.ConnectionRefusedException):
+    with pytest.raises(Ice.ConnectionRefusedException):  # a SyscallException: re-raised
         GatewayDouble("alice", "pw", host="double.test", port=4064).connect()
     server.start()
-    with pytest.raises(Ice.ConnectionRefusedException):
-        GatewayDouble("alice", "pw", host="nowhere.test", port=4064).connect()
+    # rule 10: DNS failures are LocalExceptions: connect() returns False, getLastError() says why
+    dns = GatewayDouble("alice", "pw", host="nowhere.test", port=4064)
+    assert dns.connect() is False and isinstance(dns.getLastError(), Ice.DNSException)
+    server.ready = False  # SessionManagerI: "Server not fully initialized"
+    booting = GatewayDouble("alice", "pw", host="double.test", port=4064)
+    assert booting.connect() is False
+    assert isinstance(booting.getLastError(), Glacier2.CannotCreateSessionException)
 
 
-def test_wells_rows_columns_are_zero_based_and_fetch_decides_loading(server, conn):
-    pid = server.seed_plate("p", {("B03", 0): _stack(1, 1, 1, 2, 2)})
-    (w,) = list(conn.getObjects("Well", opts={"plate": pid}))
-    assert (w.row, w.column) == (1, 2)
-    assert not w._obj.isWellSamplesLoaded()  # not fetched -> unloaded, as from a real server
-    (w2,) = list(conn.getObjects("Well", opts={"plate": pid, "load_pixels": True}))
-    img = w2._obj.copyWellSamples()[0].getImage()
-    assert img.getPrimaryPixels().getSizeX().val == 2
-    assert not img.getPrimaryPixels().isChannelsLoaded()
+def test_group_is_a_name_and_an_unknown_one_falls_back(server):
+    # rule 11: the group travels in the Ice implicit context (strings only)
+    by_id = GatewayDouble("alice", "pw", host="double.test", port=4064, group=server.group_id("other"))
+    assert by_id.connect() is False
+    by_name = GatewayDouble("alice", "pw", host="double.test", port=4064, group="other")
+    assert by_name.connect() and by_name.getEventContext().groupId == server.group_id("other")
+    unknown = GatewayDouble("alice", "pw", host="double.test", port=4064, group="nosuchgroup")
+    assert unknown.connect()  # silently the default group
+    assert unknown.getEventContext().groupId == server.group_id("lab")
+    # setGroupForSession (omero-py's own) switches by id
+    assert unknown.setGroupForSession(server.group_id("other"))
+    assert unknown.getEventContext().groupId == server.group_id("other")
+
+
+def test_strict_surface_admits_only_what_omero_py_has(server, conn):
+    # rule 1: BlitzGateway has no getSessionId (only _getSessionId; the key is c.getSessionId())
+    with pytest.raises(StrictAttributeError, match="BlitzGateway has no attribute 'getSessionId'"):
+        conn.getSessionId()
+    assert conn._getSessionId() == conn.c.getSessionId()
+    with pytest.raises(StrictAttributeError, match="IQueryPrx"):
+        conn.getQueryService().findEverything()
+    with pytest.raises(StrictAttributeError, match="RawPixelsStorePrx"):
+        conn.c.sf.createRawPixelsStore().getPlaneFast(0, 0, 0)
+    with pytest.raises(StrictAttributeError, match="ServiceFactoryPrx"):
+        conn.c.sf.newTable(1, "x")
+    assert omero.gateway.BlitzGateway.keepAlive is GatewayDouble.keepAlive  # omero-py's own code
+
+
+def test_keepalive_is_false_on_a_dead_session(server):
+    # rule 9: BlitzGateway.keepAlive catches ObjectNotExistException and returns False
+    server.session_timeout = 0.2
+    c = GatewayDouble("alice", "pw", host="double.test", port=4064)
+    assert c.connect()
+    time.sleep(0.1)
+    assert c.keepAlive() is True
+    time.sleep(0.3)
+    assert c.keepAlive() is False
+
+
+def test_well_query_returns_a_well_once_per_sample(server, conn):
+    # rule 14: _WellWrapper._getQueryString joins fetch wellSamples without distinct
+    pid = server.seed_plate("p", {("B03", s): _stack(1, 1, 1, 2, 2) for s in range(3)} |
+                            {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    rows = list(conn.getObjects("Well", opts={"plate": pid, "load_pixels": True}))
+    assert sorted((w.row, w.column) for w in rows) == [(0, 0), (1, 2), (1, 2), (1, 2)]
+    (plain,) = [w for w in conn.getObjects("Well", opts={"plate": pid}) if w.row == 1]  # no join: once
+    assert not plain._obj.isWellSamplesLoaded()
+    img = rows[-1]._obj.copyWellSamples()[0].getImage()
+    assert img.getPrimaryPixels().getSizeX().val == 2 and not img.getPrimaryPixels().isChannelsLoaded()
     with pytest.raises(NotImplementedError, match="cannot"):
         conn.getQueryService().findAllByQuery("select count(w) from Well w group by w.row", None)
+
+
+def test_delete_is_a_command_with_graph_rules(server, conn):
+    # rule 8: blitz-delete-rules.xml "may not delete Image while WellSample remains"; CmdError from waitOnCmd
+    server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    iid = server.objects("WellSample")[0].image.id.val
+    with pytest.raises(omero.CmdError) as err:
+        conn.deleteObjects("Image", [iid], wait=True)
+    assert not isinstance(err.value, omero.ServerError) and isinstance(err.value, omero.ClientError)
+    assert "WellSample" in str(err.value.err.parameters)
+    assert len(server.objects("Image")) == 1
+    # a slow delete: deleteObjects(wait=True) waits 10 polls, then closes the handle -> cancelled
+    server.delete_polls = 15
+    orphan = conn.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), "orphan").getId()
+    conn.deleteObjects("Image", [orphan], wait=True)
+    assert orphan in [i.id.val for i in server.objects("Image")] and server.counters["cmd.cancelled"] == 1
+    handle = conn.deleteObjects("Image", [orphan])
+    cb = conn.c.waitOnCmd(handle, loops=20, failontimeout=True, closehandle=True)
+    assert isinstance(cb.getResponse(), omero.cmd.OK)
+    cb.close(True)
+    assert orphan not in [i.id.val for i in server.objects("Image")]
+    with pytest.raises(omero.LockTimeout):
+        conn.c.waitOnCmd(conn.deleteObjects("Well", [server.objects("Well")[0].id.val]), loops=3,
+                         failontimeout=True, closehandle=True)
+
+
+def test_tables_service_rules():
+    # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
+    srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)
+    try:
+        c = GatewayDouble("a", "b", host="notables.test", port=4064)
+        assert c.connect()
+        res = c.c.sf.sharedResources()
+        assert res.areTablesEnabled() is False
+        repo = res.repositories().descriptions[0].id.val
+        with pytest.raises(omero.InternalException):
+            res.newTable(repo, "fiji-bridge/results.h5")
+        assert [f.name.val for f in srv.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == \
+            ["fiji-bridge/results.h5"]  # the file name is the full path, and it stays behind
+        assert srv.waited >= 5.0  # omero.grid.registry_timeout
+    finally:
+        srv.unregister()
+    srv = ServerDouble(users={"a": "b"}).register("tables.test", 4064)
+    try:
+        c = GatewayDouble("a", "b", host="tables.test", port=4064)
+        assert c.connect()
+        res = c.c.sf.sharedResources()
+        repo = res.repositories().descriptions[0].id.val
+        for cols, msg in ((["a", "a"], "Duplicate column name"), (["__a"], "Reserved column name")):
+            t = res.newTable(repo, "t.h5")
+            with pytest.raises(omero.ApiUsageException, match=msg):  # hdfstorageV2.py / columns.py
+                t.initialize([omero.grid.LongColumn(n, "", []) for n in cols])
+            t.close()
+        t = res.newTable(repo, "ok.h5")
+        t.initialize([omero.grid.LongColumn("n", "", [])])
+        with pytest.raises(omero.ValidationException, match="Already initialized"):
+            t.initialize([omero.grid.LongColumn("n", "", [])])
+        t.close()
+    finally:
+        srv.unregister()
 
 
 def test_annotation_must_be_linked_in_the_objects_group(server, conn):
@@ -135,16 +354,30 @@ def test_annotation_must_be_linked_in_the_objects_group(server, conn):
     assert len(server.objects("PlateAnnotationLink")) == 1
 
 
-def test_session_times_out_without_keepalive(server):
-    server.session_timeout = 0.2
-    c = GatewayDouble("alice", "pw", host="double.test", port=4064)
-    assert c.connect()
-    import time
-
-    time.sleep(0.1)
-    assert c.keepAlive()
-    time.sleep(0.1)
-    assert c.keepAlive()
-    time.sleep(0.3)
-    with pytest.raises(Ice.ObjectNotExistException):
-        c.keepAlive()
+def test_rois_and_shapes_are_omero_py_model_objects(server, conn):
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 8, 8)})
+    assert pid
+    iid = server.objects("Image")[0].id.val
+    roi = RoiI()
+    roi.name = rstring("cell")
+    roi.setImage(omero.model.ImageI(iid, False))
+    rect = RectangleI()
+    rect.x, rect.y, rect.width, rect.height, rect.theZ = rdouble(1), rdouble(2), rdouble(3), rdouble(4), rint(0)
+    ell = EllipseI()
+    ell.x, ell.y, ell.radiusX, ell.radiusY = rdouble(4), rdouble(4), rdouble(2), rdouble(1)
+    poly = PolygonI()
+    poly.points = rstring("1,1 5,1 3,4")
+    pt = PointI()
+    pt.x, pt.y = rdouble(2.5), rdouble(3.5)
+    for s in (rect, ell, poly, pt):
+        roi.addShape(s)
+    saved = conn.getUpdateService().saveAndReturnObject(roi, {"omero.group": str(server.group_id("lab"))})
+    assert [type(s).__name__ for s in saved.copyShapes()] == ["RectangleI", "EllipseI", "PolygonI", "PointI"]
+    got = conn.getQueryService().findAllByQuery(
+        "select r from Roi r left outer join fetch r.shapes where r.image.id in (:ids)",
+        omero.sys.ParametersI().addIds([iid]))
+    assert len(got) == 4  # one row per shape, as Hibernate joins
+    (r,) = {x.id.val: x for x in got}.values()
+    shapes = r.copyShapes()
+    assert shapes[2].points.val == "1,1 5,1 3,4" and shapes[0].theZ.val == 0 and shapes[1].theZ is None
+    assert server.children("Image", "rois", iid) == [r.id.val]

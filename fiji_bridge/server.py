@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import mmap
+import math
 import os
 import shutil
 import signal
@@ -64,12 +64,7 @@ from .protocol import (
 )
 from .security import SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
-from .transport import TransportError, read_inline, read_shm, reap_orphans  # noqa: F401
-
-try:
-    import _posixshmem  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - Windows
-    _posixshmem = None
+from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
 
 __all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
 
@@ -190,7 +185,7 @@ class BridgeServer:
         self.streams: dict[str, StreamStats] = {}
         self.origins: dict[str, dict] = {}  # stack key -> plate/well/site of its planes
         self.errors = 0
-        self.segments = SegmentCache()
+        self.segments = SegmentReader()
         self.sup = EngineSupervisor(self.ctx, self.runtime_dir, engine=engine, display=self.display, on_ready=lambda: self.live.engine_ready())
         self.sup.set_socket_listener(self._swap_worker_socket)
         self.live = LiveDisplay(self.store, self.sup, self.display)
@@ -298,7 +293,7 @@ class BridgeServer:
                 self._stop = True
         if now - self._last_reap > REAP_INTERVAL:
             self._last_reap = now
-            self.segments.evict(older_than=REAP_INTERVAL)
+            self.segments.clear()
             try:
                 reap_orphans()
             except Exception:
@@ -328,7 +323,7 @@ class BridgeServer:
             except Exception:
                 log.exception("closing the OpenHCS receiver failed")
         self.sup.close()
-        self.segments.evict(older_than=0)
+        self.segments.clear()
         self._saver.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self.subs.values():
             sock.close(0)
@@ -614,7 +609,7 @@ class BridgeServer:
             if h.transport == "shm":
                 if published:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "published planes must be inline (nobody could acknowledge a shm segment)")
-                plane = self.segments.view(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
+                plane = self.segments.read(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
             else:
                 plane = read_inline(payload, h.shape, h.dtype)
             try:
@@ -700,63 +695,39 @@ class BridgeServer:
 # --------------------------------------------------------------------------- helpers
 
 
-class SegmentCache:
-    """Read-only mappings of producers' shared-memory segments, kept while in use.
+class SegmentReader:
+    """Copies planes out of producers' shared-memory segments (see
+    :func:`~fiji_bridge.transport.read_shm`: descriptor reads, no mapping, so
+    no peer can turn a read into SIGBUS; FIFOs, links and other users'
+    segments refused). The scratch buffers are reused across planes of the
+    same size (the plane is copied once more, into its stack). Never
+    unlinks, never registers with Python's resource tracker."""
 
-    A producer's ring reuses a few segments, so mapping each once (instead
-    of once per plane) leaves one copy per plane: segment -> stack. Every
-    use re-opens the name (so a segment the producer unlinked is refused as
-    ``bad_shm``) and checks its inode and size; mappings unused for a few
-    seconds are dropped (the memory of a finished producer is released).
-    Never unlinks, never registers with Python's resource tracker.
-    """
+    def __init__(self, max_buffers: int = 4) -> None:
+        self.max_buffers = max_buffers
+        self._scratch: dict[int, np.ndarray] = {}
 
-    def __init__(self, max_entries: int = 256) -> None:
-        self.max_entries = max_entries
-        self._maps: dict[str, tuple[int, int, mmap.mmap, float]] = {}
-
-    def view(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> np.ndarray:
+    def read(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> np.ndarray:
         if name is None:
             raise ProtocolError(ErrorCode.BAD_SHM, "payload is not a shared-memory segment name")
-        name = name.lstrip("/")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        buf = self._scratch.pop(nbytes, None)
+        if buf is None:
+            buf = np.empty(nbytes, np.uint8)
         try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0o600)
-        except FileNotFoundError:
-            self._drop(name)
-            raise ProtocolError(ErrorCode.BAD_SHM, f"shared-memory segment {name!r} does not exist (the producer closed it or died before the bridge read it)") from None
-        except OSError as e:
-            raise ProtocolError(ErrorCode.BAD_SHM, f"cannot open shared-memory segment {name!r}: {e}") from None
-        try:
-            st = os.fstat(fd)
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            if offset + nbytes > st.st_size:
-                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"shared-memory segment {name!r} has {st.st_size} bytes, too short for {list(shape)} {dtype} at offset {offset}")
-            entry = self._maps.get(name)
-            if entry is None or entry[0] != st.st_ino or entry[1] != st.st_size:
-                self._drop(name)
-                mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-                if len(self._maps) >= self.max_entries:
-                    self.evict(older_than=0, keep=self.max_entries // 2)
-                entry = (st.st_ino, st.st_size, mm, 0.0)
-            self._maps[name] = (entry[0], entry[1], entry[2], time.monotonic())
+            out = read_shm(name, shape, dtype, offset, into=buf)
+        except SegmentTooShort as e:
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
+        except TransportError as e:
+            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
         finally:
-            os.close(fd)
-        return np.frombuffer(entry[2], dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+            self._scratch[nbytes] = buf  # most recently used last
+            while len(self._scratch) > self.max_buffers:
+                del self._scratch[next(iter(self._scratch))]
+        return out
 
-    def _drop(self, name: str) -> None:
-        entry = self._maps.pop(name, None)
-        if entry is not None:
-            try:
-                entry[2].close()
-            except BufferError:  # a view is still alive: the mapping goes with it
-                pass
-
-    def evict(self, older_than: float, keep: int = 0) -> None:
-        now = time.monotonic()
-        by_age = sorted(self._maps, key=lambda k: self._maps[k][3])
-        for i, name in enumerate(by_age):
-            if now - self._maps[name][3] >= older_than and len(self._maps) > keep:
-                self._drop(name)
+    def clear(self) -> None:
+        self._scratch.clear()
 
 
 def _owner_alive(pid: int) -> bool:

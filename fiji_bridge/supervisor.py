@@ -520,23 +520,13 @@ class EngineSupervisor:
                 log.warning("the engine worker (pid %s) stopped answering (no heartbeat for %.0f s)", self.pid, age)
             self.silent = age
             if age > HEARTBEAT_KILL:
-                reason = f"the engine worker showed no sign of life for {age:.0f} s (stopped or wedged)"
-                if job is not None:
-                    self.current = None
-                    what = "the macro" if job.kind == "macro" else f"the {job.op} request"
-                    self._finish(job, _err("engine", f"{reason} while running {what}; the engine was restarted, stacks are intact", kind="engine"))
-                self._restart(reason)
+                self._lost(f"the engine worker showed no sign of life for {age:.0f} s (stopped or wedged)")
                 return
         elif self.silent is not None:
             log.info("the engine worker answers again")
             self.silent = None
         if code is not None:
-            reason = f"the ImageJ engine died (exit code {code})"
-            if job is not None:
-                self.current = None
-                what = "the macro" if job.kind == "macro" else f"the {job.op} request"
-                self._finish(job, _err("engine", f"{reason} while running {what}; the engine was restarted, stacks are intact", kind="engine"))
-            self._restart(reason)
+            self._lost(f"the ImageJ engine died (exit code {code})")
             return
         if job is not None and now - job.sent_at > job.timeout + KILL_GRACE:
             self.current = None
@@ -544,6 +534,14 @@ class EngineSupervisor:
             msg = f"{what} ran longer than its timeout of {job.timeout:g} s and was stopped; the engine was restarted, stacks are intact"
             self._finish(job, _err("macro_timeout", msg, kind="timeout"))
             self._restart("a request exceeded its deadline")
+
+    def _lost(self, reason: str) -> None:
+        """The worker is dead or gone silent: fail its job, start a new one."""
+        job, self.current = self.current, None
+        if job is not None:
+            what = "the macro" if job.kind == "macro" else f"the {job.op} request"
+            self._finish(job, _err("engine", f"{reason} while running {what}; the engine was restarted, stacks are intact", kind="engine"))
+        self._restart(reason)
 
     # -- helpers -------------------------------------------------------------
 

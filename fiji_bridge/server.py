@@ -62,7 +62,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
-from .security import SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
+from .security import SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
 from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
 
@@ -148,8 +148,10 @@ class BridgeServer:
         keys_dir: Optional[str] = None,
         max_bytes: Optional[int] = None,
         parent_pid: Optional[int] = None,
+        allow_save_to: Optional[list[str]] = None,
     ) -> None:
         check_bind(host, keys_dir, ipc=ipc)
+        self.save_roots = SaveRoots(allow_save_to)
         self.parent_pid = parent_pid
         self.port = int(port)
         self.host = host
@@ -409,6 +411,7 @@ class BridgeServer:
             "openhcs": ({"port": self.openhcs_port, **_safe_stats(self.openhcs)} if self.openhcs is not None else None),
             "errors": self.errors,
             "secure": True,
+            "save_to_roots": self.save_roots.describe(),
             "auth": {"mode": self.auth.mode, "refused": self.auth.refused, **({"secret_file": str(secret_path())} if self.auth.mode == "secret" else {})},
         }
 
@@ -486,6 +489,11 @@ class BridgeServer:
     # ------------------------------------------------------------------ macros
 
     def _run_macro(self, env: list, req: Any) -> None:
+        if req.save_to:
+            try:
+                self.save_roots.check(req.save_to)
+            except SecurityError as e:
+                raise ProtocolError(ErrorCode.FORBIDDEN, str(e)) from None
         body: dict = {
             "code": req.code,
             "dims": req.dims,
@@ -785,11 +793,12 @@ def serve(
     openhcs_port: Optional[int] = None,
     keys_dir: Optional[str] = None,
     parent_pid: Optional[int] = None,
+    allow_save_to: Optional[list[str]] = None,
 ) -> int:
     """``fiji-bridge serve``: run a bridge until shutdown; returns an exit code."""
     logging.basicConfig(level=os.environ.get("FIJI_BRIDGE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid)
+        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=allow_save_to)
     except SecurityError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

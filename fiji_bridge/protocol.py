@@ -93,6 +93,7 @@ class ErrorCode:
     ENGINE = "engine"  # the engine worker is down / failed to start
     UNAVAILABLE = "unavailable"  # a feature whose module is not installed
     SHUTTING_DOWN = "shutting_down"
+    NO_MEMORY = "no_memory"  # no room in shared memory for the request's arrays
     FORBIDDEN = "forbidden"  # outside what this bridge allows (save_to roots)
     INTERNAL = "internal"
 

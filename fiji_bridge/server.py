@@ -72,6 +72,10 @@ log = logging.getLogger("fiji_bridge.server")
 
 #: seconds between sweeps for shared memory left by dead producers
 REAP_INTERVAL = 5.0
+#: bytes a stack costs the bridge beyond its pixels (the stack object, its
+#: plane index, names, origin, window state: ~2 KB measured, 20,000 stacks of
+#: one 4x4 plane grew the bridge by 38 MB), counted against the memory cap
+STACK_OVERHEAD = 4096
 #: seconds between checks that the owner (``--parent-pid``) still lives
 PARENT_CHECK_INTERVAL = 0.5
 #: messages handled per socket before the loop looks at the others
@@ -404,7 +408,7 @@ class BridgeServer:
             "windows": self.live.windows,
             "display_pending": self.live.pending,
             "stacks": stacks,
-            "memory": {"used": self.store.nbytes, "max": self.store.max_bytes},
+            "memory": {"used": self.memory_used(), "pixels": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),
@@ -624,6 +628,7 @@ class BridgeServer:
                 mapping = AxisMapping.from_dict(h.mapping) if h.mapping else default_mapping
             except StackError as e:
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"mapping: {e}") from None
+            self._check_room(h.key if h.key is not None else (mapping or AxisMapping()).window_key(h.components), h.nbytes)
             try:
                 key, t, z, c = self.store.add_plane(plane, h.components, key=h.key, mapping=mapping, calibration=h.calibration)
             except (StackError, ComponentError) as e:
@@ -644,6 +649,25 @@ class BridgeServer:
             self.errors += 1
             log.exception("plane ingest failed")
             return Ack(stream, seq, False, error={"code": ErrorCode.INTERNAL, "message": f"{type(e).__name__}: {e}"})
+
+    def memory_used(self) -> int:
+        """What the stacks cost: their pixels plus :data:`STACK_OVERHEAD` each."""
+        return self.store.nbytes + len(self.store) * STACK_OVERHEAD
+
+    def _check_room(self, key: str, plane_bytes: int) -> None:
+        """Refuse a plane that would open a new stack beyond the memory cap
+        (the store itself counts only the pixels of stacks that exist)."""
+        if key in self.store:
+            return
+        need = self.memory_used() + STACK_OVERHEAD + plane_bytes
+        if need > self.store.max_bytes:
+            raise ProtocolError(
+                ErrorCode.REJECTED,
+                f"a new stack {key!r} would bring the bridge to {need} bytes ({len(self.store)} stacks, "
+                f"{STACK_OVERHEAD} bytes of bookkeeping each plus pixels), over the memory cap of "
+                f"{self.store.max_bytes}: close stacks you no longer need (close_stack, clear_state) or raise "
+                "the cap (FIJI_BRIDGE_MAX_STACK_BYTES)",
+            )
 
     def _stream(self, sid: str) -> StreamStats:
         st = self.streams.get(sid)
@@ -682,6 +706,7 @@ class BridgeServer:
         """Called by the OpenHCS receiver (from its thread): place a plane now
         (the store is thread-safe, so the sender hears of a rejection) and
         let the loop update the display."""
+        self._check_room(key, plane.nbytes)
         calibration = meta.get("calibration") if isinstance(meta, dict) else None
         if isinstance(calibration, dict):
             calibration = Calibration.from_dict(calibration)
@@ -736,6 +761,14 @@ class SegmentReader:
 
     def clear(self) -> None:
         self._scratch.clear()
+
+
+def _shm_free() -> Optional[int]:
+    """Bytes free in /dev/shm (None where there is none)."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
 
 
 def _owner_alive(pid: int) -> bool:

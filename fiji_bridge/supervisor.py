@@ -28,10 +28,12 @@ prefixes) when the bridge dies, so no JVM and no segment outlives the bridge.
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,8 +76,28 @@ POOL_BYTES = 1 << 30
 # --------------------------------------------------------------------------- shared memory
 
 
+def _reserve(fd: int, nbytes: int, name: str) -> None:
+    """Allocate the segment's pages now: on a full /dev/shm this fails here
+    with ENOSPC (a clear error) instead of killing whoever writes the
+    mapping later with SIGBUS."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            try:
+                free = shutil.disk_usage("/dev/shm").free
+            except OSError:
+                free = -1
+            raise OSError(e.errno, f"no room in shared memory for {nbytes} bytes ({free} free in /dev/shm): close stacks or run the macro on a smaller image") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
 class SharedArray:
-    """A POSIX shared-memory segment owned by this process, with an array view."""
+    """A POSIX shared-memory segment owned by this process, with an array view
+    (its pages allocated up front, so writing it cannot raise SIGBUS)."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True) -> None:
         self.name = name
@@ -87,6 +109,7 @@ class SharedArray:
         try:
             if create:
                 os.ftruncate(fd, nbytes)
+                _reserve(fd, nbytes, name)
             self._mm = _map(fd, nbytes)
         except BaseException:
             os.close(fd)
@@ -444,7 +467,8 @@ class EngineSupervisor:
                 body[fname] = seg.desc()
             self.sock.send_multipart(encode(body), flags=zmq.NOBLOCK)
         except (OSError, zmq.ZMQError, ValueError) as e:
-            self._finish(job, _err("engine", f"could not hand the request to the engine worker: {e}"))
+            code = "no_memory" if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM) else "engine"
+            self._finish(job, _err(code, f"could not hand the request to the engine worker: {e}"))
             self._pump()
             return
         job.sent_at = time.monotonic()

@@ -223,6 +223,9 @@ class Worker:
             except NotImplementedError as e:
                 reply = {"ok": False, "error": {"code": "unavailable", "message": str(e) or f"{op} is not supported by this engine"}}
             except Exception as e:  # the error goes back, the worker goes on
+                if type(e).__name__ == "JVMNotRunning":  # the JVM is gone (System.exit): so are we
+                    sys.stdout.flush()
+                    os._exit(4)  # the supervisor reports the engine's death and restarts it
                 reply = {"ok": False, "error": {"code": "engine", "message": f"{type(e).__name__}: {e}", "kind": "exception", "trace": traceback.format_exc(limit=5)}}
             finally:
                 self._release()

@@ -43,11 +43,12 @@ def main() -> None:
 @click.option("--openhcs-port", type=int, default=None, help="also act as OpenHCS's Fiji viewer on this port")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), default=None, help="CurveZMQ key folder (see `fiji-bridge keys`)")
 @click.option("--parent-pid", type=int, default=None, help="shut down when the process with this pid (the owner) ends")
-def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str], parent_pid: Optional[int]) -> None:
+@click.option("--allow-save-to", "allow_save_to", multiple=True, metavar="DIR|omero://HOST", help="where run_macro(save_to=...) may write (repeatable; default: your home and the temporary folder)")
+def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str], parent_pid: Optional[int], allow_save_to: tuple[str, ...]) -> None:
     """Run the bridge: own ImageJ, take planes, run macros on request."""
     from .server import serve as _serve
 
-    sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid))
+    sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=list(allow_save_to) or None))
 
 
 @main.command()

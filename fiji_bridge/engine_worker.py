@@ -46,6 +46,18 @@ def _watch_parent(parent: int) -> None:
             os._exit(3)
 
 
+def _heartbeat(path: str) -> None:
+    """Touch ``path`` twice a second: the supervisor tells a live worker (even
+    one busy in a long macro) from a stopped or wedged one by its age."""
+    while True:
+        try:
+            with open(path, "a"):
+                os.utime(path)
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 def _open_engine(kind: str, display: bool) -> Any:
     factory = os.environ.get("FIJI_BRIDGE_ENGINE_FACTORY")  # "module:callable", for custom engines
     if factory:
@@ -211,6 +223,9 @@ class Worker:
             except NotImplementedError as e:
                 reply = {"ok": False, "error": {"code": "unavailable", "message": str(e) or f"{op} is not supported by this engine"}}
             except Exception as e:  # the error goes back, the worker goes on
+                if type(e).__name__ == "JVMNotRunning":  # the JVM is gone (System.exit): so are we
+                    sys.stdout.flush()
+                    os._exit(4)  # the supervisor reports the engine's death and restarts it
                 reply = {"ok": False, "error": {"code": "engine", "message": f"{type(e).__name__}: {e}", "kind": "exception", "trace": traceback.format_exc(limit=5)}}
             finally:
                 self._release()
@@ -224,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--display", action="store_true")
+    ap.add_argument("--heartbeat", default=None, help="file to touch twice a second")
     a = ap.parse_args(argv)
     threading.Thread(target=_watch_parent, args=(a.parent,), daemon=True, name="parent-watch").start()
+    if a.heartbeat:
+        threading.Thread(target=_heartbeat, args=(a.heartbeat,), daemon=True, name="heartbeat").start()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.linger = 1000

@@ -66,7 +66,11 @@ MAX_PLANE_SIDE = 1 << 17
 MAX_PLANE_BYTES = 1 << 31
 #: pixel types ImageJ can hold (directly or after a documented conversion)
 DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
-_SHM_NAME = re.compile(r"^/?[A-Za-z0-9_.\-]{1,200}$")
+# a segment name: letters, digits, _ . - (never only dots: "." and ".." are folders)
+_SHM_NAME = re.compile(r"^/?(?!\.+$)[A-Za-z0-9_.\-]{1,200}$")
+#: most bytes one array descriptor may describe (guards against shapes whose
+#: byte count overflows 64 bits; real limits apply where arrays are used)
+MAX_ARRAY_BYTES = 1 << 48
 _ENDPOINT = re.compile(r"^(tcp|ipc|inproc)://\S{1,500}$")
 
 
@@ -89,6 +93,8 @@ class ErrorCode:
     ENGINE = "engine"  # the engine worker is down / failed to start
     UNAVAILABLE = "unavailable"  # a feature whose module is not installed
     SHUTTING_DOWN = "shutting_down"
+    NO_MEMORY = "no_memory"  # no room in shared memory for the request's arrays
+    FORBIDDEN = "forbidden"  # outside what this bridge allows (save_to roots)
     INTERNAL = "internal"
 
 
@@ -119,6 +125,8 @@ def parse_json(frame: Any, what: str = "message") -> dict:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(ErrorCode.BAD_JSON, f"{what}: not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"{what}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, f"{what}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -199,7 +207,7 @@ class ArrayDesc:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     def to_dict(self) -> dict:
         d: dict = {"shape": list(self.shape), "dtype": self.dtype}
@@ -223,7 +231,10 @@ class ArrayDesc:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"{where}names frame {frame} but the message has {nframes} array frames")
         if shm is not None and not _SHM_NAME.match(shm):
             raise ProtocolError(ErrorCode.BAD_SHM, f"{where}bad shared-memory name {shm!r}")
-        return cls(shape, dtype, frame, shm)
+        desc = cls(shape, dtype, frame, shm)
+        if desc.nbytes > MAX_ARRAY_BYTES:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{where}shape {list(shape)} {dtype} would be {desc.nbytes} bytes, more than any array can be")
+        return desc
 
     def from_frame(self, buf: Any) -> np.ndarray:
         """The array in ``buf`` (a zmq frame / bytes), checked against shape and dtype (a view)."""
@@ -513,7 +524,7 @@ def request_id(frame: Any) -> Any:
     try:
         rid = json.loads(bytes(frame)).get("id")
         return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-    except Exception:
+    except Exception:  # RecursionError included
         return None
 
 

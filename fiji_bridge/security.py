@@ -40,8 +40,9 @@ import secrets
 import shutil
 import socket
 import stat
+import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import zmq
 import zmq.auth
@@ -58,6 +59,7 @@ __all__ = [
     "secret_path",
     "ensure_secret",
     "PLAIN_USER",
+    "SaveRoots",
 ]
 
 #: the PLAIN username every client presents (the password is the secret)
@@ -72,6 +74,15 @@ class SecurityError(RuntimeError):
 # --------------------------------------------------------------------------- the per-user secret
 
 
+def _home() -> Path:
+    try:
+        import pwd
+
+        return Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    except (ImportError, KeyError):
+        return Path.home()
+
+
 def secret_path() -> Path:
     """The per-user secret file: ``$FIJI_BRIDGE_SECRET_FILE``, else
     ``<home>/.cache/fiji-bridge/secret`` with the home directory of the
@@ -80,13 +91,7 @@ def secret_path() -> Path:
     env = os.environ.get("FIJI_BRIDGE_SECRET_FILE")
     if env:
         return Path(env).expanduser()
-    try:
-        import pwd
-
-        home = Path(pwd.getpwuid(os.geteuid()).pw_dir)
-    except (ImportError, KeyError):  # no such account entry (containers with arbitrary uids)
-        home = Path.home()
-    return home / ".cache" / "fiji-bridge" / "secret"
+    return _home() / ".cache" / "fiji-bridge" / "secret"
 
 
 def _check_private(st: os.stat_result, path: Path, what: str, mask: int = 0o077) -> None:
@@ -295,3 +300,62 @@ def apply_client_keys(sock: zmq.Socket, keys_dir: Union[str, Path]) -> None:
     sock.curve_secretkey = csecret
     sock.curve_publickey = cpub
     sock.curve_serverkey = spublic
+
+
+# --------------------------------------------------------------------------- where save_to may write
+
+
+class SaveRoots:
+    """The places a peer's ``save_to`` may name (``serve --allow-save-to``).
+
+    ``roots``: folders (a plate may be written anywhere below one, through
+    no hidden folder: ``~/.ssh``, ``~/.config`` are never plates) and
+    ``omero://host`` entries (OMERO servers the bridge may push to, with the
+    credentials of its own environment: never to a host a peer makes up).
+    Default: the user's home and the system temporary folder, and the OMERO
+    server of the bridge's own ``OMERO_HOST`` if set. Paths are compared
+    after resolving links."""
+
+    def __init__(self, roots: Optional[Sequence[str]] = None) -> None:
+        entries = list(roots) if roots else [str(_home()), tempfile.gettempdir()]
+        if not roots and os.environ.get("OMERO_HOST"):
+            entries.append(f"omero://{os.environ['OMERO_HOST']}")
+        self.folders: list[Path] = []
+        self.omero_hosts: set[str] = set()
+        for r in entries:
+            r = str(r).strip()
+            if r.lower().startswith("omero://"):
+                self.omero_hosts.add(r[len("omero://"):].split("/")[0].split("@")[-1].split(":")[0].lower())
+            else:
+                self.folders.append(Path(os.path.realpath(Path(r).expanduser())))
+
+    def describe(self) -> str:
+        parts = [str(f) for f in self.folders] + [f"omero://{h}" for h in sorted(self.omero_hosts)]
+        return ", ".join(parts) or "nowhere"
+
+    def check(self, uri: str) -> None:
+        """Raise :class:`SecurityError` unless ``uri`` lies inside an allowed root."""
+        from .backends.uri import PlateURI, URIError
+
+        try:
+            parsed = PlateURI.parse(uri)
+        except URIError as e:
+            raise SecurityError(str(e)) from None
+        hint = f"this bridge writes only to {self.describe()} (start it with --allow-save-to DIR|omero://HOST to allow more)"
+        if parsed.scheme == "omero":
+            if parsed.host.lower() not in self.omero_hosts:
+                raise SecurityError(f"save_to {uri!r}: OMERO server {parsed.host!r} is not allowed; {hint}")
+            return
+        raw = uri.split("://", 1)[1] if "://" in uri else uri
+        target = Path(os.path.realpath(Path(raw).expanduser().absolute()))
+        for candidate in (target, target.parent):
+            if not any(self._inside(candidate, root) for root in self.folders):
+                raise SecurityError(f"save_to {uri!r} (resolved: {candidate}) is outside the allowed folders; {hint}")
+
+    @staticmethod
+    def _inside(path: Path, root: Path) -> bool:
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            return False
+        return not any(part.startswith(".") for part in rel.parts)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import mmap
+import math
 import os
 import shutil
 import signal
@@ -62,14 +62,9 @@ from .protocol import (
     parse_request,
     request_id,
 )
-from .security import SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
+from .security import SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
-from .transport import TransportError, read_inline, read_shm, reap_orphans  # noqa: F401
-
-try:
-    import _posixshmem  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - Windows
-    _posixshmem = None
+from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
 
 __all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
 
@@ -77,6 +72,10 @@ log = logging.getLogger("fiji_bridge.server")
 
 #: seconds between sweeps for shared memory left by dead producers
 REAP_INTERVAL = 5.0
+#: bytes a stack costs the bridge beyond its pixels (the stack object, its
+#: plane index, names, origin, window state: ~2 KB measured, 20,000 stacks of
+#: one 4x4 plane grew the bridge by 38 MB), counted against the memory cap
+STACK_OVERHEAD = 4096
 #: seconds between checks that the owner (``--parent-pid``) still lives
 PARENT_CHECK_INTERVAL = 0.5
 #: messages handled per socket before the loop looks at the others
@@ -153,8 +152,10 @@ class BridgeServer:
         keys_dir: Optional[str] = None,
         max_bytes: Optional[int] = None,
         parent_pid: Optional[int] = None,
+        allow_save_to: Optional[list[str]] = None,
     ) -> None:
         check_bind(host, keys_dir, ipc=ipc)
+        self.save_roots = SaveRoots(allow_save_to)
         self.parent_pid = parent_pid
         self.port = int(port)
         self.host = host
@@ -190,7 +191,7 @@ class BridgeServer:
         self.streams: dict[str, StreamStats] = {}
         self.origins: dict[str, dict] = {}  # stack key -> plate/well/site of its planes
         self.errors = 0
-        self.segments = SegmentCache()
+        self.segments = SegmentReader()
         self.sup = EngineSupervisor(self.ctx, self.runtime_dir, engine=engine, display=self.display, on_ready=lambda: self.live.engine_ready())
         self.sup.set_socket_listener(self._swap_worker_socket)
         self.live = LiveDisplay(self.store, self.sup, self.display)
@@ -298,7 +299,7 @@ class BridgeServer:
                 self._stop = True
         if now - self._last_reap > REAP_INTERVAL:
             self._last_reap = now
-            self.segments.evict(older_than=REAP_INTERVAL)
+            self.segments.clear()
             try:
                 reap_orphans()
             except Exception:
@@ -328,7 +329,7 @@ class BridgeServer:
             except Exception:
                 log.exception("closing the OpenHCS receiver failed")
         self.sup.close()
-        self.segments.evict(older_than=0)
+        self.segments.clear()
         self._saver.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self.subs.values():
             sock.close(0)
@@ -407,13 +408,14 @@ class BridgeServer:
             "windows": self.live.windows,
             "display_pending": self.live.pending,
             "stacks": stacks,
-            "memory": {"used": self.store.nbytes, "max": self.store.max_bytes},
+            "memory": {"used": self.memory_used(), "pixels": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),
             "openhcs": ({"port": self.openhcs_port, **_safe_stats(self.openhcs)} if self.openhcs is not None else None),
             "errors": self.errors,
             "secure": True,
+            "save_to_roots": self.save_roots.describe(),
             "auth": {"mode": self.auth.mode, "refused": self.auth.refused, **({"secret_file": str(secret_path())} if self.auth.mode == "secret" else {})},
         }
 
@@ -491,6 +493,11 @@ class BridgeServer:
     # ------------------------------------------------------------------ macros
 
     def _run_macro(self, env: list, req: Any) -> None:
+        if req.save_to:
+            try:
+                self.save_roots.check(req.save_to)
+            except SecurityError as e:
+                raise ProtocolError(ErrorCode.FORBIDDEN, str(e)) from None
         body: dict = {
             "code": req.code,
             "dims": req.dims,
@@ -614,13 +621,14 @@ class BridgeServer:
             if h.transport == "shm":
                 if published:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "published planes must be inline (nobody could acknowledge a shm segment)")
-                plane = self.segments.view(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
+                plane = self.segments.read(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
             else:
                 plane = read_inline(payload, h.shape, h.dtype)
             try:
                 mapping = AxisMapping.from_dict(h.mapping) if h.mapping else default_mapping
             except StackError as e:
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"mapping: {e}") from None
+            self._check_room(h.key if h.key is not None else (mapping or AxisMapping()).window_key(h.components), h.nbytes)
             try:
                 key, t, z, c = self.store.add_plane(plane, h.components, key=h.key, mapping=mapping, calibration=h.calibration)
             except (StackError, ComponentError) as e:
@@ -641,6 +649,25 @@ class BridgeServer:
             self.errors += 1
             log.exception("plane ingest failed")
             return Ack(stream, seq, False, error={"code": ErrorCode.INTERNAL, "message": f"{type(e).__name__}: {e}"})
+
+    def memory_used(self) -> int:
+        """What the stacks cost: their pixels plus :data:`STACK_OVERHEAD` each."""
+        return self.store.nbytes + len(self.store) * STACK_OVERHEAD
+
+    def _check_room(self, key: str, plane_bytes: int) -> None:
+        """Refuse a plane that would open a new stack beyond the memory cap
+        (the store itself counts only the pixels of stacks that exist)."""
+        if key in self.store:
+            return
+        need = self.memory_used() + STACK_OVERHEAD + plane_bytes
+        if need > self.store.max_bytes:
+            raise ProtocolError(
+                ErrorCode.REJECTED,
+                f"a new stack {key!r} would bring the bridge to {need} bytes ({len(self.store)} stacks, "
+                f"{STACK_OVERHEAD} bytes of bookkeeping each plus pixels), over the memory cap of "
+                f"{self.store.max_bytes}: close stacks you no longer need (close_stack, clear_state) or raise "
+                "the cap (FIJI_BRIDGE_MAX_STACK_BYTES)",
+            )
 
     def _stream(self, sid: str) -> StreamStats:
         st = self.streams.get(sid)
@@ -679,6 +706,7 @@ class BridgeServer:
         """Called by the OpenHCS receiver (from its thread): place a plane now
         (the store is thread-safe, so the sender hears of a rejection) and
         let the loop update the display."""
+        self._check_room(key, plane.nbytes)
         calibration = meta.get("calibration") if isinstance(meta, dict) else None
         if isinstance(calibration, dict):
             calibration = Calibration.from_dict(calibration)
@@ -700,63 +728,47 @@ class BridgeServer:
 # --------------------------------------------------------------------------- helpers
 
 
-class SegmentCache:
-    """Read-only mappings of producers' shared-memory segments, kept while in use.
+class SegmentReader:
+    """Copies planes out of producers' shared-memory segments (see
+    :func:`~fiji_bridge.transport.read_shm`: descriptor reads, no mapping, so
+    no peer can turn a read into SIGBUS; FIFOs, links and other users'
+    segments refused). The scratch buffers are reused across planes of the
+    same size (the plane is copied once more, into its stack). Never
+    unlinks, never registers with Python's resource tracker."""
 
-    A producer's ring reuses a few segments, so mapping each once (instead
-    of once per plane) leaves one copy per plane: segment -> stack. Every
-    use re-opens the name (so a segment the producer unlinked is refused as
-    ``bad_shm``) and checks its inode and size; mappings unused for a few
-    seconds are dropped (the memory of a finished producer is released).
-    Never unlinks, never registers with Python's resource tracker.
-    """
+    def __init__(self, max_buffers: int = 4) -> None:
+        self.max_buffers = max_buffers
+        self._scratch: dict[int, np.ndarray] = {}
 
-    def __init__(self, max_entries: int = 256) -> None:
-        self.max_entries = max_entries
-        self._maps: dict[str, tuple[int, int, mmap.mmap, float]] = {}
-
-    def view(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> np.ndarray:
+    def read(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> np.ndarray:
         if name is None:
             raise ProtocolError(ErrorCode.BAD_SHM, "payload is not a shared-memory segment name")
-        name = name.lstrip("/")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        buf = self._scratch.pop(nbytes, None)
+        if buf is None:
+            buf = np.empty(nbytes, np.uint8)
         try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0o600)
-        except FileNotFoundError:
-            self._drop(name)
-            raise ProtocolError(ErrorCode.BAD_SHM, f"shared-memory segment {name!r} does not exist (the producer closed it or died before the bridge read it)") from None
-        except OSError as e:
-            raise ProtocolError(ErrorCode.BAD_SHM, f"cannot open shared-memory segment {name!r}: {e}") from None
-        try:
-            st = os.fstat(fd)
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            if offset + nbytes > st.st_size:
-                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"shared-memory segment {name!r} has {st.st_size} bytes, too short for {list(shape)} {dtype} at offset {offset}")
-            entry = self._maps.get(name)
-            if entry is None or entry[0] != st.st_ino or entry[1] != st.st_size:
-                self._drop(name)
-                mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-                if len(self._maps) >= self.max_entries:
-                    self.evict(older_than=0, keep=self.max_entries // 2)
-                entry = (st.st_ino, st.st_size, mm, 0.0)
-            self._maps[name] = (entry[0], entry[1], entry[2], time.monotonic())
+            out = read_shm(name, shape, dtype, offset, into=buf)
+        except SegmentTooShort as e:
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
+        except TransportError as e:
+            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
         finally:
-            os.close(fd)
-        return np.frombuffer(entry[2], dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+            self._scratch[nbytes] = buf  # most recently used last
+            while len(self._scratch) > self.max_buffers:
+                del self._scratch[next(iter(self._scratch))]
+        return out
 
-    def _drop(self, name: str) -> None:
-        entry = self._maps.pop(name, None)
-        if entry is not None:
-            try:
-                entry[2].close()
-            except BufferError:  # a view is still alive: the mapping goes with it
-                pass
+    def clear(self) -> None:
+        self._scratch.clear()
 
-    def evict(self, older_than: float, keep: int = 0) -> None:
-        now = time.monotonic()
-        by_age = sorted(self._maps, key=lambda k: self._maps[k][3])
-        for i, name in enumerate(by_age):
-            if now - self._maps[name][3] >= older_than and len(self._maps) > keep:
-                self._drop(name)
+
+def _shm_free() -> Optional[int]:
+    """Bytes free in /dev/shm (None where there is none)."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
 
 
 def _owner_alive(pid: int) -> bool:
@@ -814,11 +826,12 @@ def serve(
     openhcs_port: Optional[int] = None,
     keys_dir: Optional[str] = None,
     parent_pid: Optional[int] = None,
+    allow_save_to: Optional[list[str]] = None,
 ) -> int:
     """``fiji-bridge serve``: run a bridge until shutdown; returns an exit code."""
     logging.basicConfig(level=os.environ.get("FIJI_BRIDGE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid)
+        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=allow_save_to)
     except SecurityError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

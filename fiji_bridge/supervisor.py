@@ -18,17 +18,22 @@ time, in order; each has a deadline. Pixels travel through shared memory:
 A worker that dies (a macro calling ``System.exit``), misses a deadline (a
 macro looping forever) or fails to start is killed and restarted; the request
 in flight gets a clear error (:class:`MacroTimeout`, or :class:`MacroError`
-of kind ``"engine"``). The worker watches its parent and exits (reaping both
+of kind ``"engine"``). The worker touches a heartbeat file twice a second:
+status shows ``"unresponsive"`` once it is :data:`HEARTBEAT_STALE` seconds
+old (a SIGSTOPped or wedged worker, even while a macro runs), and a worker
+silent for :data:`HEARTBEAT_KILL` seconds is killed and restarted. The worker watches its parent and exits (reaping both
 prefixes) when the bridge dies, so no JVM and no segment outlives the bridge.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +62,10 @@ WORKER_PREFIX = "fjbw"
 START_TIMEOUT = float(os.environ.get("FIJI_BRIDGE_START_TIMEOUT", "180"))
 #: grace added to a macro's own timeout before the worker is killed
 KILL_GRACE = 2.0
+#: a worker whose heartbeat is older than this many seconds shows as "unresponsive" ...
+HEARTBEAT_STALE = 3.0
+#: ... and is killed and restarted when it stays silent this long (a stopped or wedged process)
+HEARTBEAT_KILL = float(os.environ.get("FIJI_BRIDGE_HEARTBEAT_KILL", "60"))
 #: macro timeout when the request gives none
 DEFAULT_MACRO_TIMEOUT = 600.0
 #: request segments kept for reuse: how many, and how many bytes at most
@@ -67,8 +76,28 @@ POOL_BYTES = 1 << 30
 # --------------------------------------------------------------------------- shared memory
 
 
+def _reserve(fd: int, nbytes: int, name: str) -> None:
+    """Allocate the segment's pages now: on a full /dev/shm this fails here
+    with ENOSPC (a clear error) instead of killing whoever writes the
+    mapping later with SIGBUS."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            try:
+                free = shutil.disk_usage("/dev/shm").free
+            except OSError:
+                free = -1
+            raise OSError(e.errno, f"no room in shared memory for {nbytes} bytes ({free} free in /dev/shm): close stacks or run the macro on a smaller image") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
 class SharedArray:
-    """A POSIX shared-memory segment owned by this process, with an array view."""
+    """A POSIX shared-memory segment owned by this process, with an array view
+    (its pages allocated up front, so writing it cannot raise SIGBUS)."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True) -> None:
         self.name = name
@@ -80,6 +109,7 @@ class SharedArray:
         try:
             if create:
                 os.ftruncate(fd, nbytes)
+                _reserve(fd, nbytes, name)
             self._mm = _map(fd, nbytes)
         except BaseException:
             os.close(fd)
@@ -217,6 +247,9 @@ class EngineSupervisor:
         self._seg = itertools.count()
         self._start_deadline = 0.0
         self._failed_at = 0.0
+        self.heartbeat_path: Optional[Path] = None
+        #: seconds since the worker's last heartbeat, once it is over HEARTBEAT_STALE
+        self.silent: Optional[float] = None
         self._on_socket_change: Optional[Callable[[Optional[zmq.Socket], Optional[zmq.Socket]], None]] = None
         self.log_path = self.runtime_dir / "engine-worker.log"
         #: request segments kept for reuse once their job is done (warm pages)
@@ -238,11 +271,15 @@ class EngineSupervisor:
             self._on_socket_change(old, self.sock)
         if old is not None:
             old.close(0)
+        self.silent = None
+        self.heartbeat_path = self.runtime_dir / f"heartbeat-{self._gen}"
+        self.heartbeat_path.unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "fiji_bridge.engine_worker",
             "--endpoint", endpoint,
             "--engine", self.engine,
             "--parent", str(os.getpid()),
+            "--heartbeat", str(self.heartbeat_path),
         ]
         if self.display:
             cmd.append("--display")
@@ -271,9 +308,23 @@ class EngineSupervisor:
     def busy(self) -> bool:
         return self.current is not None
 
+    def heartbeat_age(self) -> Optional[float]:
+        """Seconds since the worker last showed it is alive (None: no heartbeat yet)."""
+        if self.heartbeat_path is None:
+            return None
+        try:
+            return max(0.0, time.time() - os.stat(self.heartbeat_path).st_mtime)
+        except OSError:
+            return None
+
     def status(self) -> dict:
+        state = self.state if not self.state.startswith("failed") else f"failed: {self.last_error}"
+        age = self.heartbeat_age() if self.state == "ready" else None
+        if age is not None and age > HEARTBEAT_STALE:
+            state = "unresponsive"
         return {
-            "state": self.state if not self.state.startswith("failed") else f"failed: {self.last_error}",
+            "state": state,
+            "heartbeat_age": age,
             "kind": self.engine,
             "version": self.version,
             "pid": self.pid,
@@ -416,7 +467,8 @@ class EngineSupervisor:
                 body[fname] = seg.desc()
             self.sock.send_multipart(encode(body), flags=zmq.NOBLOCK)
         except (OSError, zmq.ZMQError, ValueError) as e:
-            self._finish(job, _err("engine", f"could not hand the request to the engine worker: {e}"))
+            code = "no_memory" if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM) else "engine"
+            self._finish(job, _err(code, f"could not hand the request to the engine worker: {e}"))
             self._pump()
             return
         job.sent_at = time.monotonic()
@@ -486,13 +538,19 @@ class EngineSupervisor:
         if self.state != "ready":
             return
         job = self.current
+        age = self.heartbeat_age()
+        if code is None and age is not None and age > HEARTBEAT_STALE:
+            if self.silent is None:
+                log.warning("the engine worker (pid %s) stopped answering (no heartbeat for %.0f s)", self.pid, age)
+            self.silent = age
+            if age > HEARTBEAT_KILL:
+                self._lost(f"the engine worker showed no sign of life for {age:.0f} s (stopped or wedged)")
+                return
+        elif self.silent is not None:
+            log.info("the engine worker answers again")
+            self.silent = None
         if code is not None:
-            reason = f"the ImageJ engine died (exit code {code})"
-            if job is not None:
-                self.current = None
-                what = "the macro" if job.kind == "macro" else f"the {job.op} request"
-                self._finish(job, _err("engine", f"{reason} while running {what}; the engine was restarted, stacks are intact", kind="engine"))
-            self._restart(reason)
+            self._lost(f"the ImageJ engine died (exit code {code})")
             return
         if job is not None and now - job.sent_at > job.timeout + KILL_GRACE:
             self.current = None
@@ -500,6 +558,14 @@ class EngineSupervisor:
             msg = f"{what} ran longer than its timeout of {job.timeout:g} s and was stopped; the engine was restarted, stacks are intact"
             self._finish(job, _err("macro_timeout", msg, kind="timeout"))
             self._restart("a request exceeded its deadline")
+
+    def _lost(self, reason: str) -> None:
+        """The worker is dead or gone silent: fail its job, start a new one."""
+        job, self.current = self.current, None
+        if job is not None:
+            what = "the macro" if job.kind == "macro" else f"the {job.op} request"
+            self._finish(job, _err("engine", f"{reason} while running {what}; the engine was restarted, stacks are intact", kind="engine"))
+        self._restart(reason)
 
     # -- helpers -------------------------------------------------------------
 

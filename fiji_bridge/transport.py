@@ -6,8 +6,11 @@ Shared memory, the rules both sides follow:
   segments per stream; :meth:`ShmRing.put` copies an array into a free one
   and returns its name, which travels in the message header together with
   the shape and dtype.
-* The **consumer** (the bridge) calls :func:`read_shm`: it attaches, copies
-  the pixels out once, closes its handle and *never unlinks*. Then it
+* The **consumer** (the bridge) calls :func:`read_shm`: it opens the segment
+  read-only (refusing anything but a regular file of its own user: FIFOs,
+  links, other accounts' segments), copies the pixels out once with
+  ``preadv`` (a segment the producer shrinks meanwhile is a short read and
+  an error, never SIGBUS), closes it and *never unlinks*. Then it
   acknowledges, and the producer calls :meth:`ShmRing.release` so the slot
   can be reused.
 * Nothing is left in ``/dev/shm``: the producer unlinks every segment on
@@ -25,8 +28,8 @@ consumer's tracker would unlink the producer's segment when the consumer
 exits (or, when both share one tracker, unregistering would untrack the
 producer's segment). :func:`read_shm` therefore never goes through
 ``SharedMemory`` on POSIX: it opens the segment read-only with ``shm_open``
-and reads it, so the tracker never hears of it and there is nothing to
-unregister.
+and reads its descriptor, so the tracker never hears of it and there is
+nothing to unregister.
 
 Segment names are ``fjb_<pid>_<stream>_<slot>_<generation>``, at most 30
 characters (macOS allows 31 including the leading slash) for pids up to seven
@@ -38,10 +41,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import mmap
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 import weakref
@@ -66,8 +69,10 @@ __all__ = [
     "check_shape",
     "payload_nbytes",
     "read_inline",
+    "open_segment",
     "read_shm",
     "reap_orphans",
+    "SegmentTooShort",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,8 +89,6 @@ MAX_NAME_LEN = 30
 _SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^/?[A-Za-z0-9_.\-]{1,250}$")
 _NUMERIC_KINDS = frozenset("uifc")
-# prefault the mapping: one copy then runs at memcpy speed (Linux only flag)
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class TransportError(ValueError):
@@ -155,7 +158,7 @@ def payload_nbytes(shape: Sequence[int], dtype: Union[str, np.dtype]) -> int:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.strip("/.") == "":
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.strip("/.") == "" or "/" in name.lstrip("/"):
         raise TransportError(
             f"bad shared-memory name {name!r}: expected letters, digits, '_', '.', '-'"
         )
@@ -199,33 +202,24 @@ def read_inline(
     return arr.copy() if copy else arr
 
 
-def read_shm(
-    name: str,
-    shape: Sequence[int],
-    dtype: Union[str, np.dtype],
-    offset: int = 0,
-) -> np.ndarray:
-    """Copy an array out of a producer's shared-memory segment.
+class SegmentTooShort(TransportError):
+    """The segment is smaller than the shape and dtype the message announced."""
 
-    Attaches read-only, checks the segment holds ``offset + prod(shape) *
-    itemsize`` bytes, copies them into a new array, and closes. Never unlinks
-    and never registers the segment with the resource tracker (see the module
-    docstring), so there is nothing to unregister.
 
-    Raises :class:`TransportError` for a bad name, a missing segment, a
-    segment too short for the shape, or a bad shape/dtype/offset.
+def open_segment(name: str) -> tuple[int, int]:
+    """Open a producer's segment read-only for copying; ``(fd, size)``.
+
+    ``/dev/shm`` is writable by every local account, so a name is only
+    trusted once the file behind it is what it claims: the open never
+    blocks (``O_NONBLOCK``: a FIFO would otherwise hang the caller until
+    someone writes to it) and never follows a symbolic link (glibc's
+    ``shm_open`` adds ``O_NOFOLLOW``), and :func:`os.fstat` must show a
+    regular file owned by this process's user (another account's segment
+    is refused, not read). The caller closes ``fd``.
     """
     shm_name = _check_name(name)
-    dt = check_dtype(dtype)
-    shp = check_shape(shape)
-    nbytes = payload_nbytes(shp, dt)
-    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-        raise TransportError(f"offset must be a non-negative integer, got {offset!r}")
-    offset = int(offset)
-    if _posixshmem is None:  # pragma: no cover - Windows: no tracker involved
-        return _read_shm_windows(shm_name, shp, dt, offset, nbytes)
     try:
-        fd = _posixshmem.shm_open("/" + shm_name, os.O_RDONLY, 0o600)
+        fd = _posixshmem.shm_open("/" + shm_name, os.O_RDONLY | os.O_NONBLOCK, 0o600)
     except FileNotFoundError:
         raise TransportError(
             f"shared-memory segment {shm_name!r} does not exist "
@@ -234,18 +228,72 @@ def read_shm(
     except OSError as exc:
         raise TransportError(f"cannot open shared-memory segment {shm_name!r}: {exc}") from None
     try:
-        size = os.fstat(fd).st_size
-        if offset + nbytes > size:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TransportError(f"{shm_name!r} is not a shared-memory segment (not a regular file)")
+        if st.st_uid != os.geteuid():
             raise TransportError(
-                f"shared-memory segment {shm_name!r} has {size} bytes, too short for "
+                f"shared-memory segment {shm_name!r} belongs to uid {st.st_uid}, not to the bridge's "
+                f"user (uid {os.geteuid()}): the bridge reads only its own user's segments"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def read_shm(
+    name: str,
+    shape: Sequence[int],
+    dtype: Union[str, np.dtype],
+    offset: int = 0,
+    *,
+    into: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Copy an array out of a producer's shared-memory segment.
+
+    Opens the segment with :func:`open_segment`'s checks and copies
+    ``prod(shape) * itemsize`` bytes from ``offset`` with ``preadv`` on its
+    descriptor, never through a mapping: a producer that shrinks the segment
+    meanwhile (``ftruncate``) causes a short read, reported as
+    :class:`TransportError`, where reading a mapping would kill the reader
+    with SIGBUS. ``into``: a C-contiguous array of that many bytes to fill
+    (reused scratch space); else a new array is returned. Never unlinks and
+    never registers the segment with the resource tracker.
+
+    Raises :class:`TransportError` for a bad name, a missing, foreign or
+    non-regular segment, a segment shorter than announced
+    (:class:`SegmentTooShort`) or shrunk while read, a bad shape/dtype/offset.
+    """
+    dt = check_dtype(dtype)
+    shp = check_shape(shape)
+    nbytes = payload_nbytes(shp, dt)
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or not 0 <= offset <= MAX_PAYLOAD_BYTES:
+        raise TransportError(f"offset must be a non-negative integer, got {offset!r}")
+    offset = int(offset)
+    if _posixshmem is None:  # pragma: no cover - Windows: no tracker involved
+        return _read_shm_windows(_check_name(name), shp, dt, offset, nbytes)
+    fd, size = open_segment(name)
+    try:
+        if offset + nbytes > size:
+            raise SegmentTooShort(
+                f"shared-memory segment {name!r} has {size} bytes, too short for "
                 f"shape {shp} of {dt.name} ({nbytes} bytes) at offset {offset}"
             )
-        out = np.empty(shp, dtype=dt)
-        if nbytes:
-            with mmap.mmap(fd, offset + nbytes, flags=_MAP_FLAGS, prot=mmap.PROT_READ) as mm:
-                src = np.frombuffer(mm, dtype=dt, count=math.prod(shp), offset=offset)
-                np.copyto(out.reshape(-1), src)
-                del src
+        if into is not None and into.nbytes == nbytes and into.flags.c_contiguous and into.flags.writeable:
+            out = into.view(dt).reshape(shp)
+        else:
+            out = np.empty(shp, dtype=dt)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise TransportError(
+                    f"shared-memory segment {name!r} shrank to {offset + done} bytes while the bridge "
+                    f"read it (the producer truncated it): plane refused"
+                )
+            done += n
         return out
     finally:
         os.close(fd)

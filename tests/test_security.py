@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,27 @@ def test_bridge_admits_only_peers_with_the_secret(tmp_path, monkeypatch):
         monkeypatch.delenv("FIJI_BRIDGE_SECRET_FILE")
         with bp.client(timeout=5) as c:
             assert c.status()["auth"]["refused"] >= 2
+
+
+# --------------------------------------------------------------------------- save_to roots
+
+
+def test_save_roots_admit_plates_below_the_roots_only(tmp_path, monkeypatch):
+    from fiji_bridge.security import SaveRoots
+
+    monkeypatch.delenv("OMERO_HOST", raising=False)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "escape").symlink_to("/etc")
+    roots = SaveRoots([str(root), "omero://omero.example.org"])
+    for ok in (f"{root}/p.zarr", f"zarr://{root}/sub/p.zarr", f"ometiff://{root}/p", "omero://alice@omero.example.org:4064/plate/3"):
+        roots.check(ok)
+    for bad in (f"{tmp_path}/p.zarr", f"zarr://{root}/../p.zarr", f"{root}/escape/p.zarr", f"{root}/.hidden/p.zarr", "/etc/cron.d/p", "omero://elsewhere.example/plate/1"):
+        with pytest.raises(SecurityError, match="--allow-save-to"):
+            roots.check(bad)
+    default = SaveRoots()
+    default.check(str(tmp_path / "p.zarr"))  # the temporary folder
+    with pytest.raises(SecurityError):
+        default.check("/etc/p.zarr")
+    with pytest.raises(SecurityError):
+        default.check(str(Path.home() / ".ssh" / "p.zarr"))

@@ -27,7 +27,8 @@ from ..components import Calibration
 from .base import DIMS, Engine, EngineError, ImageLike, MacroError, MacroResult
 from .collect import ImageJState, collect_images, read_log, read_rois, read_tables
 from .display import LiveDisplay
-from .java import find_ij_jar, start_jvm
+from .fiji import plugin_classpath
+from .java import fiji_of_ij_jar, find_ij_jar, start_jvm
 from .params import apply_args, inject_dialog_options
 from .runner import MacroRunner, RunRecord
 from .transfer import J, normalize_image, to_imageplus
@@ -78,6 +79,7 @@ class ImageJ1Engine(Engine):
         self._runner: Optional[MacroRunner] = None
         self._state: Optional[ImageJState] = None
         self._display: Optional[LiveDisplay] = None
+        self.fiji_dir: Optional[Path] = None  # the Fiji.app whose ij.jar and plugins run here
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -100,8 +102,16 @@ class ImageJ1Engine(Engine):
 
     def _start_jvm(self) -> None:
         jar = self.ij_jar or find_ij_jar()
+        classpath, options = [jar], list(self.java_options)
+        fiji = fiji_of_ij_jar(jar)
+        if fiji is not None:
+            # a Fiji's ij.jar: its plugins/ and jars/ too, so pure ImageJ 1
+            # plugins (Auto Threshold, ...) run without ImageJ2
+            classpath = [jar, *(j for j in plugin_classpath(fiji) if j != jar)]
+            options = [f"-Dplugins.dir={fiji}", f"-Dij.dir={fiji}", *options]
+        self.fiji_dir = fiji
         self._start_display()
-        start_jvm([jar], self.java_options)
+        start_jvm(classpath, options)
 
     def _init_imagej(self) -> None:
         """ImageJ's hidden main instance (error reporting and macros need one)
@@ -145,6 +155,29 @@ class ImageJ1Engine(Engine):
     def version(self) -> str:
         self._require_started()
         return str(J("ij.IJ").getVersion())
+
+    @property
+    def imagej1_version(self) -> str:
+        """ImageJ 1's own version (``"1.54f"``), also under Fiji's legacy layer."""
+        self._require_started()
+        return str(J("ij.ImageJ").VERSION)
+
+    def status(self) -> dict[str, Any]:
+        """What runs here: engine kind, versions, display."""
+        self._require_started()
+        return {
+            "engine": self.name,
+            "version": self.version,
+            "imagej1": self.imagej1_version,
+            "display": self.display_name,
+            "headless": bool(J("java.awt.GraphicsEnvironment").isHeadless()),
+            "fiji": str(self.fiji_dir) if self.fiji_dir else None,
+        }
+
+    def open_dialogs(self) -> list[str]:
+        """Titles of dialogs showing now (a run must leave none)."""
+        Dialog = J("java.awt.Dialog")
+        return [str(w.getTitle()) for w in J("java.awt.Window").getWindows() if w.isShowing() and isinstance(w, Dialog)]
 
     @property
     def broken(self) -> Optional[str]:

@@ -72,6 +72,9 @@ class MacroError(Exception):
     def to_dict(self) -> dict:
         return {"message": self.message, "line": self.line, "log": self.log, "kind": self.kind}
 
+    def __reduce__(self) -> tuple:  # pickles with its kind, line and log (engines in child processes)
+        return (type(self), (self.message, self.line, self.log, self.kind))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MacroError":
         kind = d.get("kind", "exception")

@@ -123,6 +123,10 @@ class ImageJ1Engine(Engine):
         self._state = ImageJState()
         self._display = LiveDisplay(self.display, self._state.protected_ids)
 
+    def _read_log(self) -> str:
+        """The Log of the run that just ended."""
+        return read_log()
+
     def close(self) -> None:
         """Close windows, images and tables. The private Xvfb stays up until the
         process exits (after the JVM): AWT keeps its X connection for the JVM's
@@ -237,7 +241,7 @@ class ImageJ1Engine(Engine):
                     images=images,
                     image_info=infos,
                     tables=read_tables(),
-                    log=read_log(),
+                    log=self._read_log(),
                     rois=read_rois(named),
                     elapsed=elapsed,
                     notes=list(hs.notes) if hs else [],

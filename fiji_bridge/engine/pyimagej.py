@@ -174,6 +174,15 @@ class PyImageJEngine(ImageJ1Engine):
                 "ImageJ macros cannot run; use a Fiji.app, or the imagej1 engine for plain ImageJ 1"
             )
         super()._init_imagej()
+        if self.headless:
+            from .headless import HeadlessRunner
+
+            self._runner = HeadlessRunner()
+
+    def _read_log(self) -> str:
+        if self.headless and self._runner is not None:
+            return getattr(self._runner, "log", "")
+        return super()._read_log()
 
     def close(self) -> None:
         with self._lock:

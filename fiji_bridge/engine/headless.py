@@ -94,12 +94,19 @@ class _Capture:
 
 
 def _log_lines(out: str) -> list[str]:
-    """stdout lines that ``print`` wrote: ImageJ's own "Macro Error" report
-    (and Log commands such as ``\\Clear``) left out."""
-    lines, skip = [], False
+    """stdout lines that ``print`` wrote: ImageJ's own "Macro Error" report,
+    tables printed in place of their windows (a `` \\t`` heading, then
+    numbered rows) and Log commands such as ``\\Clear`` left out."""
+    lines, skip, table = [], False, False
     for ln in out.splitlines():
         if ln.startswith("\\"):
             continue
+        if ln.startswith(" \t"):
+            table = True
+            continue
+        if table and re.match(r"^\d+\t", ln):
+            continue
+        table = False
         if ln.startswith("Macro Error:"):
             skip = True
             continue

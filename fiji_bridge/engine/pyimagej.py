@@ -211,6 +211,7 @@ class PyImageJEngine(ImageJ1Engine):
         st.update(
             imagej2=self.imagej2_version,
             start=self.start_path,
+            pyimagej=hasattr(self.ij, "py"),
             headless=self.headless,
             fiji=str(self.install.root) if self.install else self.endpoint,
         )

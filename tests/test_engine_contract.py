@@ -368,3 +368,28 @@ def test_hyperstack_object_input_carries_names_and_calibration(engine):
     assert info.channel_names == ["DNA", "PH3"]
     assert (info.calibration.pixel_width, info.calibration.pixel_height) == (0.2, 0.3)
     assert np.array_equal(r.images["obj"], arr)
+
+
+# -- scripts (ImageJ macros with #@ inputs and #@output outputs) --------------------------------------
+
+
+def test_ijm_script_outputs_are_typed_values(engine, tmp_path, hela_dna):
+    code = """#@ Integer n
+#@ String word (value="fiji")
+#@output Integer twice
+#@output Double mean
+#@output String shout
+#@output Boolean odd
+twice = n * 2;
+getStatistics(area, mean);
+shout = toUpperCase(word) + "!";
+odd = (n % 2 == 1);
+"""
+    r = engine.run_script(code, inputs={"n": 21}, image=hela_dna, dims="YX")
+    assert r.outputs == {"twice": 42, "mean": pytest.approx(hela_dna.mean(), rel=1e-6), "shout": "FIJI!", "odd": True}
+    p = tmp_path / "s.ijm"
+    p.write_text(code)
+    assert engine.run_script(str(p), inputs={"n": 4, "word": "x"}, image=hela_dna, dims="YX").outputs["shout"] == "X!"
+    with pytest.raises(MacroError, match="missing argument n") as info:
+        engine.run_script(code)
+    assert info.value.kind == "argument"

@@ -264,3 +264,67 @@ def test_headless_runs_real_work_with_its_log(headless, hela):
     assert r.log.strip().startswith("mean ")
     r = headless.run_macro(AUTO_LOCAL, image=hela[0], dims="YX", title="dna")
     assert np.mean((r.images["dna"][0, 0, 0] == 255) == _local_mean_threshold(hela[0], 7, 0)) > 0.999
+
+
+# -- SciJava scripts -------------------------------------------------------------------------------
+
+BSH_IMAGE = """#@ ImagePlus imp
+#@ Double offset (value=0.5)
+#@output Double mean
+#@output Integer width
+#@output Boolean big
+#@output ImagePlus inverted
+#@output ij.measure.ResultsTable table
+import ij.measure.ResultsTable;
+mean = imp.getStatistics().mean + offset;
+width = imp.getWidth();
+big = width > 100;
+inverted = imp.duplicate();
+inverted.getProcessor().invert();
+table = new ResultsTable();
+for (i = 0; i < 3; i++) { table.incrementCounter(); table.addValue("row", i); table.addValue("sq", i * i); }
+"""
+
+
+def test_beanshell_script_takes_an_image_and_returns_typed_outputs(fiji_engine, hela):
+    img = hela[1]
+    r = fiji_engine.run_script(BSH_IMAGE, language="bsh", inputs={"offset": 2}, image=img, dims="YX")
+    out = r.outputs
+    assert out["mean"] == pytest.approx(img.mean() + 2, rel=1e-9)
+    assert out["width"] == img.shape[1] and isinstance(out["width"], int)
+    assert out["big"] is True
+    assert out["inverted"].shape == (1, 1, 1) + img.shape
+    np.testing.assert_array_equal(out["inverted"][0, 0, 0], 255 - img)
+    assert r.image_info["inverted"].dtype == "uint8"
+    assert out["table"]["sq"].tolist() == [0.0, 1.0, 4.0]
+
+
+def test_script_language_from_the_file_extension_and_a_dataset_input(fiji_engine, tmp_path, hela):
+    p = tmp_path / "sum.bsh"
+    p.write_text("#@ Dataset ds\n#@output Long n\nn = ds.size();\n")
+    r = fiji_engine.run_script(p, image=hela[:2], dims="CYX")
+    assert r.outputs["n"] == hela[:2].size
+    clj = fiji_engine.run_script("#@ Integer n\n#@output Integer m\n(def m (* n 3))", language="clj", inputs={"n": 14})
+    assert clj.outputs["m"] == 42
+
+
+@pytest.mark.parametrize("code,language,inputs,kind,match", [
+    ("x = 1;", "cobol", {}, "argument", "unknown script language 'cobol'.*BeanShell"),
+    ("println(1)", "groovy", {}, "argument", "unknown script language 'groovy'"),
+    ("#@ Integer n\n#@output Integer m\nm = n;", "bsh", {}, "argument", "missing argument n"),
+    ("#@ ImagePlus imp\n#@output Integer w\nw = imp.getWidth();", "bsh", {}, "argument", "is an image"),
+    ("x = 1;\ny = 2;\nz = nothing_here.call();\n", "bsh", {}, "exception", "nothing_here"),
+])
+def test_script_errors_are_macro_errors(fiji_engine, code, language, inputs, kind, match):
+    with pytest.raises(MacroError, match=match) as info:
+        fiji_engine.run_script(code, language=language, inputs=inputs)
+    assert info.value.kind == kind
+    if kind == "exception":
+        assert info.value.line == 3
+    assert fiji_engine.run_script("#@output Integer m\nm = 6 * 7;", language="bsh").outputs["m"] == 42
+
+
+def test_imagej1_refuses_other_languages_naming_fiji(ij):
+    with pytest.raises(MacroError, match="need Fiji") as info:
+        ij.run_script("x = 1;", language="bsh")
+    assert info.value.kind == "argument"

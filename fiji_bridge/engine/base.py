@@ -183,6 +183,9 @@ class MacroResult:
     elapsed: float = 0.0
     #: notes about conversions made on the way in (e.g. int32 -> float32)
     notes: list[str] = field(default_factory=list)
+    #: a script's ``#@output`` values by name (``run_script``): numbers, strings,
+    #: booleans, TZCYX arrays (info in ``image_info``), tables as {column: array}
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def results(self) -> dict[str, np.ndarray]:

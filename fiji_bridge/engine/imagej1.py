@@ -34,7 +34,27 @@ from .runner import MacroRunner, RunRecord
 from .transfer import J, normalize_image, to_imageplus
 from .xvfb import VirtualDisplay
 
-__all__ = ["ImageJ1Engine", "read_macro"]
+__all__ = ["ImageJ1Engine", "macro_variable", "read_macro"]
+
+
+def macro_variable(interp: Any, param: Any) -> Any:
+    """The value of an ImageJ macro variable after a run, typed by its
+    ``#@output`` declaration (numbers, booleans; anything else as a string)."""
+    name = param.name
+    try:
+        if param.kind in ("int", "float"):
+            v = float(interp.getVariable(name))
+            return int(v) if param.kind == "int" and v.is_integer() else v
+        if param.kind == "boolean":
+            text = interp.getStringVariable(name)
+            return str(text).lower() == "true" if text is not None else bool(interp.getVariable(name))
+        text = interp.getStringVariable(name)
+        if text is None:
+            v = float(interp.getVariable(name))
+            return int(v) if v.is_integer() else v
+        return str(text)
+    except Exception as e:
+        raise MacroError(f"output {name}: the macro did not set it ({e})", kind="argument") from None
 
 
 def read_macro(code_or_path: Union[str, Path]) -> str:
@@ -220,6 +240,22 @@ class ImageJ1Engine(Engine):
         if dialog_options:
             code = inject_dialog_options(code, dialog_options)
         hs = normalize_image(image, dims, channel_names, calibration) if image is not None else None
+        return self._run(code, argument, hs, dialog_options, timeout, title, outputs, keep_state)
+
+    def _run(
+        self,
+        code: str,
+        argument: str,
+        hs: Any,
+        dialog_options: Optional[str],
+        timeout: Optional[float],
+        title: Optional[str],
+        outputs: Optional[list[str]],
+        keep_state: bool,
+        variables: Sequence[Any] = (),
+    ) -> MacroResult:
+        """One macro run on the runner; ``variables``: ``#@output``
+        parameters whose values are read from the interpreter afterwards."""
         with self._lock:
             self._require_started()
             assert self._runner and self._state
@@ -245,11 +281,57 @@ class ImageJ1Engine(Engine):
                     rois=read_rois(named),
                     elapsed=elapsed,
                     notes=list(hs.notes) if hs else [],
+                    outputs={p.name: macro_variable(record.interp, p) for p in variables},
                 )
             finally:
                 if not self._runner.broken:
                     state.end_batch_mode(state.open_images())
             return result
+
+    # -- scripts ---------------------------------------------------------------------------------
+
+    def run_script(
+        self,
+        code_or_path: Union[str, Path],
+        language: Optional[str] = None,
+        inputs: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = 60,
+        *,
+        image: Optional[ImageLike] = None,
+        dims: str = DIMS,
+        title: Optional[str] = None,
+        channel_names: Optional[list[str]] = None,
+        calibration: Optional[Calibration] = None,
+        dialog_options: Optional[str] = None,
+    ) -> MacroResult:
+        """Run a script with ``#@`` inputs and ``#@output`` outputs (see
+        :mod:`.scripts`); ``result.outputs`` maps output names to values.
+        ImageJ 1 runs ImageJ macros only; other languages need Fiji."""
+        from ..macros import parse_parameters
+        from .scripts import IJM, language_of, read_script
+
+        code, ext = read_script(code_or_path)
+        lang = language_of(language, ext)
+        hs = normalize_image(image, dims, channel_names, calibration) if image is not None else None
+        if lang != IJM:
+            return self._run_other_script(code, lang, dict(inputs or {}), timeout, hs, title)
+        try:
+            variables = [p for p in parse_parameters(code) if p.io in ("output", "both")]
+        except ValueError as e:
+            raise MacroError(str(e), getattr(e, "line", None), kind="argument") from None
+        bound, argument = apply_args(code, dict(inputs or {}))
+        if dialog_options:
+            bound = inject_dialog_options(bound, dialog_options)
+        return self._run(bound, argument, hs, dialog_options, timeout, title, None, False, variables)
+
+    def _run_other_script(
+        self, code: str, language: str, inputs: dict, timeout: Optional[float], hs: Any, title: Optional[str]
+    ) -> MacroResult:
+        raise MacroError(
+            f"the ImageJ 1 engine runs ImageJ macros (.ijm) only; {language!r} scripts need Fiji: "
+            "point the bridge at a Fiji.app (FIJI_BRIDGE_IMAGEJ=/path/to/Fiji.app or --imagej)",
+            kind="argument",
+        )
 
     # -- live display -----------------------------------------------------------------------
 

@@ -31,11 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .base import EngineUnavailable
+from .base import EngineUnavailable, MacroError, MacroResult
+from .collect import read_tables
 from .fiji import FijiInstall, check_java, find_extra_jars, find_fiji, is_path_like
 from .imagej1 import ImageJ1Engine
 from .java import find_java_home, start_jvm
-from .transfer import J
+from .transfer import J, to_imageplus
 
 __all__ = ["PyImageJEngine", "START_PATHS"]
 
@@ -195,6 +196,54 @@ class PyImageJEngine(ImageJ1Engine):
                 self.gateway.context().dispose()
             except Exception:  # pragma: no cover - closing must not fail
                 pass
+
+    # -- scripts in other languages than the ImageJ macro language -------------------------------
+
+    def _run_other_script(
+        self, code: str, language: str, inputs: dict, timeout: Optional[float], hs: Any, title: Optional[str]
+    ) -> MacroResult:
+        """A SciJava script through the ScriptService (see :mod:`.scripts`)."""
+        from ..macros import MacroArgumentError, MacroParseError, check_args, parse_parameters
+        from .runner import RunRecord, interpret
+        from .scripts import run_scijava
+
+        try:
+            params = parse_parameters(code)
+            values: dict[str, Any] = dict(check_args(params, inputs))
+        except (MacroArgumentError, MacroParseError) as e:
+            line = getattr(e, "line", None)
+            raise MacroError(str(e), line if isinstance(line, int) else None, kind="argument") from None
+        with self._lock:
+            self._require_started()
+            assert self._runner and self._state
+            if self._runner.broken:
+                raise MacroError(self._runner.broken, kind="engine")
+            self._state.reset()
+            imp = None
+            for p in params:
+                if p.kind != "image" or p.io not in ("input", "both"):
+                    continue
+                if hs is None:
+                    raise MacroError(f"the script's input {p.name} ({p.java_type}) is an image: pass image= (or stack=)",
+                                     p.line or None, kind="argument")
+                if imp is None:
+                    imp = to_imageplus(hs.array, title or "image", hs.channel_names, hs.calibration)
+                short = p.java_type.rsplit(".", 1)[-1].lower()
+                values[p.name] = imp if short == "imageplus" else self.gateway.convert().convert(imp, J("net.imagej.Dataset"))
+            record = RunRecord(code, "")
+            self._runner.guard.run = record  # dialogs a script opens are closed and reported, as for macros
+            try:
+                outputs, infos, elapsed = run_scijava(self.gateway, code, language, values, timeout)
+            finally:
+                self._runner.guard.run = None
+                self._runner.flush_events()
+            err = interpret(record)
+            if err is not None:
+                raise err
+            return MacroResult(
+                image_info=infos, tables=read_tables(), log=self._read_log(), elapsed=elapsed,
+                notes=list(hs.notes) if hs else [], outputs=outputs,
+            )
 
     # -- what is running -------------------------------------------------------------------
 

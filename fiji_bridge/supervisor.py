@@ -276,6 +276,7 @@ class EngineSupervisor:
             "state": self.state if not self.state.startswith("failed") else f"failed: {self.last_error}",
             "kind": self.engine,
             "version": self.version,
+            **{k: v for k, v in getattr(self, "engine_status", {}).items() if k in ("engine", "imagej1", "imagej2", "start", "headless", "fiji")},
             "pid": self.pid,
             "restarts": self.restarts,
             "queued": len(self.queue) + (1 if self.current else 0),
@@ -438,6 +439,7 @@ class EngineSupervisor:
             if op == "ready":
                 self.state = "ready"
                 self.version = msg.get("version")
+                self.engine_status = dict(msg.get("status") or {})  # engine kind, ImageJ2 and ImageJ 1 versions
                 self.last_error = None
                 log.info("engine ready: %s %s (worker pid %s)", msg.get("engine"), self.version, self.pid)
                 if self.on_ready:

@@ -9,6 +9,7 @@ pixels, the ImageJ 1 engine, ImageJ's own version strings.
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -328,3 +329,71 @@ def test_imagej1_refuses_other_languages_naming_fiji(ij):
     with pytest.raises(MacroError, match="need Fiji") as info:
         ij.run_script("x = 1;", language="bsh")
     assert info.value.kind == "argument"
+
+
+# -- the bridge and batch on Fiji ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fiji_bridge(fiji_dir, tmp_path_factory):
+    from conftest import bridge_process
+
+    with bridge_process(tmp_path_factory.mktemp("fiji-bridge"), "--imagej", str(fiji_dir), timeout=240) as bp:
+        yield bp
+
+
+def test_bridge_on_fiji_reports_versions_and_runs_scripts_and_macros(fiji_bridge, hela):
+    with fiji_bridge.client(timeout=120) as c:
+        st = c.status()["engine"]
+        assert st["state"] == "ready" and st["engine"] == "pyimagej"
+        assert st["imagej2"] == "2.14.0" and st["imagej1"].startswith("1.54") and st["headless"] is False
+        r = c.run_script(BSH_IMAGE, language="bsh", inputs={"offset": 1}, array=hela[1], dims="YX", timeout=60)
+        assert r.outputs["mean"] == pytest.approx(hela[1].mean() + 1, rel=1e-9)
+        np.testing.assert_array_equal(r.outputs["inverted"][0, 0, 0], 255 - hela[1])
+        assert r.outputs["table"]["sq"].tolist() == [0.0, 1.0, 4.0] and r.outputs["big"] is True
+        with pytest.raises(MacroError, match="cobol") as info:
+            c.run_script("x = 1;", language="cobol")
+        assert info.value.kind == "argument"
+        with pytest.raises(MacroError) as info:
+            c.run_script("x = 1;\ny = nothing_here.call();", language="bsh")
+        assert info.value.kind == "exception" and info.value.line == 2
+        m = c.run_macro(AUTO_LOCAL, array=hela[0], dims="YX", title="dna")
+        assert np.mean((m.images["dna"][0, 0, 0] == 255) == _local_mean_threshold(hela[0], 7, 0)) > 0.999
+
+
+@pytest.mark.timeout(600)
+def test_fiji_batch_gives_the_imagej1_batch_tables(fiji_bridge, data_dir, tmp_path):
+    import csv
+    import io
+    import subprocess
+    import sys
+
+    from fiji_bridge import BridgeClient
+    from fiji_bridge.backends import open_plate
+    from fiji_bridge.batch import free_port_pair, run_batch
+
+    uri = f"zarr://{tmp_path}/sbs.zarr"
+    imp = subprocess.run([sys.executable, "-m", "fiji_bridge.cli", "import", str(data_dir / "sbs_plate_O01-O04"), "--plate", uri],
+                         capture_output=True, text=True, timeout=120)
+    assert imp.returncode == 0, imp.stdout + imp.stderr
+    args = {"channel": 1, "sigma": 1.0, "min_size": 30}
+
+    def tables(rep):
+        backend, _ = open_plate(rep.derived)
+        return {name: list(csv.DictReader(io.StringIO(backend.load(path)))) for name, path in rep.tables.items()}
+
+    env_fiji = os.environ.pop("FIJI_BRIDGE_IMAGEJ", None)  # the ImageJ 1 bridge spawned here
+    try:
+        with BridgeClient.connect_or_spawn(port=free_port_pair(), timeout=180, own=True) as ij1:
+            want = run_batch(uri, "nuclei_count", args=args, out_uri=f"zarr://{tmp_path}/ij1.zarr", ports=[ij1.port], progress=False)
+            assert ij1.status()["engine"]["engine"] == "imagej1"
+    finally:
+        if env_fiji is not None:
+            os.environ["FIJI_BRIDGE_IMAGEJ"] = env_fiji
+    got = run_batch(uri, "nuclei_count", args=args, out_uri=f"zarr://{tmp_path}/fiji.zarr", ports=[fiji_bridge.port], progress=False)
+    assert want.ok and got.ok, (want.failures, got.failures)
+    a, b = tables(got), tables(want)
+    assert a.keys() == b.keys() and a["Counts"]
+    assert len(a["Counts"]) == 12  # 4 wells x 3 fields
+    for name in a:
+        assert a[name] == b[name], name

@@ -20,8 +20,10 @@ help:
 	@echo "make test   run the tests (installs what it needs)"
 	@echo "make bench  run the benchmarks"
 
+# make demo FIJI=/path/to/Fiji.app runs the same job on that Fiji
+FIJI ?=
 demo: system venv
-	$(VENV)/bin/fiji-bridge demo
+	$(VENV)/bin/fiji-bridge demo $(if $(FIJI),--imagej "$(FIJI)")
 
 test: system venv omero
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -15,6 +15,20 @@ import click
 from .protocol import DATA_PORT_OFFSET, DEFAULT_PORT  # control port; data on port + DATA_PORT_OFFSET
 
 
+def _use_imagej(imagej: Optional[str], headless: Optional[bool] = None) -> None:
+    """--imagej DIR / --headless: the engine's environment, which bridges and
+    their engine workers (child processes) inherit."""
+    import os
+
+    if imagej:
+        os.environ["FIJI_BRIDGE_IMAGEJ"] = imagej
+    if headless is not None:
+        os.environ["FIJI_BRIDGE_HEADLESS"] = "1" if headless else "0"
+
+
+_IMAGEJ_HELP = "a Fiji.app folder (or Maven coordinates) to run on Fiji instead of ImageJ 1 (sets FIJI_BRIDGE_IMAGEJ)"
+
+
 def _parse_args(pairs: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for p in pairs:
@@ -44,9 +58,13 @@ def main() -> None:
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), default=None, help="CurveZMQ key folder (see `fiji-bridge keys`)")
 @click.option("--parent-pid", type=int, default=None, help="shut down when the process with this pid (the owner) ends")
 @click.option("--allow-save-to", "allow_save_to", multiple=True, metavar="DIR|omero://HOST", help="where run_macro(save_to=...) may write (repeatable; default: your home and the temporary folder)")
-def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str], parent_pid: Optional[int], allow_save_to: tuple[str, ...]) -> None:
+@click.option("--imagej", default=None, help=_IMAGEJ_HELP)
+@click.option("--headless/--no-headless", default=None, help="Fiji without a screen (default: headless on macOS only)")
+def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str], parent_pid: Optional[int], allow_save_to: tuple[str, ...], imagej: Optional[str], headless: Optional[bool]) -> None:
     """Run the bridge: own ImageJ, take planes, run macros on request."""
     from .server import serve as _serve
+
+    _use_imagej(imagej, headless)
 
     sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=list(allow_save_to) or None))
 
@@ -162,9 +180,12 @@ def import_cmd(folder: str, plate_uri: str, pattern: Optional[str], name: Option
 @click.option("--resume", is_flag=True, help="skip units whose outputs exist")
 @click.option("--timeout", type=float, default=600, show_default=True, help="per-unit macro timeout (s)")
 @click.option("--port", "ports", type=int, multiple=True, help="use the bridge on this port (repeatable; spawned if none answers, left running) instead of spawning --workers bridges")
-def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[str], wells: str, workers: int, scheduler: Optional[str], resume: bool, timeout: float, ports: tuple[int, ...]) -> None:
+@click.option("--imagej", default=None, help=_IMAGEJ_HELP + "; for the bridges this batch spawns")
+def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[str], wells: str, workers: int, scheduler: Optional[str], resume: bool, timeout: float, ports: tuple[int, ...], imagej: Optional[str]) -> None:
     """Run a macro over every well field of a plate; write a derived plate and a results table."""
     from .batch import batch_command
+
+    _use_imagej(imagej)
 
     sys.exit(batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports))
 
@@ -172,9 +193,12 @@ def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[s
 @main.command()
 @click.option("-o", "--output", "out_dir", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--port", type=int, default=None, help="bridge port (default: a free one)")
-def demo(out_dir: str, port: Optional[int]) -> None:
+@click.option("--imagej", default=None, help=_IMAGEJ_HELP)
+def demo(out_dir: str, port: Optional[int], imagej: Optional[str]) -> None:
     """The main job end to end: synthetic plate -> bridge -> nuclei batch -> results."""
     from .demo import demo_command
+
+    _use_imagej(imagej)
 
     sys.exit(demo_command(out_dir, port=port))
 

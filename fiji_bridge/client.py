@@ -321,7 +321,7 @@ class BridgeClient:
             if not reply.get("ok"):
                 err = reply.get("error") or {}
                 code = err.get("code", "error")
-                if "macro" in err and type_ == "run_macro":
+                if "macro" in err and type_ in ("run_macro", "run_script"):
                     from .engine.base import MacroError
 
                     raise MacroError.from_dict(err["macro"] or {"message": err.get("message", "")})
@@ -443,6 +443,44 @@ class BridgeClient:
             result.notes.extend(f"saved {p}" for p in saved)
             result.saved = list(saved)  # type: ignore[attr-defined]
         return result
+
+    def run_script(
+        self,
+        code_or_path: Union[str, os.PathLike],
+        language: Optional[str] = None,
+        inputs: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        *,
+        stack: Optional[str] = None,
+        array: Optional[np.ndarray] = None,
+        dims: str = "TZCYX",
+        title: Optional[str] = None,
+        channel_names: Optional[Sequence[str]] = None,
+        calibration: Optional[Calibration] = None,
+    ) -> Any:
+        """Run a script in the bridge: a SciJava script on Fiji (language from
+        ``language=`` or the file's extension), or an ImageJ macro; ``inputs``
+        fill its ``#@`` parameters, a ``#@ ImagePlus``/``Dataset`` input is
+        ``stack`` (a key) or ``array``. ``result.outputs`` maps the
+        ``#@output`` names to values (numbers, strings, booleans, TZCYX
+        arrays, tables as columns). Errors raise :class:`MacroError`."""
+        from .engine.scripts import read_script
+
+        if stack is not None and array is not None:
+            raise ValueError("give either stack= or array=, not both")
+        code, ext = read_script(code_or_path if not isinstance(code_or_path, os.PathLike) else Path(code_or_path))
+        given = {"stack": stack, "language": language or ext, "inputs": dict(inputs) if inputs else None, "timeout": timeout,
+                 "title": title, "channel_names": list(channel_names) if channel_names else None,
+                 "calibration": calibration.to_dict() if calibration is not None else None}
+        fields: dict[str, Any] = {"code": code, "dims": dims, **{k: v for k, v in given.items() if v is not None}}
+        frames: list = []
+        if array is not None:  # the image travels as a frame of the request
+            sink = FrameSink()
+            fields["image"] = sink.put(np.asarray(array))
+            frames = sink.frames
+        wait = (timeout or DEFAULT_MACRO_TIMEOUT) + 300.0
+        reply, rframes = self._call("run_script", frames, wait=wait, long=True, **fields)
+        return decode_macro_result(reply["result"], lambda d: ArrayDesc.parse(d, len(rframes), any_dtype=True).from_frame(rframes[d["frame"]]))
 
     # ------------------------------------------------------------------ streaming
 

@@ -4,7 +4,7 @@ Run by :class:`fiji_bridge.supervisor.EngineSupervisor` as
 ``python -m fiji_bridge.engine_worker --endpoint ipc://... --parent PID``.
 It connects a PAIR socket to the bridge, starts the engine, says
 ``{"op": "ready"}`` and then serves one request at a time:
-``run_macro``, ``show_stack``, ``update_plane``, ``update_planes``,
+``run_macro``, ``run_script``, ``show_stack``, ``update_plane``, ``update_planes``,
 ``close_stack``, ``render``, ``ping``, ``quit``. Input pixels are mapped from
 the bridge's shared memory (no copy before ImageJ's own: one bulk copy from
 the mapping into the Java arrays); a live stack's staging segment stays
@@ -109,12 +109,9 @@ class Worker:
     # -- ops ------------------------------------------------------------------
 
     def run_macro(self, m: dict) -> dict:
-        from .engine.base import MacroError
-
         image = self._get(m["image"]) if m.get("image") else None
         cal = m.get("calibration")
-        try:
-            result = self.engine.run_macro(
+        return self._macro_reply(lambda: self.engine.run_macro(
                 m["code"],
                 image=image,
                 dims=m.get("dims") or "TZCYX",
@@ -125,11 +122,32 @@ class Worker:
                 channel_names=m.get("channel_names"),
                 calibration=Calibration.from_dict(cal) if cal else None,
                 outputs=m.get("outputs"),
-            )
+            ))
+
+    def run_script(self, m: dict) -> dict:
+        image = self._get(m["image"]) if m.get("image") else None
+        cal = m.get("calibration")
+        return self._macro_reply(lambda: self.engine.run_script(
+                m["code"],
+                language=m.get("language"),
+                inputs=m.get("inputs"),
+                timeout=m.get("timeout"),
+                image=image,
+                dims=m.get("dims") or "TZCYX",
+                title=m.get("title"),
+                channel_names=m.get("channel_names"),
+                calibration=Calibration.from_dict(cal) if cal else None,
+                dialog_options=m.get("dialog_options"),
+            ))
+
+    def _macro_reply(self, run: Callable[[], Any]) -> dict:
+        """The reply for one macro or script run: its result, or its MacroError as data."""
+        from .engine.base import MacroError
+
+        try:
+            result = run()
         except MacroError as e:
             return {"ok": False, "error": {"code": "macro_timeout" if e.kind == "timeout" else "macro_error", "message": str(e), "kind": e.kind, "macro": e.to_dict()}}
-        finally:
-            del image
         return {"ok": True, "result": encode_macro_result(result, self._put)}
 
     def show_stack(self, m: dict) -> dict:
@@ -198,6 +216,7 @@ class Worker:
     def serve(self) -> None:
         ops: dict[str, Callable[[dict], dict]] = {
             "run_macro": self.run_macro,
+            "run_script": self.run_script,
             "show_stack": self.show_stack,
             "update_plane": self.update_plane,
             "update_planes": self.update_planes,
@@ -257,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         ctx.term()
         return 2
-    sock.send_multipart(encode({"op": "ready", "version": str(getattr(engine, "version", "?")), "engine": getattr(engine, "name", a.engine), "pid": os.getpid()}))
+    status = engine.status() if callable(getattr(engine, "status", None)) else {}
+    sock.send_multipart(encode({"op": "ready", "version": str(getattr(engine, "version", "?")), "engine": getattr(engine, "name", a.engine), "pid": os.getpid(), "status": status}))
     try:
         Worker(sock, engine, a.parent).serve()
     finally:

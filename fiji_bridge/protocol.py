@@ -709,6 +709,26 @@ class Ack:
 
 # --------------------------------------------------------------------------- macro results
 
+
+@_request("run_script")
+@dataclass
+class RunScript(RunMacro):
+    """A SciJava script (Fiji) or an ImageJ macro with ``#@output`` outputs;
+    ``language`` an extension or name (None: ImageJ macro), ``inputs`` its ``#@`` values."""
+
+    language: Optional[str] = None
+    inputs: Optional[dict] = None
+
+    @classmethod
+    def _parse(cls, d: dict, frames: list) -> dict:
+        inputs = _get(d, "inputs", dict, None)
+        if inputs is not None and not all(isinstance(v, (str, int, float, bool)) for v in inputs.values()):
+            raise ProtocolError(ErrorCode.BAD_FIELD, "inputs values must be strings, numbers or booleans")
+        language = _get(d, "language", str, None)
+        if language is not None and not re.fullmatch(r"[\w .+-]{1,40}", language):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"bad script language {language!r}")
+        return {**RunMacro._parse(d, frames), "language": language, "inputs": inputs}
+
 ArrayPut = Callable[[np.ndarray], dict]
 ArrayGet = Callable[[dict], np.ndarray]
 
@@ -733,7 +753,37 @@ def encode_macro_result(result: Any, put: ArrayPut) -> dict:
         "rois": [r.to_dict() for r in result.rois],
         "elapsed": float(result.elapsed),
         "notes": list(result.notes),
+        "outputs": {name: _encode_output(v, put) for name, v in getattr(result, "outputs", {}).items()},
     }
+
+
+def _encode_column(col: Any, put: ArrayPut) -> dict:
+    col = np.asarray(col)
+    if col.dtype.kind in "biuf":
+        return {"array": put(col)}
+    return {"text": [None if v is None else (v if isinstance(v, (int, float)) else str(v)) for v in col.tolist()]}
+
+
+def _encode_output(value: Any, put: ArrayPut) -> dict:
+    """A script output: a JSON value, an array, or a table of columns."""
+    if isinstance(value, np.ndarray):
+        return {"array": put(value)}
+    if isinstance(value, dict):
+        return {"table": {str(k): _encode_column(c, put) for k, c in value.items()}}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    if isinstance(value, (list, tuple)):
+        return {"value": [v if isinstance(v, (bool, int, float, str)) or v is None else str(v) for v in value]}
+    return {"value": str(value)}
+
+
+def _decode_output(d: Mapping[str, Any], get: ArrayGet) -> Any:
+    if "array" in d:
+        return np.array(get(d["array"]))
+    if "table" in d:
+        return {k: (np.array(get(c["array"])) if "array" in c else np.array(c.get("text", []), dtype=object))
+                for k, c in d["table"].items()}
+    return d.get("value")
 
 
 def decode_macro_result(d: Mapping[str, Any], get: ArrayGet) -> Any:
@@ -755,4 +805,5 @@ def decode_macro_result(d: Mapping[str, Any], get: ArrayGet) -> Any:
         rois=[Roi.from_dict(r) for r in d.get("rois", [])],
         elapsed=float(d.get("elapsed", 0.0)),
         notes=list(d.get("notes", [])),
+        outputs={k: _decode_output(v, get) for k, v in d.get("outputs", {}).items()},
     )

@@ -214,6 +214,7 @@ class BridgeServer:
             "close_stack": self._close_stack,
             "clear_state": self._clear_state,
             "run_macro": self._run_macro,
+            "run_script": self._run_script,
             "render": self._render,
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
@@ -492,7 +493,11 @@ class BridgeServer:
 
     # ------------------------------------------------------------------ macros
 
-    def _run_macro(self, env: list, req: Any) -> None:
+    def _run_script(self, env: list, req: Any) -> None:
+        """A script (SciJava language or ImageJ macro with #@output): as a macro, plus language and inputs."""
+        self._run_macro(env, req, op="run_script")
+
+    def _run_macro(self, env: list, req: Any, op: str = "run_macro") -> None:
         if req.save_to:
             try:
                 self.save_roots.check(req.save_to)
@@ -509,6 +514,8 @@ class BridgeServer:
             "calibration": req.calibration,
             "outputs": req.outputs,
         }
+        if op == "run_script":
+            body.update(language=req.language, inputs=req.inputs)
         arrays: dict[str, np.ndarray] = {}
         if req.stack is not None:
             stack = self.store.get(req.stack)
@@ -545,7 +552,7 @@ class BridgeServer:
                 return
             self._reply_result(env, req.id, result)
 
-        self.sup.submit(WorkerJob("run_macro", body, arrays, timeout=float(body["timeout"]), done=done, kind="macro"))
+        self.sup.submit(WorkerJob(op, body, arrays, timeout=float(body["timeout"]), done=done, kind="macro"))
 
     def _reply_result(self, env: list, rid: Any, result: Any, **extra: Any) -> None:
         sink = FrameSink()

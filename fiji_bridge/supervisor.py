@@ -327,6 +327,7 @@ class EngineSupervisor:
             "heartbeat_age": age,
             "kind": self.engine,
             "version": self.version,
+            **{k: v for k, v in getattr(self, "engine_status", {}).items() if k in ("engine", "imagej1", "imagej2", "start", "headless", "fiji")},
             "pid": self.pid,
             "restarts": self.restarts,
             "queued": len(self.queue) + (1 if self.current else 0),
@@ -490,6 +491,7 @@ class EngineSupervisor:
             if op == "ready":
                 self.state = "ready"
                 self.version = msg.get("version")
+                self.engine_status = dict(msg.get("status") or {})  # engine kind, ImageJ2 and ImageJ 1 versions
                 self.last_error = None
                 log.info("engine ready: %s %s (worker pid %s)", msg.get("engine"), self.version, self.pid)
                 if self.on_ready:

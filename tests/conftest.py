@@ -126,3 +126,37 @@ def shm_segments(prefix: str = "fjb") -> list[str]:
         return sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix))
     except OSError:
         return []
+
+
+# --------------------------------------------------------------------------- Fiji
+# (used by test_engine_contract, test_engine_fiji, test_batch)
+
+#: a real, stock Fiji.app (see ../shared/fiji/README.md); never copied into the repo
+FIJI_DIR = Path(os.environ.get("FIJI_BRIDGE_TEST_FIJI", ROOT.parent / "shared" / "fiji" / "Fiji.app"))
+#: the imglib2-imglyb jars PyImageJ needs offline (a stock Fiji lacks them)
+FIJI_EXTRA_JARS = FIJI_DIR.parent / "extra"
+
+
+@pytest.fixture(scope="session")
+def fiji_dir() -> Path:
+    if not (FIJI_DIR / "jars").is_dir():
+        pytest.skip(f"no Fiji at {FIJI_DIR} (set FIJI_BRIDGE_TEST_FIJI to a Fiji.app)")
+    return FIJI_DIR
+
+
+@pytest.fixture(scope="session")
+def fiji_engine(fiji_dir):
+    """One Fiji engine (direct gateway start, non-headless on a private Xvfb)
+    in a child process, shared by the whole session."""
+    from fiji_bridge.engine.remote import RemoteEngine
+
+    eng = RemoteEngine("pyimagej", endpoint=str(fiji_dir), start="gateway")
+    eng.start()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session", params=["imagej1", "fiji"])
+def engine(request):
+    """The engine contract's subject: ImageJ 1 (in-process) and Fiji (child process)."""
+    return request.getfixturevalue("ij" if request.param == "imagej1" else "fiji_engine")

@@ -72,6 +72,9 @@ class MacroError(Exception):
     def to_dict(self) -> dict:
         return {"message": self.message, "line": self.line, "log": self.log, "kind": self.kind}
 
+    def __reduce__(self) -> tuple:  # pickles with its kind, line and log (engines in child processes)
+        return (type(self), (self.message, self.line, self.log, self.kind))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MacroError":
         kind = d.get("kind", "exception")
@@ -180,6 +183,9 @@ class MacroResult:
     elapsed: float = 0.0
     #: notes about conversions made on the way in (e.g. int32 -> float32)
     notes: list[str] = field(default_factory=list)
+    #: a script's ``#@output`` values by name (``run_script``): numbers, strings,
+    #: booleans, TZCYX arrays (info in ``image_info``), tables as {column: array}
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def results(self) -> dict[str, np.ndarray]:

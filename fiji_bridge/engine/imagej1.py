@@ -27,13 +27,34 @@ from ..components import Calibration
 from .base import DIMS, Engine, EngineError, ImageLike, MacroError, MacroResult
 from .collect import ImageJState, collect_images, read_log, read_rois, read_tables
 from .display import LiveDisplay
-from .java import find_ij_jar, start_jvm
+from .fiji import plugin_classpath
+from .java import fiji_of_ij_jar, find_ij_jar, start_jvm
 from .params import apply_args, inject_dialog_options
 from .runner import MacroRunner, RunRecord
 from .transfer import J, normalize_image, to_imageplus
 from .xvfb import VirtualDisplay
 
-__all__ = ["ImageJ1Engine", "read_macro"]
+__all__ = ["ImageJ1Engine", "macro_variable", "read_macro"]
+
+
+def macro_variable(interp: Any, param: Any) -> Any:
+    """The value of an ImageJ macro variable after a run, typed by its
+    ``#@output`` declaration (numbers, booleans; anything else as a string)."""
+    name = param.name
+    try:
+        if param.kind in ("int", "float"):
+            v = float(interp.getVariable(name))
+            return int(v) if param.kind == "int" and v.is_integer() else v
+        if param.kind == "boolean":
+            text = interp.getStringVariable(name)
+            return str(text).lower() == "true" if text is not None else bool(interp.getVariable(name))
+        text = interp.getStringVariable(name)
+        if text is None:
+            v = float(interp.getVariable(name))
+            return int(v) if v.is_integer() else v
+        return str(text)
+    except Exception as e:
+        raise MacroError(f"output {name}: the macro did not set it ({e})", kind="argument") from None
 
 
 def read_macro(code_or_path: Union[str, Path]) -> str:
@@ -78,6 +99,7 @@ class ImageJ1Engine(Engine):
         self._runner: Optional[MacroRunner] = None
         self._state: Optional[ImageJState] = None
         self._display: Optional[LiveDisplay] = None
+        self.fiji_dir: Optional[Path] = None  # the Fiji.app whose ij.jar and plugins run here
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -100,8 +122,16 @@ class ImageJ1Engine(Engine):
 
     def _start_jvm(self) -> None:
         jar = self.ij_jar or find_ij_jar()
+        classpath, options = [jar], list(self.java_options)
+        fiji = fiji_of_ij_jar(jar)
+        if fiji is not None:
+            # a Fiji's ij.jar: its plugins/ and jars/ too, so pure ImageJ 1
+            # plugins (Auto Threshold, ...) run without ImageJ2
+            classpath = [jar, *(j for j in plugin_classpath(fiji) if j != jar)]
+            options = [f"-Dplugins.dir={fiji}", f"-Dij.dir={fiji}", *options]
+        self.fiji_dir = fiji
         self._start_display()
-        start_jvm([jar], self.java_options)
+        start_jvm(classpath, options)
 
     def _init_imagej(self) -> None:
         """ImageJ's hidden main instance (error reporting and macros need one)
@@ -112,6 +142,10 @@ class ImageJ1Engine(Engine):
         self._runner = MacroRunner()
         self._state = ImageJState()
         self._display = LiveDisplay(self.display, self._state.protected_ids)
+
+    def _read_log(self) -> str:
+        """The Log of the run that just ended."""
+        return read_log()
 
     def close(self) -> None:
         """Close windows, images and tables. The private Xvfb stays up until the
@@ -145,6 +179,29 @@ class ImageJ1Engine(Engine):
     def version(self) -> str:
         self._require_started()
         return str(J("ij.IJ").getVersion())
+
+    @property
+    def imagej1_version(self) -> str:
+        """ImageJ 1's own version (``"1.54f"``), also under Fiji's legacy layer."""
+        self._require_started()
+        return str(J("ij.ImageJ").VERSION)
+
+    def status(self) -> dict[str, Any]:
+        """What runs here: engine kind, versions, display."""
+        self._require_started()
+        return {
+            "engine": self.name,
+            "version": self.version,
+            "imagej1": self.imagej1_version,
+            "display": self.display_name,
+            "headless": bool(J("java.awt.GraphicsEnvironment").isHeadless()),
+            "fiji": str(self.fiji_dir) if self.fiji_dir else None,
+        }
+
+    def open_dialogs(self) -> list[str]:
+        """Titles of dialogs showing now (a run must leave none)."""
+        Dialog = J("java.awt.Dialog")
+        return [str(w.getTitle()) for w in J("java.awt.Window").getWindows() if w.isShowing() and isinstance(w, Dialog)]
 
     @property
     def broken(self) -> Optional[str]:
@@ -183,6 +240,22 @@ class ImageJ1Engine(Engine):
         if dialog_options:
             code = inject_dialog_options(code, dialog_options)
         hs = normalize_image(image, dims, channel_names, calibration) if image is not None else None
+        return self._run(code, argument, hs, dialog_options, timeout, title, outputs, keep_state)
+
+    def _run(
+        self,
+        code: str,
+        argument: str,
+        hs: Any,
+        dialog_options: Optional[str],
+        timeout: Optional[float],
+        title: Optional[str],
+        outputs: Optional[list[str]],
+        keep_state: bool,
+        variables: Sequence[Any] = (),
+    ) -> MacroResult:
+        """One macro run on the runner; ``variables``: ``#@output``
+        parameters whose values are read from the interpreter afterwards."""
         with self._lock:
             self._require_started()
             assert self._runner and self._state
@@ -204,15 +277,61 @@ class ImageJ1Engine(Engine):
                     images=images,
                     image_info=infos,
                     tables=read_tables(),
-                    log=read_log(),
+                    log=self._read_log(),
                     rois=read_rois(named),
                     elapsed=elapsed,
                     notes=list(hs.notes) if hs else [],
+                    outputs={p.name: macro_variable(record.interp, p) for p in variables},
                 )
             finally:
                 if not self._runner.broken:
                     state.end_batch_mode(state.open_images())
             return result
+
+    # -- scripts ---------------------------------------------------------------------------------
+
+    def run_script(
+        self,
+        code_or_path: Union[str, Path],
+        language: Optional[str] = None,
+        inputs: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = 60,
+        *,
+        image: Optional[ImageLike] = None,
+        dims: str = DIMS,
+        title: Optional[str] = None,
+        channel_names: Optional[list[str]] = None,
+        calibration: Optional[Calibration] = None,
+        dialog_options: Optional[str] = None,
+    ) -> MacroResult:
+        """Run a script with ``#@`` inputs and ``#@output`` outputs (see
+        :mod:`.scripts`); ``result.outputs`` maps output names to values.
+        ImageJ 1 runs ImageJ macros only; other languages need Fiji."""
+        from ..macros import parse_parameters
+        from .scripts import IJM, language_of, read_script
+
+        code, ext = read_script(code_or_path)
+        lang = language_of(language, ext)
+        hs = normalize_image(image, dims, channel_names, calibration) if image is not None else None
+        if lang != IJM:
+            return self._run_other_script(code, lang, dict(inputs or {}), timeout, hs, title)
+        try:
+            variables = [p for p in parse_parameters(code) if p.io in ("output", "both")]
+        except ValueError as e:
+            raise MacroError(str(e), getattr(e, "line", None), kind="argument") from None
+        bound, argument = apply_args(code, dict(inputs or {}))
+        if dialog_options:
+            bound = inject_dialog_options(bound, dialog_options)
+        return self._run(bound, argument, hs, dialog_options, timeout, title, None, False, variables)
+
+    def _run_other_script(
+        self, code: str, language: str, inputs: dict, timeout: Optional[float], hs: Any, title: Optional[str]
+    ) -> MacroResult:
+        raise MacroError(
+            f"the ImageJ 1 engine runs ImageJ macros (.ijm) only; {language!r} scripts need Fiji: "
+            "point the bridge at a Fiji.app (FIJI_BRIDGE_IMAGEJ=/path/to/Fiji.app or --imagej)",
+            kind="argument",
+        )
 
     # -- live display -----------------------------------------------------------------------
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from .base import EngineError, EngineUnavailable
+from .fiji import java_feature_version
 
 __all__ = [
+    "ADD_OPENS",
     "DEBIAN_IJ_JAR",
     "configure_offline",
+    "fiji_of_ij_jar",
     "find_ij_jar",
     "find_java_home",
+    "heap_option",
     "jvm_started",
     "start_jvm",
 ]
@@ -29,13 +34,20 @@ __all__ = [
 DEBIAN_IJ_JAR = Path("/usr/share/java/ij.jar")
 
 
-def find_java_home(env: Optional[Mapping[str, str]] = None) -> Path:
-    """JAVA_HOME if it names a JDK/JRE, else the one behind ``java`` on PATH.
+def find_java_home(env: Optional[Mapping[str, str]] = None, fiji_root: Optional[Path] = None) -> Path:
+    """JAVA_HOME if it names a JDK/JRE, else a Fiji.app's bundled ``java/``
+    (when ``fiji_root`` is given and has one), else the one behind ``java`` on PATH.
 
     Raises :class:`EngineUnavailable` naming what is missing.
     """
     env = os.environ if env is None else env
     home = env.get("JAVA_HOME")
+    if not home and fiji_root is not None:
+        from .fiji import bundled_java
+
+        bundled = bundled_java(Path(fiji_root))
+        if bundled is not None:
+            return bundled
     if home:
         p = Path(home)
         if (p / "bin" / "java").exists():
@@ -78,6 +90,15 @@ def find_ij_jar(env: Optional[Mapping[str, str]] = None) -> Path:
     )
 
 
+def fiji_of_ij_jar(jar: Path) -> Optional[Path]:
+    """The Fiji.app an ij.jar belongs to (``<Fiji.app>/jars/ij-*.jar`` next to
+    ``plugins/``), else None."""
+    jar = Path(jar).resolve()
+    if jar.parent.name == "jars" and (jar.parent.parent / "plugins").is_dir():
+        return jar.parent.parent
+    return None
+
+
 def configure_offline(java_home: Path) -> None:
     """Make scyjava use ``java_home`` and never fetch a JDK or Maven artifacts."""
     import scyjava
@@ -96,26 +117,55 @@ def jvm_started() -> bool:
     return bool(jpype.isJVMStarted())
 
 
-def start_jvm(classpath: Sequence[Path], options: Sequence[str] = (), *, endpoints: Sequence[str] = ()) -> None:
+#: what ImageJ 1's and ImageJ2's reflection needs on Java 9+ (harmless on 8's absence of modules)
+ADD_OPENS = (
+    "--add-opens=java.base/java.lang=ALL-UNNAMED",
+    "--add-opens=java.base/java.util=ALL-UNNAMED",
+    "--add-opens=java.desktop/sun.awt=ALL-UNNAMED",
+    "--add-opens=java.desktop/sun.awt.X11=ALL-UNNAMED",
+    "--add-opens=java.desktop/javax.swing=ALL-UNNAMED",
+    "--add-opens=java.desktop/java.awt=ALL-UNNAMED",
+)
+
+
+def heap_option(env: Optional[Mapping[str, str]] = None) -> list[str]:
+    """``-Xmx`` from FIJI_BRIDGE_JVM_HEAP (``"4g"``, ``"512m"``), for both engines."""
+    env = os.environ if env is None else env
+    heap = (env.get("FIJI_BRIDGE_JVM_HEAP") or "").strip()
+    if not heap:
+        return []
+    if not re.fullmatch(r"\d+[kKmMgGtT]?", heap):
+        raise EngineUnavailable(f"FIJI_BRIDGE_JVM_HEAP={heap} is not a heap size such as 4g or 512m")
+    return [f"-Xmx{heap}"]
+
+
+def start_jvm(
+    classpath: Sequence[Path],
+    options: Sequence[str] = (),
+    *,
+    endpoints: Sequence[str] = (),
+    java_home: Optional[Path] = None,
+) -> None:
     """Start the JVM of this process with ``classpath`` (idempotent).
 
-    ``endpoints`` are Maven coordinates for scyjava (empty for ImageJ 1: an
-    ImageJ 1 engine never resolves anything from Maven).
+    ``endpoints`` are Maven coordinates for scyjava (empty for a local
+    ImageJ or Fiji: then nothing is resolved from Maven, and Maven
+    endpoints other code added, such as imglyb's, are dropped).
     """
     import scyjava
 
     if jvm_started():
         return
-    java_home = find_java_home()
+    java_home = java_home or find_java_home()
     configure_offline(java_home)
+    if not endpoints:
+        scyjava.config.endpoints.clear()
     for jar in classpath:
         scyjava.config.add_classpath(str(jar))
     if endpoints:
         scyjava.config.endpoints.extend(endpoints)
-    heap = os.environ.get("FIJI_BRIDGE_JVM_HEAP")  # e.g. "4g"
-    opts = list(options)
-    if heap:
-        opts.append(f"-Xmx{heap}")
+    java = java_feature_version(java_home) or 17
+    opts = [*(ADD_OPENS if java >= 9 else ()), *heap_option(), *options]
     scyjava.config.add_options(opts)
     try:
         scyjava.start_jvm()

@@ -1,8 +1,10 @@
-"""The ImageJ 1 engine against real ImageJ and real images.
+"""The engine contract, on both engines: ImageJ 1 and Fiji (ImageJ2 + legacy).
 
+Every test runs once per engine (ids ``[imagej1]`` / ``[fiji]``, from the
+session ``engine`` fixture in conftest): ImageJ 1 in this process, Fiji in a
+child process (a process holds one JVM) behind :class:`RemoteEngine`.
 Oracles: numpy/scipy on the same pixels, ImageJ's own reports from inside a
 macro (getThreshold, Stack.getDimensions, getPixel), and the input arrays.
-One JVM per pytest process: everything uses the session ``ij`` fixture.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def hela_dna(data_dir: Path) -> np.ndarray:
 # -- real analysis against an independent computation ------------------------------
 
 
-def test_nuclei_count_and_means_match_scipy(ij, hela_dna):
+def test_nuclei_count_and_means_match_scipy(engine, hela_dna):
     from scipy import ndimage
 
     macro = """
@@ -45,7 +47,7 @@ def test_nuclei_count_and_means_match_scipy(ij, hela_dna):
     run("Set Measurements...", "area mean redirect=None decimal=3");
     run("Analyze Particles...", "size=20-Infinity pixel display clear add");
     """
-    r = ij.run_macro(macro, image=hela_dna, dims="YX", title="DNA")
+    r = engine.run_macro(macro, image=hela_dna, dims="YX", title="DNA")
     lower, upper = _log_numbers(r.log)[0]
     # independent: the same threshold, 8-connected components, same size filter
     mask = (hela_dna >= lower) & (hela_dna <= upper)
@@ -63,9 +65,9 @@ def test_nuclei_count_and_means_match_scipy(ij, hela_dna):
     assert {roi.type for roi in r.rois} <= {"traced", "polygon", "freehand"}
 
 
-def test_measure_on_calibrated_image_reports_calibrated_area(ij, hela_dna):
+def test_measure_on_calibrated_image_reports_calibrated_area(engine, hela_dna):
     cal = Calibration(pixel_width=0.5, pixel_height=0.5, unit="micron")
-    r = ij.run_macro('run("Set Measurements...", "area mean"); run("Measure");', image=hela_dna, dims="YX",
+    r = engine.run_macro('run("Set Measurements...", "area mean"); run("Measure");', image=hela_dna, dims="YX",
                      calibration=cal)
     res = r.results
     assert res["Area"][0] == pytest.approx(hela_dna.size * 0.25)
@@ -76,7 +78,7 @@ def test_measure_on_calibrated_image_reports_calibrated_area(ij, hela_dna):
 # -- hyperstacks --------------------------------------------------------------------
 
 
-def test_hyperstack_round_trips_bit_for_bit_and_has_its_dimensions(ij):
+def test_hyperstack_round_trips_bit_for_bit_and_has_its_dimensions(engine):
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 65536, size=(4, 3, 2, 40, 50), dtype=np.uint16)  # T Z C Y X
     macro = """
@@ -86,7 +88,7 @@ def test_hyperstack_round_trips_bit_for_bit_and_has_its_dimensions(ij):
     Stack.setPosition(2, 3, 4);
     print(getPixel(7, 5));
     """
-    r = ij.run_macro(macro, image=arr, dims="TZCYX", channel_names=["DAPI", "GFP"], title="hs")
+    r = engine.run_macro(macro, image=arr, dims="TZCYX", channel_names=["DAPI", "GFP"], title="hs")
     lines = _log_numbers(r.log)
     assert lines[0] == [50, 40, 2, 3, 4]
     assert lines[1] == [1, 16]
@@ -99,9 +101,9 @@ def test_hyperstack_round_trips_bit_for_bit_and_has_its_dimensions(ij):
 
 @pytest.mark.parametrize("dims,shape", [("YX", (30, 20)), ("CYX", (3, 30, 20)), ("XYZ", (20, 30, 5)),
                                         ("ZCYXT", (2, 3, 30, 20, 2))])
-def test_any_dims_order(ij, dims, shape):
+def test_any_dims_order(engine, dims, shape):
     arr = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
-    r = ij.run_macro("", image=arr, dims=dims)
+    r = engine.run_macro("", image=arr, dims=dims)
     out = r.images["image"]
     expected = arr
     for ax in "TZCYX":
@@ -118,7 +120,7 @@ def test_any_dims_order(ij, dims, shape):
      (np.int16, np.float32, "int16"), (np.int32, np.float32, "int32"), (np.float64, np.float32, "float64"),
      (bool, np.uint8, "bool")],
 )
-def test_dtypes_in_and_out(ij, dtype, out_dtype, note):
+def test_dtypes_in_and_out(engine, dtype, out_dtype, note):
     rng = np.random.default_rng(1)
     if dtype is bool:
         arr = rng.integers(0, 2, size=(16, 24)).astype(bool)
@@ -128,7 +130,7 @@ def test_dtypes_in_and_out(ij, dtype, out_dtype, note):
         lo, hi = (max(info.min, -30000), min(info.max, 30000)) if info else (-1e3, 1e3)
         arr = (rng.uniform(lo, hi, size=(16, 24))).astype(dtype)
         expected = arr.astype(out_dtype)
-    r = ij.run_macro("print(bitDepth());", image=arr, dims="YX")
+    r = engine.run_macro("print(bitDepth());", image=arr, dims="YX")
     out = r.images["image"][0, 0, 0]
     assert out.dtype == out_dtype
     assert np.array_equal(out, expected)
@@ -139,9 +141,9 @@ def test_dtypes_in_and_out(ij, dtype, out_dtype, note):
         assert r.notes == []
 
 
-def test_rgb_comes_back_as_three_uint8_channels(ij):
+def test_rgb_comes_back_as_three_uint8_channels(engine):
     macro = 'newImage("rgb", "RGB black", 8, 6, 1); setColor(10, 200, 30); fillRect(2, 1, 3, 2);'
-    r = ij.run_macro(macro)
+    r = engine.run_macro(macro)
     out = r.images["rgb"]
     assert out.shape == (1, 1, 3, 6, 8) and out.dtype == np.uint8
     assert r.image_info["rgb"].converted_from == "RGB"
@@ -149,45 +151,45 @@ def test_rgb_comes_back_as_three_uint8_channels(ij):
     assert out[0, 0, :, 0, 0].tolist() == [0, 0, 0]
 
 
-def test_outputs_select_images_and_missing_output_is_an_error(ij):
+def test_outputs_select_images_and_missing_output_is_an_error(engine):
     macro = 'newImage("a", "8-bit white", 4, 4, 1); newImage("b", "16-bit black", 5, 5, 2);'
-    r = ij.run_macro(macro, outputs=["b"])
+    r = engine.run_macro(macro, outputs=["b"])
     assert list(r.images) == ["b"] and r.images["b"].shape == (1, 2, 1, 5, 5)
     with pytest.raises(MacroError, match="not open"):
-        ij.run_macro(macro, outputs=["nope"])
+        engine.run_macro(macro, outputs=["nope"])
 
 
-def test_z_project_and_gaussian_blur_against_numpy(ij):
+def test_z_project_and_gaussian_blur_against_numpy(engine):
     rng = np.random.default_rng(2)
     arr = rng.integers(0, 4000, size=(5, 32, 32), dtype=np.uint16)
-    r = ij.run_macro('run("Z Project...", "projection=[Max Intensity]");', image=arr, dims="ZYX", outputs=["MAX_image"])
+    r = engine.run_macro('run("Z Project...", "projection=[Max Intensity]");', image=arr, dims="ZYX", outputs=["MAX_image"])
     assert np.array_equal(r.images["MAX_image"][0, 0, 0], arr.max(axis=0))
 
 
 # -- tables, log, ROIs ------------------------------------------------------------------
 
 
-def test_custom_table_with_text_column(ij):
+def test_custom_table_with_text_column(engine):
     macro = """
     Table.create("Stats");
     Table.set("name", 0, "first"); Table.set("value", 0, 1.5);
     Table.set("name", 1, "second"); Table.set("value", 1, -2);
     Table.update;
     """
-    r = ij.run_macro(macro)
+    r = engine.run_macro(macro)
     t = r.tables["Stats"]
     assert t["name"].dtype == object and list(t["name"]) == ["first", "second"]
     assert t["value"].tolist() == [1.5, -2.0]
 
 
-def test_rois_from_manager_and_image_selection(ij):
+def test_rois_from_manager_and_image_selection(engine):
     macro = """
     newImage("r", "8-bit black", 100, 80, 1);
     makeRectangle(10, 20, 30, 15); roiManager("add"); roiManager("select", 0); roiManager("rename", "box");
     makeOval(50, 10, 20, 20); roiManager("add");
     makePolygon(1, 1, 9, 1, 5, 7);
     """
-    r = ij.run_macro(macro)
+    r = engine.run_macro(macro)
     names = [roi.name for roi in r.rois]
     assert names[0] == "box" and len(r.rois) == 3
     box = r.rois[0]
@@ -216,11 +218,11 @@ BAD = {
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_macro_raises_quickly_and_engine_keeps_working(ij, name):
+def test_bad_macro_raises_quickly_and_engine_keeps_working(engine, name):
     code, kind = BAD[name]
     t0 = time.perf_counter()
     with pytest.raises(MacroError) as info:
-        ij.run_macro(code, timeout=30)
+        engine.run_macro(code, timeout=30)
     assert time.perf_counter() - t0 < 10
     err = info.value
     assert err.kind == kind, err
@@ -232,53 +234,48 @@ def test_bad_macro_raises_quickly_and_engine_keeps_working(ij, name):
         assert err.log.strip() == "a"
     if name == "plugin exception":
         assert "ArithmeticException" in err.message
-    # no dialog left open
-    from jpype import JClass
-
-    showing = [str(w.getTitle()) for w in JClass("java.awt.Window").getWindows()
-               if w.isShowing() and isinstance(w, JClass("java.awt.Dialog"))]
-    assert showing == []
-    assert ij.run_macro('print(6*7);').log.strip() == "42"
+    assert engine.open_dialogs() == []  # no dialog left open
+    assert engine.run_macro('print(6*7);').log.strip() == "42"
 
 
-def test_exit_without_message_is_a_normal_end(ij):
-    r = ij.run_macro('print("before"); exit; print("after");')
+def test_exit_without_message_is_a_normal_end(engine):
+    r = engine.run_macro('print("before"); exit; print("after");')
     assert r.log.strip() == "before"
 
 
 @pytest.mark.timeout(60)
-def test_timeout_aborts_and_engine_recovers(ij):
+def test_timeout_aborts_and_engine_recovers(engine):
     t0 = time.perf_counter()
     with pytest.raises(MacroTimeout) as info:
-        ij.run_macro("i = 0; while (true) { i++; }", timeout=1)
+        engine.run_macro("i = 0; while (true) { i++; }", timeout=1)
     assert info.value.kind == "timeout"
     assert time.perf_counter() - t0 < 8
-    assert ij.broken is None
-    assert ij.run_macro('print("alive");').log.strip() == "alive"
+    assert engine.broken is None
+    assert engine.run_macro('print("alive");').log.strip() == "alive"
 
 
 @pytest.mark.timeout(60)
-def test_timeout_in_java_code_stops_the_thread(ij):
+def test_timeout_in_java_code_stops_the_thread(engine):
     # StackReducer loops forever with reduction=0: a hang inside Java, not the macro
     with pytest.raises(MacroTimeout):
-        ij.run_macro('newImage("a", "8-bit", 10, 10, 5); run("Reduce...", "reduction=0");', timeout=1)
-    assert ij.broken is None
-    assert ij.run_macro('print("alive");').log.strip() == "alive"
+        engine.run_macro('newImage("a", "8-bit", 10, 10, 5); run("Reduce...", "reduction=0");', timeout=1)
+    assert engine.broken is None
+    assert engine.run_macro('print("alive");').log.strip() == "alive"
 
 
 # -- arguments and dialogs --------------------------------------------------------------------
 
 
-def test_string_argument(ij):
-    assert ij.run_macro("print(getArgument());", args="hello world").log.strip() == "hello world"
+def test_string_argument(engine):
+    assert engine.run_macro("print(getArgument());", args="hello world").log.strip() == "hello world"
 
 
-def test_mapping_argument_without_parameters_is_key_value(ij):
-    r = ij.run_macro('a = getArgument(); print(a);', args={"sigma": 2, "name": "x y"})
+def test_mapping_argument_without_parameters_is_key_value(engine):
+    r = engine.run_macro('a = getArgument(); print(a);', args={"sigma": 2, "name": "x y"})
     assert r.log.strip() == "sigma=2 name=[x y]"
 
 
-def test_script_parameters_filled_from_args_and_defaults(ij):
+def test_script_parameters_filled_from_args_and_defaults(engine):
     macro = """#@ Double sigma (label="Sigma", value=1.5)
 #@ String label
 #@ Integer count (value=3)
@@ -286,16 +283,16 @@ def test_script_parameters_filled_from_args_and_defaults(ij):
 #@output String result
 print(sigma + "|" + label + "|" + count + "|" + flag);
 """
-    r = ij.run_macro(macro, args={"label": 'he said "hi"', "count": 7})
+    r = engine.run_macro(macro, args={"label": 'he said "hi"', "count": 7})
     assert r.log.strip() == '1.5|he said "hi"|7|0'
     with pytest.raises(MacroError, match="label") as info:
-        ij.run_macro(macro)
+        engine.run_macro(macro)
     assert info.value.kind == "argument"
     with pytest.raises(MacroError, match="unknown argument bogus"):
-        ij.run_macro(macro, args={"label": "a", "bogus": 1})
+        engine.run_macro(macro, args={"label": "a", "bogus": 1})
 
 
-def test_dialog_options_fill_the_macros_own_dialog(ij):
+def test_dialog_options_fill_the_macros_own_dialog(engine):
     macro = """
     run("Gaussian Blur...", "sigma=1");
     Dialog.create("Params"); Dialog.addNumber("threshold", 3); Dialog.addString("name", "x");
@@ -303,55 +300,55 @@ def test_dialog_options_fill_the_macros_own_dialog(ij):
     print(Dialog.getNumber() + " " + Dialog.getString());
     """
     img = np.zeros((8, 8), np.uint8)
-    r = ij.run_macro(macro, image=img, dims="YX", dialog_options="threshold=17 name=abc")
+    r = engine.run_macro(macro, image=img, dims="YX", dialog_options="threshold=17 name=abc")
     assert r.log.strip() == "17.0 abc"  # Dialog.getNumber is a float
 
 
 # -- state -----------------------------------------------------------------------------------
 
 
-def test_no_leakage_between_runs_unless_kept(ij):
-    first = ij.run_macro('newImage("a", "8-bit", 4, 4, 1); run("Measure"); makeRectangle(0,0,2,2); '
+def test_no_leakage_between_runs_unless_kept(engine):
+    first = engine.run_macro('newImage("a", "8-bit", 4, 4, 1); run("Measure"); makeRectangle(0,0,2,2); '
                          'roiManager("add"); print("one"); run("Set Measurements...", "area redirect=None decimal=3");')
     assert first.results["Area"].size == 1 and len(first.rois) == 2
-    second = ij.run_macro('print(nImages + " " + nResults + " " + roiManager("count"));')
+    second = engine.run_macro('print(nImages + " " + nResults + " " + roiManager("count"));')
     assert second.log.strip() == "0 0 0"
     assert second.images == {} and second.tables == {} and second.rois == []
-    kept = ij.run_macro('newImage("k", "8-bit", 4, 4, 1); run("Measure");')
-    again = ij.run_macro('print(nImages + " " + nResults); run("Measure");', keep_state=True)
+    kept = engine.run_macro('newImage("k", "8-bit", 4, 4, 1); run("Measure");')
+    again = engine.run_macro('print(nImages + " " + nResults); run("Measure");', keep_state=True)
     assert again.log.strip() == "1 1"
     assert again.results["Area"].size == 2 and "k" in again.images and kept.images
 
 
-def test_identical_runs_give_identical_results(ij, hela_dna):
+def test_identical_runs_give_identical_results(engine, hela_dna):
     macro = ('setAutoThreshold("Default dark"); run("Set Measurements...", "area mean centroid redirect=None '
              'decimal=3"); run("Analyze Particles...", "size=10-Infinity pixel display");')
-    a = ij.run_macro(macro, image=hela_dna, dims="YX")
-    b = ij.run_macro(macro, image=hela_dna, dims="YX")
+    a = engine.run_macro(macro, image=hela_dna, dims="YX")
+    b = engine.run_macro(macro, image=hela_dna, dims="YX")
     assert a.tables.keys() == b.tables.keys()
     for col, values in a.results.items():
         assert np.array_equal(values, b.results[col]), col
     assert a.log == b.log
 
 
-def test_macro_from_file(ij, tmp_path):
+def test_macro_from_file(engine, tmp_path):
     p = tmp_path / "m.ijm"
     p.write_text('print("from file " + getArgument());')
-    assert ij.run_macro(p, args="x").log.strip() == "from file x"
-    assert ij.run_macro(str(p), args="y").log.strip() == "from file y"
+    assert engine.run_macro(p, args="x").log.strip() == "from file x"
+    assert engine.run_macro(str(p), args="y").log.strip() == "from file y"
 
 
-def test_bad_image_arguments(ij):
+def test_bad_image_arguments(engine):
     with pytest.raises(MacroError, match="dims") as info:
-        ij.run_macro("", image=np.zeros((3, 4, 5)), dims="YX")
+        engine.run_macro("", image=np.zeros((3, 4, 5)), dims="YX")
     assert info.value.kind == "argument"
     with pytest.raises(MacroError, match="Y and X"):
-        ij.run_macro("", image=np.zeros((3, 4)), dims="ZY")
+        engine.run_macro("", image=np.zeros((3, 4)), dims="ZY")
     with pytest.raises(MacroError, match="complex"):
-        ij.run_macro("", image=np.zeros((3, 4), complex), dims="YX")
+        engine.run_macro("", image=np.zeros((3, 4), complex), dims="YX")
 
 
-def test_hyperstack_object_input_carries_names_and_calibration(ij):
+def test_hyperstack_object_input_carries_names_and_calibration(engine):
     from dataclasses import dataclass, field
 
     @dataclass
@@ -362,7 +359,7 @@ def test_hyperstack_object_input_carries_names_and_calibration(ij):
 
     arr = np.arange(3 * 2 * 6 * 5, dtype=np.uint8).reshape(1, 3, 2, 6, 5)
     hs = Stack(arr, ["DNA", "PH3"], Calibration(pixel_width=0.2, pixel_height=0.3, pixel_depth=1.5))
-    r = ij.run_macro('getVoxelSize(w, h, d, unit); print(w + " " + h + " " + d); '
+    r = engine.run_macro('getVoxelSize(w, h, d, unit); print(w + " " + h + " " + d); '
                      'Stack.setChannel(2); print(getInfo("slice.label"));', image=hs, title="obj")
     lines = r.log.strip().splitlines()
     assert [float(x) for x in lines[0].split()] == [0.2, 0.3, 1.5]
@@ -371,3 +368,28 @@ def test_hyperstack_object_input_carries_names_and_calibration(ij):
     assert info.channel_names == ["DNA", "PH3"]
     assert (info.calibration.pixel_width, info.calibration.pixel_height) == (0.2, 0.3)
     assert np.array_equal(r.images["obj"], arr)
+
+
+# -- scripts (ImageJ macros with #@ inputs and #@output outputs) --------------------------------------
+
+
+def test_ijm_script_outputs_are_typed_values(engine, tmp_path, hela_dna):
+    code = """#@ Integer n
+#@ String word (value="fiji")
+#@output Integer twice
+#@output Double mean
+#@output String shout
+#@output Boolean odd
+twice = n * 2;
+getStatistics(area, mean);
+shout = toUpperCase(word) + "!";
+odd = (n % 2 == 1);
+"""
+    r = engine.run_script(code, inputs={"n": 21}, image=hela_dna, dims="YX")
+    assert r.outputs == {"twice": 42, "mean": pytest.approx(hela_dna.mean(), rel=1e-6), "shout": "FIJI!", "odd": True}
+    p = tmp_path / "s.ijm"
+    p.write_text(code)
+    assert engine.run_script(str(p), inputs={"n": 4, "word": "x"}, image=hela_dna, dims="YX").outputs["shout"] == "X!"
+    with pytest.raises(MacroError, match="missing argument n") as info:
+        engine.run_script(code)
+    assert info.value.kind == "argument"

@@ -159,6 +159,7 @@ class BridgeServer:
         openhcs_port: Optional[int] = None,
         keys_dir: Optional[str] = None,
         max_bytes: Optional[int] = None,
+        openhcs_macros: str = "ipc",
     ) -> None:
         check_bind(host, keys_dir, ipc=ipc)
         self.port = int(port)
@@ -166,6 +167,7 @@ class BridgeServer:
         self.ipc = ipc
         self.display = bool(os.environ.get("DISPLAY")) if display is None else bool(display)
         self.openhcs_port = openhcs_port
+        self.openhcs_macros = openhcs_macros
         self.keys_dir = keys_dir
         self.store = StackStore(max_bytes=max_bytes)
         self.started = time.time()
@@ -209,6 +211,7 @@ class BridgeServer:
         self._inbox: list[tuple[str, int, int, int, np.ndarray, dict]] = []
         self._inbox_lock = threading.Lock()
         self.openhcs: Any = None
+        self._openhcs_jobs: Any = None
         self._stop = False
         self._last_reap = 0.0
         self.handlers: dict[str, Callable[[list, Request], None]] = {
@@ -295,6 +298,8 @@ class BridgeServer:
     def _housekeeping(self) -> None:
         self.sup.tick()
         self._take_inbox()
+        if self._openhcs_jobs:  # OpenHCS run_macro requests, from the receiver's thread
+            self._openhcs_jobs.drain(lambda body, done: self.sup.submit(WorkerJob("run_macro", body, timeout=body["timeout"], done=lambda r, _: done(r), kind="macro")))
         self._flush_display()
         if self._saves:
             self._finish_saves()
@@ -659,10 +664,12 @@ class BridgeServer:
     def _start_openhcs(self) -> None:
         try:
             from .openhcs import OpenHCSReceiver
+            from .openhcs.macro import LoopMacros
         except ImportError as e:
             log.error("--openhcs-port needs fiji_bridge.openhcs: %s", e)
             print(f"warning: OpenHCS compatibility unavailable: {e}", file=sys.stderr, flush=True)
             return
+        self._openhcs_jobs = LoopMacros()
         # tcp and ipc both: OpenHCS on its defaults looks for the viewer over ipc
         # (~/.openhcs/ipc/openhcs-zmq-<port>.sock). An OpenHCS "shutdown" stops
         # only the viewer stand-in; the bridge keeps serving its other clients.
@@ -672,6 +679,8 @@ class BridgeServer:
             context=self.ctx,
             status=self._openhcs_status,
             transport="both",
+            macro_runner=self._openhcs_jobs.run,  # drained into the engine by _housekeeping
+            macros=self.openhcs_macros,
         )
         self.openhcs.start()
 
@@ -935,11 +944,12 @@ def serve(
     display: Optional[bool] = None,
     openhcs_port: Optional[int] = None,
     keys_dir: Optional[str] = None,
+    openhcs_macros: str = "ipc",
 ) -> int:
     """``fiji-bridge serve``: run a bridge until shutdown; returns an exit code."""
     logging.basicConfig(level=os.environ.get("FIJI_BRIDGE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir)
+        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, openhcs_macros=openhcs_macros)
     except SecurityError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

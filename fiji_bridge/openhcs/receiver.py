@@ -113,6 +113,11 @@ class OpenHCSReceiver:
     ``bridge``. ``on_shutdown`` runs after an OpenHCS ``shutdown`` request
     stopped this receiver.
 
+    Blocks named in batches belong to their sender, which unlinks them
+    (:mod:`.shm`); ``orphan_grace_s`` opts in to unlinking, that long after
+    the reply, the ones a sender left behind -- only ``fiji_`` blocks of
+    this user's.
+
     ``macro_runner(code, args, timeout)`` runs OpenHCS's ``run_macro``
     requests in the bridge's engine (none: they are refused); ``macros``
     says on which transports (module doc).
@@ -133,7 +138,7 @@ class OpenHCSReceiver:
         control_offset: int = 1000,
         legacy_ack_port: Optional[int] = LEGACY_ACK_PORT,
         key_prefix: str = "openhcs",
-        orphan_grace_s: Optional[float] = 10.0,
+        orphan_grace_s: Optional[float] = None,
         on_shutdown: Optional[Callable[[], None]] = None,
         macro_runner: Optional[MacroRunner] = None,
         macros: str = "ipc",
@@ -257,7 +262,7 @@ class OpenHCSReceiver:
             )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving, close the sockets, unlink leftover blocks; idempotent."""
+        """Stop serving, close the sockets (and, opted in, unlink left blocks); idempotent."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

@@ -55,18 +55,19 @@ def main() -> None:
 @click.option("--engine", type=click.Choice(["auto", "imagej1", "pyimagej"]), default="auto", show_default=True)
 @click.option("--display/--no-display", default=None, help="show live Fiji windows (default: when DISPLAY is set)")
 @click.option("--openhcs-port", type=int, default=None, help="also act as OpenHCS's Fiji viewer on this port")
+@click.option("--openhcs-macros", type=click.Choice(["ipc", "any", "off"]), default="ipc", show_default=True, help="where OpenHCS's run_macro is served: ipc (a private socket folder only), any (loopback tcp too: any local account can run code), off")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False), default=None, help="CurveZMQ key folder (see `fiji-bridge keys`)")
 @click.option("--parent-pid", type=int, default=None, help="shut down when the process with this pid (the owner) ends")
 @click.option("--allow-save-to", "allow_save_to", multiple=True, metavar="DIR|omero://HOST", help="where run_macro(save_to=...) may write (repeatable; default: your home and the temporary folder)")
 @click.option("--imagej", default=None, help=_IMAGEJ_HELP)
 @click.option("--headless/--no-headless", default=None, help="Fiji without a screen (default: headless on macOS only)")
-def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], keys_dir: Optional[str], parent_pid: Optional[int], allow_save_to: tuple[str, ...], imagej: Optional[str], headless: Optional[bool]) -> None:
+def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool], openhcs_port: Optional[int], openhcs_macros: str, keys_dir: Optional[str], parent_pid: Optional[int], allow_save_to: tuple[str, ...], imagej: Optional[str], headless: Optional[bool]) -> None:
     """Run the bridge: own ImageJ, take planes, run macros on request."""
     from .server import serve as _serve
 
     _use_imagej(imagej, headless)
 
-    sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=list(allow_save_to) or None))
+    sys.exit(_serve(port=port, host=host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=list(allow_save_to) or None, openhcs_macros=openhcs_macros))
 
 
 @main.command()

@@ -153,6 +153,7 @@ class BridgeServer:
         max_bytes: Optional[int] = None,
         parent_pid: Optional[int] = None,
         allow_save_to: Optional[list[str]] = None,
+        openhcs_macros: str = "ipc",
     ) -> None:
         check_bind(host, keys_dir, ipc=ipc)
         self.save_roots = SaveRoots(allow_save_to)
@@ -162,6 +163,7 @@ class BridgeServer:
         self.ipc = ipc
         self.display = bool(os.environ.get("DISPLAY")) if display is None else bool(display)
         self.openhcs_port = openhcs_port
+        self.openhcs_macros = openhcs_macros
         self.keys_dir = keys_dir
         self.store = StackStore(max_bytes=max_bytes)
         self.started = time.time()
@@ -202,6 +204,7 @@ class BridgeServer:
         self._inbox: list[tuple[str, int, int, int, np.ndarray, dict]] = []
         self._inbox_lock = threading.Lock()
         self.openhcs: Any = None
+        self._openhcs_jobs: Any = None
         self._stop = False
         self._last_reap = 0.0
         self._last_parent_check = 0.0
@@ -289,6 +292,8 @@ class BridgeServer:
     def _housekeeping(self) -> None:
         self.sup.tick()
         self._take_inbox()
+        if self._openhcs_jobs:  # OpenHCS run_macro requests, from the receiver's thread
+            self._openhcs_jobs.drain(lambda body, done: self.sup.submit(WorkerJob("run_macro", body, timeout=body["timeout"], done=lambda r, _: done(r), kind="macro")))
         self.live.flush()
         if self._saves:
             self._finish_saves()
@@ -690,10 +695,12 @@ class BridgeServer:
     def _start_openhcs(self) -> None:
         try:
             from .openhcs import OpenHCSReceiver
+            from .openhcs.macro import LoopMacros
         except ImportError as e:
             log.error("--openhcs-port needs fiji_bridge.openhcs: %s", e)
             print(f"warning: OpenHCS compatibility unavailable: {e}", file=sys.stderr, flush=True)
             return
+        self._openhcs_jobs = LoopMacros()
         # tcp and ipc both: OpenHCS on its defaults looks for the viewer over ipc
         # (~/.openhcs/ipc/openhcs-zmq-<port>.sock). An OpenHCS "shutdown" stops
         # only the viewer stand-in; the bridge keeps serving its other clients.
@@ -703,6 +710,8 @@ class BridgeServer:
             context=self.ctx,
             status=self._openhcs_status,
             transport="both",
+            macro_runner=self._openhcs_jobs.run,  # drained into the engine by _housekeeping
+            macros=self.openhcs_macros,
         )
         self.openhcs.start()
 
@@ -834,11 +843,12 @@ def serve(
     keys_dir: Optional[str] = None,
     parent_pid: Optional[int] = None,
     allow_save_to: Optional[list[str]] = None,
+    openhcs_macros: str = "ipc",
 ) -> int:
     """``fiji-bridge serve``: run a bridge until shutdown; returns an exit code."""
     logging.basicConfig(level=os.environ.get("FIJI_BRIDGE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=allow_save_to)
+        server = BridgeServer(port, host, ipc=ipc, engine=engine, display=display, openhcs_port=openhcs_port, keys_dir=keys_dir, parent_pid=parent_pid, allow_save_to=allow_save_to, openhcs_macros=openhcs_macros)
     except SecurityError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3

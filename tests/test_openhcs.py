@@ -11,6 +11,7 @@ for acks and pongs is zmqruntime's own decoding (``ImageAck``,
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
@@ -571,7 +573,7 @@ def test_bad_batches_get_error_replies_and_serving_goes_on(receiver, sink, block
         ([b"{}", b"{}"], "frames"),
         (batch(dict(ok, shm_name="fiji_doesnotexist00")), "does not exist"),
         (batch(dict(ok, shm_name="../../etc/passwd")), "not a shared-memory block name"),
-        (batch(dict(ok, shm_name=small)), "needs 60"),
+        (batch(dict(ok, shm_name=small)), "too short"),
         (batch(dict(ok, dtype="object")), "not a numeric pixel type"),
         (batch(dict(ok, dtype="uint17")), "unknown dtype"),
         (batch(dict(ok, shape=[5, -6])), "positive integers"),
@@ -708,23 +710,103 @@ def test_copy_block_leaves_the_owner_in_charge(blocks):
     assert np.array_equal(copy_block(name, (6, 7), np.dtype("uint8")), data)
 
 
+FOREIGN = r"""
+import sys
+from multiprocessing import shared_memory
+import numpy as np
+name, n = sys.argv[1], int(sys.argv[2])
+shm = shared_memory.SharedMemory(create=True, size=n, name=name)
+np.frombuffer(shm.buf, np.uint8)[:] = np.arange(n, dtype=np.uint8)
+print("ready", flush=True)
+sys.stdin.readline()  # hold the block until told
+shm.close()
+shm.unlink()
+"""
+
+
+@contextlib.contextmanager
+def foreign_block(name: str, n: int):
+    """A block created, owned and finally unlinked by another process."""
+    proc = subprocess.Popen([sys.executable, "-c", FOREIGN, name, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield np.arange(n, dtype=np.uint8)
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(10)
+        drop_block(name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("grace", [None, 0.2])
+def test_a_foreign_processs_block_is_read_but_never_unlinked(free_port, sink, grace):
+    """Another process owns the block: copied, then left to it -- by default,
+    and even with the opt-in sweep when the name is not a polystore sender's."""
+    name = f"psm_{uuid.uuid4().hex[:12]}"
+    with foreign_block(name, 48) as data:
+        with OpenHCSReceiver(free_port, sink, orphan_grace_s=grace, legacy_ack_port=None) as r:
+            assert send_batch(r, batch(item(name, data.reshape(6, 8), channel=1))) == {"status": "success"}
+            time.sleep(0.6)  # past the grace period
+            assert os.path.exists(f"/dev/shm/{name}")
+        assert os.path.exists(f"/dev/shm/{name}")  # nor at stop
+        assert np.array_equal(sink.planes[("openhcs", 0, 0, 0)], data.reshape(6, 8))
+
+
+@pytest.mark.timeout(60)
+def test_a_block_that_cannot_be_read_is_left_alone(free_port, sink, blocks):
+    """A FIFO and an empty file under sender-like names: refused with an
+    error, the bridge keeps serving, and neither is unlinked (Python 3.11's
+    SharedMemory attach unlinks what it fails to map)."""
+    fifo, empty = f"fiji_{uuid.uuid4().hex[:12]}", f"fiji_{uuid.uuid4().hex[:12]}"
+    os.mkfifo(f"/dev/shm/{fifo}", 0o600)
+    open(f"/dev/shm/{empty}", "wb").close()
+    try:
+        good = np.full((3, 3), 5, np.uint8)
+        with OpenHCSReceiver(free_port, sink, legacy_ack_port=None) as r:
+            for name in (fifo, empty):
+                reply = send_batch(r, batch(item(name, good, channel=1)))
+                assert reply["status"] == "error" and name in reply["message"], reply
+            time.sleep(0.5)
+            assert send_batch(r, batch(item(blocks.put(good), good, channel=2))) == {"status": "success"}
+        assert os.path.exists(f"/dev/shm/{fifo}") and os.path.exists(f"/dev/shm/{empty}")
+    finally:
+        for name in (fifo, empty):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")
+
+
 @pytest.mark.timeout(30)
-def test_blocks_a_sender_never_releases_are_unlinked_after_grace(free_port, sink):
-    """Senders that expect the viewer to unlink (pre-PolyStore OpenHCS): the
-    block is gone a grace period after the reply."""
+def test_opt_in_sweep_unlinks_only_the_senders_own_leftovers(free_port, sink):
+    """``orphan_grace_s`` (for a sender that leaves blocks to the viewer):
+    a ``fiji_`` block of this user's is gone after the grace period; the same
+    name owned by another account is not."""
     plane = np.full((4, 4), 9, np.int16)
-    shm = new_block(plane.nbytes)
-    np.ndarray(plane.shape, plane.dtype, buffer=shm.buf)[...] = plane
-    name = shm.name
-    shm.close()
+    names = []
+    for _ in range(2):
+        shm = shared_memory.SharedMemory(create=True, size=plane.nbytes, name=f"fiji_{uuid.uuid4().hex[:12]}")
+        resource_tracker.unregister(shm._name, "shared_memory")
+        np.ndarray(plane.shape, plane.dtype, buffer=shm.buf)[...] = plane
+        names.append(shm.name.lstrip("/"))
+        shm.close()
+    mine, theirs = names
+    other_uid = 65534 if os.geteuid() == 0 else None
+    if other_uid is not None:
+        os.chown(f"/dev/shm/{theirs}", other_uid, -1)
     try:
         with OpenHCSReceiver(free_port, sink, orphan_grace_s=0.3, legacy_ack_port=None) as r:
-            assert send_batch(r, batch(item(name, plane, channel=1))) == {"status": "success"}
-            assert os.path.exists(f"/dev/shm/{name}")  # not before the grace period
+            assert send_batch(r, batch(item(mine, plane, channel=1))) == {"status": "success"}
+            assert os.path.exists(f"/dev/shm/{mine}")  # not before the grace period
+            if other_uid is not None:
+                send_batch(r, batch(item(theirs, plane, channel=2)))
             deadline = time.time() + 5
-            while os.path.exists(f"/dev/shm/{name}") and time.time() < deadline:
+            while os.path.exists(f"/dev/shm/{mine}") and time.time() < deadline:
                 time.sleep(0.05)
-            assert not os.path.exists(f"/dev/shm/{name}")
+            assert not os.path.exists(f"/dev/shm/{mine}")
+        if other_uid is not None:
+            assert os.path.exists(f"/dev/shm/{theirs}"), "another account's block was unlinked"
         assert np.array_equal(sink.planes[("openhcs", 0, 0, 0)], plane)
     finally:
-        drop_block(name)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")

@@ -10,6 +10,8 @@ there in the viewer's place and puts the planes into the bridge's stacks.
 * :mod:`.placement`  component modes -> window key and (t, z, c)
 * :mod:`.shm`        copying sender-owned shared memory; leftovers
 * :mod:`.receiver`   the sockets and the serving thread
+* :mod:`.macro_wire` OpenHCS 0.8.6 `run_macro`: its pickles, decoded by stand-ins
+* :mod:`.macro`      running one `run_macro` request in the bridge's engine
 """
 
 from .placement import Layout, Placer, PlacementError

@@ -13,13 +13,25 @@ that serves both:
 * control: pickled dicts through a refusing unpickler; ``ping`` (pong with
   the fields zmqruntime's ``PongResponse`` reads), ``clear_state``,
   ``settle``, ``status``, ``shutdown``/``force_shutdown`` (stops this
-  receiver and frees its ports, then calls ``on_shutdown``).
+  receiver and frees its ports, then calls ``on_shutdown``), and OpenHCS
+  0.8.6's ``run_macro`` (:mod:`.macro_wire`, :mod:`.macro`), run on a worker
+  thread while the loop goes on serving data and the other control socket.
+
+``run_macro`` runs code, and an OpenHCS sender has no credential to show,
+so who may send it is decided by where it arrives (``macros``): ``"ipc"``
+(the default) serves it only on the ipc control socket, and only while the
+socket's folder is owned by this user and closed to everyone else (mode
+0700: fiji-bridge creates ``~/.openhcs/ipc`` so); ``"any"`` also on loopback
+tcp, where every local account can reach it (the user's explicit choice);
+``"off"`` never. Each transport has its own control socket so the receiver
+knows which one a request came in on.
 
 Whatever a peer sends, the receiver replies and goes on serving.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket as pysocket
@@ -32,6 +44,8 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import zmq
 
+from .macro import MacroRunError, MacroRunner, execute
+from .macro_wire import MAX_MACRO_BYTES, MacroRequest, dumps_reply, loads_control
 from .placement import Placement, Placer, PlacementError, producer_label
 from .shm import ReleasedBlocks, copy_block
 from .wire import (
@@ -43,7 +57,6 @@ from .wire import (
     ack_targets,
     check_plain,
     dumps_plain,
-    loads_plain,
     parse_batch,
 )
 
@@ -64,6 +77,10 @@ _TRANSPORTS = {"tcp": ("tcp",), "ipc": ("ipc",), "both": ("tcp", "ipc")}
 #: OpenHCS's default Fiji viewer port
 DEFAULT_PORT = 5565
 _LOOPBACK = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "[::1]", "[::1]": "[::1]"}
+#: who may send run_macro: see the module doc
+MACRO_POLICIES = ("ipc", "any", "off")
+#: OpenHCS's own default wait for a run_macro reply (FijiMacroExecutionRequest.send)
+MACRO_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -73,6 +90,7 @@ class _Stats:
     rois: int = 0
     errors: int = 0
     acks: int = 0
+    macros: int = 0
     last_error: Optional[str] = None
 
 
@@ -94,6 +112,15 @@ class OpenHCSReceiver:
     ``status()`` (called on the receiver thread) is added to each pong as
     ``bridge``. ``on_shutdown`` runs after an OpenHCS ``shutdown`` request
     stopped this receiver.
+
+    Blocks named in batches belong to their sender, which unlinks them
+    (:mod:`.shm`); ``orphan_grace_s`` opts in to unlinking, that long after
+    the reply, the ones a sender left behind -- only ``fiji_`` blocks of
+    this user's.
+
+    ``macro_runner(code, args, timeout)`` runs OpenHCS's ``run_macro``
+    requests in the bridge's engine (none: they are refused); ``macros``
+    says on which transports (module doc).
     """
 
     def __init__(
@@ -111,13 +138,18 @@ class OpenHCSReceiver:
         control_offset: int = 1000,
         legacy_ack_port: Optional[int] = LEGACY_ACK_PORT,
         key_prefix: str = "openhcs",
-        orphan_grace_s: Optional[float] = 10.0,
+        orphan_grace_s: Optional[float] = None,
         on_shutdown: Optional[Callable[[], None]] = None,
+        macro_runner: Optional[MacroRunner] = None,
+        macros: str = "ipc",
+        macro_timeout: float = MACRO_TIMEOUT_S,
     ) -> None:
         if not isinstance(port, int) or not 1 <= port <= 65535 - control_offset:
             raise ValueError(f"OpenHCS port must be 1..{65535 - control_offset}, got {port!r}")
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be 'tcp', 'ipc' or 'both', got {transport!r}")
+        if macros not in MACRO_POLICIES:
+            raise ValueError(f"macros must be one of {', '.join(MACRO_POLICIES)}, got {macros!r}")
         if transport != "ipc" and host not in _LOOPBACK:
             raise ValueError(
                 f"the OpenHCS receiver binds loopback only (got host {host!r}): OpenHCS's sender "
@@ -135,6 +167,12 @@ class OpenHCSReceiver:
         self._rois_sink = rois_sink
         self._status = status
         self._on_shutdown = on_shutdown
+        self._macro_runner = macro_runner
+        self.macros = macros
+        self.macro_timeout = float(macro_timeout)
+        self._macro_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # control socket -> the run_macro reply it owes (a REP answers before it reads again)
+        self._owed: dict[zmq.Socket, concurrent.futures.Future] = {}
         self._own_context = context is None
         self._context = context
         self._placer = Placer(key_prefix)
@@ -184,6 +222,8 @@ class OpenHCSReceiver:
             "rois": s.rois,
             "errors": s.errors,
             "acks": s.acks,
+            "macros": s.macros,
+            "run_macro": self.macro_transports(),
             "last_error": s.last_error,
         }
 
@@ -197,19 +237,22 @@ class OpenHCSReceiver:
             if self._context is None or self._context.closed:
                 self._context = zmq.Context()
                 self._own_context = True
-            data = control = None
+            data = None
+            controls: dict[zmq.Socket, str] = {}
             try:
                 data = self._bind(zmq.REP, self.port, MAX_DATA_BYTES)
-                control = self._bind(zmq.REP, self.control_port, 1 << 20)
+                for kind in self._kinds:  # one per transport: run_macro depends on which
+                    cap = MAX_MACRO_BYTES if self._may_run_macros(kind) else MAX_DATA_BYTES
+                    controls[self._bind(zmq.REP, self.control_port, cap, kinds=(kind,))] = kind
             except BaseException:
-                for s in (data, control):
+                for s in (data, *controls):
                     if s is not None:
                         s.close(linger=0)
                 self._remove_ipc_files()
                 raise
             self._stop.clear()
             self._thread = threading.Thread(
-                target=self._serve, args=(data, control), name=f"openhcs-receiver-{self.port}", daemon=True
+                target=self._serve, args=(data, controls), name=f"openhcs-receiver-{self.port}", daemon=True
             )
             self._thread.start()
             log.info(
@@ -219,7 +262,7 @@ class OpenHCSReceiver:
             )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving, close the sockets, unlink leftover blocks; idempotent."""
+        """Stop serving, close the sockets (and, opted in, unlink left blocks); idempotent."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -240,16 +283,16 @@ class OpenHCSReceiver:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _bind(self, kind: int, port: int, max_bytes: int) -> zmq.Socket:
+    def _bind(self, kind: int, port: int, max_bytes: int, kinds: Optional[tuple[str, ...]] = None) -> zmq.Socket:
         assert self._context is not None
         sock = self._context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         try:
-            for url in self.urls(port):
+            for url in [self._url(k, port) for k in kinds or self._kinds]:
                 path = Path(url[len("ipc://") :]) if url.startswith("ipc://") else None
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _make_private_dirs(path.parent)
                     if _unix_socket_alive(path):
                         raise OSError(f"{url} is in use by another process (an OpenHCS viewer or another bridge?)")
                 try:
@@ -275,15 +318,19 @@ class OpenHCSReceiver:
 
     # ------------------------------------------------------------ the loop
 
-    def _serve(self, data: zmq.Socket, control: zmq.Socket) -> None:
+    def _serve(self, data: zmq.Socket, controls: dict[zmq.Socket, str]) -> None:
         poller = zmq.Poller()
         poller.register(data, zmq.POLLIN)
-        poller.register(control, zmq.POLLIN)
+        for control in controls:
+            poller.register(control, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(100))
-                if control in events:
-                    self._serve_control(control)
+                events = dict(poller.poll(20 if self._owed else 100))
+                for control, kind in controls.items():
+                    if control in self._owed:
+                        self._pay_owed(control, poller)
+                    elif control in events and not self._stop.is_set():
+                        self._serve_control(control, kind, poller)
                 if data in events and not self._stop.is_set():
                     self._serve_data(data)
                 self._released.sweep()
@@ -291,14 +338,19 @@ class OpenHCSReceiver:
             log.exception("OpenHCS receiver loop failed")
         finally:
             data.close(linger=0)
-            control.close(linger=0)
+            for control in controls:
+                control.close(linger=0)
+            if self._macro_pool is not None:
+                self._macro_pool.shutdown(wait=False, cancel_futures=True)
+                self._macro_pool = None
+            self._owed.clear()
             self._remove_ipc_files()
             self._released.sweep(everything=True)
             log.info("OpenHCS receiver on port %d stopped", self.port)
 
     # ------------------------------------------------------------ control
 
-    def _serve_control(self, sock: zmq.Socket) -> None:
+    def _serve_control(self, sock: zmq.Socket, kind: str, poller: zmq.Poller) -> None:
         try:
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
@@ -307,9 +359,11 @@ class OpenHCSReceiver:
         try:
             if len(frames) != 1:
                 raise WireError(f"control message has {len(frames)} frames, expected 1")
-            msg = loads_plain(frames[0])
-            if not isinstance(msg, dict):
-                raise WireError(f"control message must be a dict, got {type(msg).__name__}")
+            cap = MAX_MACRO_BYTES if self._may_run_macros(kind) else MAX_DATA_BYTES
+            msg, request = loads_control(frames[0], max_bytes=cap)
+            if request is not None:
+                self._start_macro(sock, kind, request, poller)
+                return
             reply, shutdown = self._control_reply(msg)
         except WireError as exc:
             self._note_error(f"control: {exc}")
@@ -326,6 +380,73 @@ class OpenHCSReceiver:
             self._stop.set()
             if self._on_shutdown is not None:
                 threading.Thread(target=self._on_shutdown, name="openhcs-on-shutdown", daemon=True).start()
+
+    # ------------------------------------------------------------ run_macro
+
+    def macro_transports(self) -> list[str]:
+        """The transports on which ``run_macro`` is served right now."""
+        return [k for k in self._kinds if self._may_run_macros(k)]
+
+    def _may_run_macros(self, kind: str) -> bool:
+        if self._macro_runner is None or self.macros == "off":
+            return False
+        if self.macros == "any":
+            return True
+        return kind == "ipc" and _private_dir(self.ipc_dir)
+
+    def _macro_refusal(self, kind: str) -> str:
+        if self._macro_runner is None:
+            return "this fiji-bridge receiver has no engine to run macros on"
+        if self.macros == "off":
+            return "run_macro is switched off on this bridge (--openhcs-macros off)"
+        if kind != "ipc" and self.macros == "ipc":
+            return (
+                "run_macro runs code and OpenHCS senders cannot authenticate, so fiji-bridge serves it "
+                "only over ipc (OpenHCS's default transport on Linux and macOS). To allow it on loopback "
+                "tcp, where every local account can reach it, start the bridge with --openhcs-macros any"
+            )
+        return (
+            f"run_macro is served over ipc only while {self.ipc_dir} is owned by you and closed to "
+            f"others (chmod 700 {self.ipc_dir}), or with --openhcs-macros any"
+        )
+
+    def _start_macro(self, sock: zmq.Socket, kind: str, request: MacroRequest, poller: zmq.Poller) -> None:
+        """Run ``request`` off the loop; the reply is sent by :meth:`_pay_owed`."""
+        if not self._may_run_macros(kind):
+            msg = self._macro_refusal(kind)
+            self._note_error(f"run_macro refused: {msg}")
+            sock.send(dumps_reply({"status": "error", "message": msg}))
+            return
+        if self._macro_pool is None:
+            self._macro_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="openhcs-macro")
+        poller.unregister(sock)  # nothing more is read from it until it has answered
+        self._owed[sock] = self._macro_pool.submit(self._run_macro, request)
+
+    def _run_macro(self, request: MacroRequest) -> bytes:
+        assert self._macro_runner is not None
+        try:
+            outputs = execute(request, self._macro_runner, timeout=self.macro_timeout)
+            reply = dumps_reply({"status": "success"}, outputs)
+        except (MacroRunError, ValueError) as exc:
+            self._note_error(f"run_macro {request.macro_path}: {exc}")
+            return dumps_reply({"status": "error", "message": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - the sender hears of it
+            log.exception("OpenHCS run_macro failed")
+            return dumps_reply({"status": "error", "message": f"{type(exc).__name__}: {exc}"})
+        self._stats.macros += 1
+        return reply
+
+    def _pay_owed(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
+        fut = self._owed[sock]
+        if not fut.done():
+            return
+        del self._owed[sock]
+        try:
+            payload = fut.result()
+        except BaseException as exc:  # noqa: BLE001 - cancelled or a bug: still answer
+            payload = dumps_reply({"status": "error", "message": f"run_macro failed: {exc!r}"})
+        sock.send(payload)
+        poller.register(sock, zmq.POLLIN)
 
     def _control_reply(self, msg: Mapping[str, Any]) -> tuple[dict, bool]:
         kind = msg.get("type")
@@ -353,7 +474,7 @@ class OpenHCSReceiver:
             return _ok("shutdown_ack", "fiji-bridge: the OpenHCS viewer endpoint is stopping"), True
         raise WireError(
             f"unsupported control message type {kind!r}; this Fiji viewer (fiji-bridge) answers "
-            "ping, clear_state, settle, status, shutdown, force_shutdown"
+            "ping, clear_state, settle, status, shutdown, force_shutdown, run_macro"
         )
 
     def _pong(self) -> dict:
@@ -366,6 +487,7 @@ class OpenHCSReceiver:
             "server": "fiji-bridge",
             "server_type": "fiji",
             "server_role": "viewer",
+            # zmqruntime's PongResponse knows only these capabilities (run_macro is not one)
             "control_capabilities": ["force_shutdown", "ping", "shutdown"],
             "uptime": time.time() - self._started,
         }
@@ -538,6 +660,30 @@ def _process_identity() -> Optional[dict]:
         return {"pid": p.pid, "create_time": p.create_time()}
     except Exception:  # noqa: BLE001
         return None
+
+
+def _private_dir(path: Path) -> bool:
+    """Owned by this user and closed to group and others (what run_macro over ipc needs)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    getuid = getattr(os, "getuid", None)  # no ipc (and no uid) on Windows
+    return getuid is not None and st.st_uid == getuid() and not st.st_mode & 0o077
+
+
+def _make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders are 0700 (existing ones are left as they are)."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
 
 
 def _unix_socket_alive(path: Path) -> bool:

@@ -1,97 +1,103 @@
-"""Reading sender-owned shared memory, and making sure none is left behind.
+"""Reading sender-owned shared memory -- and leaving it to its owner.
 
 Ownership, as the released senders implement it (polystore 0.2.17 through
-0.6.3, whatever their docstrings say): the sender creates one block per
-image, names it in the batch, and after the viewer's reply -- success or
-error -- closes **and unlinks** it. The viewer copies, closes, and must not
-unlink (the sender's own unlink would then fail) nor leave the block on its
-resource tracker (which would unlink it when the viewer exits).
+0.2.19 and 0.6.x, ``StreamingBackend.save_batch``): the sender creates one
+block per image (named ``fiji_<12 hex>``), names it in the batch, and after
+the viewer's reply -- success, error or timeout -- closes **and unlinks**
+it itself. The viewer copies and closes; it must not unlink (the sender's
+own unlink would then fail), nor leave the block on its resource tracker
+(which would unlink it when the viewer exits). A killed sender's blocks are
+unlinked by the sender's resource tracker. (zmqruntime 0.2.x still ships a
+viewer helper that unlinks after copying; openhcs 0.8.6's own Fiji viewer
+does not use it, and no sender needs it.)
 
-A killed sender's blocks are unlinked by the sender's resource tracker. As a
-last line for senders that expect the viewer to unlink (OpenHCS's in-tree
-backend before PolyStore), :class:`ReleasedBlocks` unlinks any block a
-batch named that still exists a grace period after the reply.
+So :func:`copy_block` only reads: through :func:`fiji_bridge.transport.read_shm`,
+which opens the block read-only and never maps it into the resource
+tracker, never unlinks, and refuses what is not a block of this user's
+(not :class:`multiprocessing.shared_memory.SharedMemory`, whose attach on
+Python 3.11/3.12 unlinks a block it fails to map).
+
+:class:`ReleasedBlocks` is an opt-in last line for a sender that leaves its
+blocks to the viewer (none of the released ones): it unlinks blocks a batch
+named that still exist a grace period after the reply -- and only those
+that look like that sender's own: a name with its prefix and a regular file
+owned by this user. Off by default.
 """
 
 from __future__ import annotations
 
-import sys
+import os
+import stat
 import time
 from collections import deque
-from multiprocessing import resource_tracker, shared_memory
 from typing import Iterable, Optional
 
 import numpy as np
 
+from ..transport import TransportError, read_shm
 from .wire import WireError
 
-__all__ = ["ReleasedBlocks", "copy_block"]
+__all__ = ["SENDER_PREFIX", "ReleasedBlocks", "copy_block", "unlink_senders_block"]
 
-_POSIX = getattr(shared_memory, "_USE_POSIX", False)
+#: polystore's ``FijiStreamingBackend.SHM_PREFIX``
+SENDER_PREFIX = "fiji_"
+_SHM_DIR = "/dev/shm"
 
 
-def _attach(name: str, track: bool) -> shared_memory.SharedMemory:
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=track)
-    shm = shared_memory.SharedMemory(name=name)
-    if not track and _POSIX:
-        # 3.11/3.12 register every attach; a non-owner must not be tracked
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    return shm
+def _regular(name: str) -> Optional[os.stat_result]:
+    """``lstat`` of ``/dev/shm/<name>`` if it is a regular file (None if it is
+    not, or where there is no ``/dev/shm``)."""
+    try:
+        st = os.stat(os.path.join(_SHM_DIR, name), follow_symlinks=False)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def copy_block(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Copy ``shape``/``dtype`` pixels out of block ``name``; never unlinks it."""
+    """Copy ``shape``/``dtype`` pixels out of block ``name`` (native byte order); never unlinks it."""
+    if os.path.isdir(_SHM_DIR) and os.path.lexists(os.path.join(_SHM_DIR, name)) and _regular(name) is None:
+        # a FIFO would block a read-only open; a link could point anywhere
+        raise WireError(f"{name!r} is not a shared-memory block (not a regular file in {_SHM_DIR})")
     try:
-        shm = _attach(name, track=False)
-    except FileNotFoundError:
-        raise WireError(
-            f"shared memory block {name!r} does not exist (released by its sender, or never created)"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise WireError(f"cannot open shared memory block {name!r}: {exc}") from None
-    try:
-        count = int(np.prod(shape))
-        need = count * dtype.itemsize
-        if shm.size < need:
-            raise WireError(
-                f"shared memory block {name!r} holds {shm.size} bytes, but shape {list(shape)} "
-                f"of {dtype} needs {need}"
-            )
-        view = np.frombuffer(shm.buf, dtype=dtype, count=count)
-        try:
-            data = view.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
-        finally:
-            del view  # release the exported buffer before close()
-        return data
-    finally:
-        shm.close()
+        data = read_shm(name, shape, dtype)
+    except TransportError as exc:
+        raise WireError(str(exc)) from None
+    return data if data.dtype.isnative else data.astype(data.dtype.newbyteorder("="))
 
 
-def unlink_if_present(name: str) -> bool:
-    """Unlink block ``name`` if it still exists; True if it did."""
-    try:
-        shm = _attach(name, track=True)  # attach+unlink keep the tracker balanced
-    except (FileNotFoundError, OSError, ValueError):
+def unlink_senders_block(name: str, prefix: str = SENDER_PREFIX) -> bool:
+    """Unlink block ``name`` if it is still there and looks like the
+    sender's: ``prefix`` + name, a regular file owned by this user (never a
+    link, a FIFO or another account's file). True if it was unlinked."""
+    if not name.startswith(prefix) or "/" in name or name in (".", ".."):
         return False
     try:
-        shm.close()
-        shm.unlink()
-        return True
-    except FileNotFoundError:
+        import _posixshmem  # type: ignore[import-not-found]
+    except ImportError:  # Windows: named mappings vanish with their last handle
         return False
+    st = _regular(name)
+    if st is None or st.st_uid != os.geteuid():
+        return False
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except OSError:
+        return False
+    return True
 
 
 class ReleasedBlocks:
-    """Blocks named by answered batches, swept once their grace period is over."""
+    """Blocks named by answered batches, swept once their grace period is
+    over (``grace_s`` None: never -- the default, the senders unlink)."""
 
-    def __init__(self, grace_s: Optional[float] = 10.0) -> None:
+    def __init__(self, grace_s: Optional[float] = None, prefix: str = SENDER_PREFIX) -> None:
         self.grace_s = grace_s
+        self.prefix = prefix
         self._due: deque[tuple[float, tuple[str, ...]]] = deque()
         self.unlinked = 0
 
     def note(self, names: Iterable[str], now: Optional[float] = None) -> None:
-        names = tuple(names)
+        names = tuple(n for n in names if n.startswith(self.prefix))
         if names and self.grace_s is not None:
             self._due.append(((time.monotonic() if now is None else now) + self.grace_s, names))
 
@@ -101,7 +107,7 @@ class ReleasedBlocks:
         n = 0
         while self._due and (everything or self._due[0][0] <= now):
             _, names = self._due.popleft()
-            n += sum(unlink_if_present(name) for name in names)
+            n += sum(unlink_senders_block(name, self.prefix) for name in names)
         self.unlinked += n
         return n
 

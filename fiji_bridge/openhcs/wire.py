@@ -124,14 +124,19 @@ def check_plain(obj: Any, *, max_depth: int = 64, max_nodes: int = 200_000) -> N
             stack.extend((v, depth + 1) for v in node)
 
 
-def loads_plain(data: bytes) -> Any:
-    """Unpickle ``data`` without ever importing or calling anything."""
-    if len(data) > MAX_CONTROL_BYTES:
-        raise RefusedPickle(f"control message of {len(data)} bytes is larger than {MAX_CONTROL_BYTES}")
+def unpickle_with(unpickler: type[pickle.Unpickler], data: bytes, max_bytes: int) -> Any:
+    """``unpickler(data).load()``, any failure (and a size over ``max_bytes``) a :class:`RefusedPickle`."""
+    if len(data) > max_bytes:
+        raise RefusedPickle(f"control message of {len(data)} bytes is larger than {max_bytes}")
     try:
-        obj = _PlainUnpickler(io.BytesIO(data)).load()
+        return unpickler(io.BytesIO(data)).load()
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's
         raise RefusedPickle(f"cannot decode control message: {exc}") from None
+
+
+def loads_plain(data: bytes) -> Any:
+    """Unpickle ``data`` without ever importing or calling anything."""
+    obj = unpickle_with(_PlainUnpickler, data, MAX_CONTROL_BYTES)
     check_plain(obj)
     return obj
 

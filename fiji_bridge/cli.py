@@ -160,11 +160,12 @@ def import_cmd(folder: str, plate_uri: str, pattern: Optional[str], name: Option
 @click.option("--resume", is_flag=True, help="skip units whose outputs exist")
 @click.option("--timeout", type=float, default=600, show_default=True, help="per-unit macro timeout (s)")
 @click.option("--port", "ports", type=int, multiple=True, help="use the bridge on this port (repeatable; spawned if none answers, left running) instead of spawning --workers bridges")
-def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[str], wells: str, workers: int, scheduler: Optional[str], resume: bool, timeout: float, ports: tuple[int, ...]) -> None:
+@click.option("--labels", "labels", multiple=True, help="store output image IMAGE as an NGFF label image: IMAGE[=NAME][:objects] (objects: connected components of a binary mask; 'rois=NAME': the ROI Manager's areas); repeatable")
+def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[str], wells: str, workers: int, scheduler: Optional[str], resume: bool, timeout: float, ports: tuple[int, ...], labels: tuple[str, ...]) -> None:
     """Run a macro over every well field of a plate; write a derived plate and a results table."""
     from .batch import batch_command
 
-    sys.exit(batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports))
+    sys.exit(batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports, labels=list(labels) or None))
 
 
 @main.command()

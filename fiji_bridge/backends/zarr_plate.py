@@ -6,7 +6,10 @@ Layout of a plate ``<root>/<plate>.zarr`` (as omero-cli-zarr writes them)::
       A/1/                         well group (row letter / column number): NGFF ``well``
         0/  1/ ...                 one multiscale image per field (well-sample index)
           s0/                      the pixels, TCZYX, one chunk per plane
-      tables/[<well>/]<name>.csv   tables (recorded under ``fiji_bridge.tables``)
+          labels/<name>/           label images (NGFF ``image-label``), written with ngio
+          tables/<name>/           field tables in ngio's layout (feature, ROI, ...)
+      tables/<name>/               plate-level tables in ngio's layout
+      tables/[<well>/]<name>.csv   CSV tables (recorded under ``fiji_bridge.tables``)
 
 Written with ome-zarr-py (``write_plate_metadata``, ``write_well_metadata``,
 ``write_image`` with ``scale_factors=[]``: one resolution level) on zarr 3.
@@ -35,7 +38,8 @@ import zarr
 
 from ..components import Calibration, format_well, normalize_well, parse_well
 from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells
-from .base import BackendError, NotFound, PlateStructure
+from .base import BackendError, NotFound, ObjectTable, PlateStructure
+from .ngff_tables import TABLE_BACKENDS, write_label, write_tables
 
 __all__ = ["ZarrPlateStore"]
 
@@ -79,12 +83,16 @@ class ZarrPlateStore(LocalPlateStore):
     scheme = "zarr"
     plate_suffix = ".zarr"
 
-    def __init__(self, root: str | os.PathLike, *, zarr_format: int = 2, compression: str = "lz4") -> None:
+    def __init__(self, root: str | os.PathLike, *, zarr_format: int = 2, compression: str = "lz4",
+                 table_backend: str = "anndata") -> None:
         super().__init__(root)
         if zarr_format not in (2, 3):
             raise BackendError(f"zarr_format must be 2 (NGFF 0.4) or 3 (NGFF 0.5), got {zarr_format}")
+        if table_backend not in TABLE_BACKENDS:
+            raise BackendError(f"table_backend must be one of {', '.join(TABLE_BACKENDS)}, got {table_backend!r}")
         self.zarr_format = zarr_format
         self.compression = compression
+        self.table_backend = table_backend
         self._images: dict[tuple[str, str], tuple[Any, str]] = {}
 
     # ------------------------------------------------------------------ reading
@@ -269,6 +277,39 @@ class ZarrPlateStore(LocalPlateStore):
             self._register_field(d, well, wpath, site, write_well_metadata)
         self._images.pop((plate, f"{wpath}/{site}"), None)
         return f"{wpath}/{site}"
+
+    # ------------------------------------------------ labels and tables (ngio)
+
+    def _field_dir(self, plate: str, well: str, site: int) -> Path:
+        well = normalize_well(well)
+        return self._existing_plate_dir(plate) / self._field_rel(plate, well, int(site))
+
+    def save_labels(self, plate, well, site, name, labels, *, colors=None) -> str:  # type: ignore[override]
+        """The label image ``<field>/labels/<name>`` (see :mod:`.ngff_tables`)."""
+        d = self._field_dir(plate, well, site)
+        with plate_lock(self.plate_dir(plate)):
+            write_label(d, name, np.asarray(labels))
+        return f"/{self.scheme}/plate_{plate}/{normalize_well(well)}/s{int(site):03d}/labels/{name}"
+
+    def save_field_tables(self, plate, well, site, tables) -> list[str]:  # type: ignore[override]
+        """Tables in ``<field>/tables/`` in ngio's layout."""
+        tables = list(tables)
+        if not tables:
+            return []
+        d = self._field_dir(plate, well, site)
+        with plate_lock(self.plate_dir(plate)):
+            write_tables(d, tables, backend=self.table_backend)
+        return [f"/{self.scheme}/plate_{plate}/{normalize_well(well)}/s{int(site):03d}/tables/{t.name}" for t in tables]
+
+    def save_plate_tables(self, plate: str, tables: Sequence[ObjectTable]) -> list[str]:
+        """Tables in ``<plate>.zarr/tables/`` in ngio's layout."""
+        tables = list(tables)
+        if not tables:
+            return []
+        d = self._existing_plate_dir(plate)
+        with plate_lock(d):
+            write_tables(d, tables, plate=True, backend=self.table_backend)
+        return [f"/{self.scheme}/plate_{plate}/tables/{t.name}" for t in tables]
 
     def _well_path(self, d: Path, well: str) -> str:
         """``row/column`` of a well: the plate's own names when it has the well's

@@ -14,8 +14,9 @@ Layout of a plate ``<root>/<plate>.zarr`` (as omero-cli-zarr writes them)::
 Written with ome-zarr-py (``write_plate_metadata``, ``write_well_metadata``,
 ``write_image`` with ``scale_factors=[]``: one resolution level) on zarr 3.
 The default is zarr format 2 = NGFF 0.4, what OMERO's OME-Zarr support,
-napari-ome-zarr and Fiji's readers expect; ``zarr_format=3`` writes NGFF 0.5.
-Both are read. Our API is TZCYX; NGFF stores TCZYX: this module converts.
+napari-ome-zarr and Fiji's readers expect; ``zarr_format=3`` (or the
+environment ``FIJI_BRIDGE_NGFF_VERSION=0.5``, ``fiji-bridge batch --ngff 0.5``)
+writes NGFF 0.5. Both are read; an existing plate keeps its version. Our API is TZCYX; NGFF stores TCZYX: this module converts.
 Pixel sizes are the ``scale`` coordinate transformation, channel names the
 ``omero.channels[].label``.
 
@@ -41,7 +42,12 @@ from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells
 from .base import BackendError, NotFound, ObjectTable, PlateStructure
 from .ngff_tables import TABLE_BACKENDS, write_label, write_tables
 
-__all__ = ["ZarrPlateStore"]
+__all__ = ["NGFF_VERSION_ENV", "TABLE_BACKEND_ENV", "ZarrPlateStore"]
+
+#: the NGFF version of new plates when the store is not told (0.4, or 0.5)
+NGFF_VERSION_ENV = "FIJI_BRIDGE_NGFF_VERSION"
+#: ngio's table backend when the store is not told (anndata, parquet, csv)
+TABLE_BACKEND_ENV = "FIJI_BRIDGE_TABLE_BACKEND"
 
 _AXES = "tczyx"
 # ImageJ unit names <-> NGFF (UDUNITS-2) unit names
@@ -83,9 +89,15 @@ class ZarrPlateStore(LocalPlateStore):
     scheme = "zarr"
     plate_suffix = ".zarr"
 
-    def __init__(self, root: str | os.PathLike, *, zarr_format: int = 2, compression: str = "lz4",
-                 table_backend: str = "anndata") -> None:
+    def __init__(self, root: str | os.PathLike, *, zarr_format: Optional[int] = None, compression: str = "lz4",
+                 table_backend: Optional[str] = None) -> None:
         super().__init__(root)
+        if zarr_format is None:  # new plates: NGFF 0.4 unless FIJI_BRIDGE_NGFF_VERSION=0.5
+            want = os.environ.get(NGFF_VERSION_ENV, "0.4").strip()
+            if want not in ("0.4", "0.5"):
+                raise BackendError(f"{NGFF_VERSION_ENV}={want!r}: use 0.4 (zarr v2) or 0.5 (zarr v3)")
+            zarr_format = 3 if want == "0.5" else 2
+        table_backend = table_backend or os.environ.get(TABLE_BACKEND_ENV, "anndata")
         if zarr_format not in (2, 3):
             raise BackendError(f"zarr_format must be 2 (NGFF 0.4) or 3 (NGFF 0.5), got {zarr_format}")
         if table_backend not in TABLE_BACKENDS:

@@ -230,24 +230,44 @@ def roi_boxes(rois: Sequence[Any], calibration: Optional[Calibration] = None, si
     return cols
 
 
+def polygon_mask(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(Y, X) bool mask of the pixels whose centres lie inside the polygon
+    ``xy`` ((N, 2) x, y in pixel-corner coordinates), by scanlines."""
+    ny, nx = shape
+    out = np.zeros((ny, nx), bool)
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    lo = max(int(np.floor(y0.min())), 0)
+    hi = min(int(np.ceil(y0.max())), ny)
+    for row in range(lo, hi):
+        yc = row + 0.5
+        cross = (y0 <= yc) != (y1 <= yc)  # edges crossing the scanline (half-open: no double count)
+        if not cross.any():
+            continue
+        xs = np.sort(x0[cross] + (yc - y0[cross]) * (x1[cross] - x0[cross]) / (y1[cross] - y0[cross]))
+        for a, b in zip(xs[0::2], xs[1::2]):
+            start = max(int(np.ceil(a - 0.5)), 0)  # first pixel centre >= a
+            stop = min(int(np.ceil(b - 0.5)), nx)  # centres < b
+            if stop > start:
+                out[row, start:stop] = True
+    return out
+
+
 def rois_to_labels(rois: Sequence[Any], shape: Sequence[int]) -> np.ndarray:
     """Area ROIs painted into a TZYX label array for a field of TZCYX
     ``shape``: ROI ``i`` (in ROI Manager order, areas only) gets ``i + 1``,
     on its Z/T position or every plane when that is 0; later ROIs paint over
-    earlier ones where they overlap."""
-    from PIL import Image, ImageDraw
-
+    earlier ones where they overlap. A pixel belongs to a ROI when its centre
+    is inside the ROI's polygon (even-odd rule), as ImageJ's masks are made."""
     t, z, _, y, x = shape
     out = np.zeros((t, z, y, x), np.uint32 if len(rois) > 65535 else np.uint16)
     for i, r in enumerate(rois):
         if str(r.type).lower() not in AREA_TYPES:
             continue
-        xy = [(float(a), float(b)) for a, b in np.asarray(r.coordinates, dtype=float).reshape(-1, 2)]
+        xy = np.asarray(r.coordinates, dtype=float).reshape(-1, 2)
         if len(xy) < 3:
             continue
-        canvas = Image.new("L", (x, y), 0)
-        ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
-        m = np.asarray(canvas, bool)
+        m = polygon_mask(xy, (y, x))
         _, rz, rt = (tuple(r.position) + (0, 0, 0))[:3]
         ts = range(t) if not rt else [int(rt) - 1]
         zs = range(z) if not rz else [int(rz) - 1]

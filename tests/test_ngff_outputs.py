@@ -205,3 +205,74 @@ def test_ngff_05_binary_mask_stays_binary(data_dir, tmp_path, bridge, monkeypatc
         assert "mask_features" not in img.list_tables()
         assert {"FOV_ROI_table", "results", "counts"} <= set(img.list_tables())
         assert len(img.get_table("results").dataframe) == int(img.get_table("counts").dataframe["Count"].iloc[0])
+
+
+# --------------------------------------------------------------------------- ROIs from the macro
+
+ROI_MACRO = """\
+// Test macro: nuclei as ROI Manager ROIs, and their mask (holes included: an outline has none).
+// Output images: "mask"
+setOption("BlackBackground", true);
+input = getImageID();
+run("Duplicate...", "title=bin");
+run("Gaussian Blur...", "sigma=1");
+setAutoThreshold("Otsu dark");
+run("Convert to Mask");
+run("Set Measurements...", "area mean centroid redirect=None decimal=4");
+run("Analyze Particles...", "size=30-Infinity pixel show=Masks display clear include add");
+if (is("Inverting LUT")) run("Invert LUT");
+rename("mask");
+selectImage(input); close();
+selectImage("bin"); close();
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", ["zarr", "ometiff"])
+def test_macro_rois_become_roi_tables_and_labels(data_dir, tmp_path, bridge, kind):
+    """Analyze Particles' ROIs: an ROI table, a label image painted from
+    them (oracle: scipy's components of ImageJ's own mask), and for OME-TIFF
+    a .zip that ImageJ's ROI Manager opens."""
+    macro = tmp_path / "rois.ijm"
+    macro.write_text(ROI_MACRO)
+    src = f"zarr://{tmp_path}/sbs.zarr"
+    import_folder(data_dir / "sbs_plate_O01-O04", src)
+    out = f"{kind}://{tmp_path}/derived" + (".zarr" if kind == "zarr" else "")
+    rep = run_batch(src, str(macro), out_uri=out, wells="O04", ports=[bridge.port], progress=False,
+                    labels="rois=cells,mask=nuclei:objects", timeout=120)
+    assert rep.ok, rep.failures
+    backend, pid = open_plate(rep.derived)
+    for site in range(3):
+        results = [r for r in _csv(rep, "Results") if int(r["field"]) == site]
+        n = len(results)
+        assert n > 0
+        if kind == "zarr":
+            img = ngio.open_ome_zarr_container(str(tmp_path / "derived.zarr" / "O" / "4" / str(site)))
+            assert img.list_labels() == ["cells", "nuclei"]
+            cells = np.asarray(img.get_label("cells").get_array()).reshape(512, 512)
+            nuclei = np.asarray(img.get_label("nuclei").get_array()).reshape(512, 512)
+            rois = img.get_roi_table("imagej_ROI_table").dataframe
+            masking = img.get_masking_roi_table("cells_ROI_table").dataframe.sort_index()
+        else:
+            import pandas as pd
+            import tifffile
+
+            stem = tmp_path / "derived" / f"O04_s{site:03d}"
+            cells = tifffile.imread(f"{stem}.cells.labels.ome.tif").reshape(512, 512)
+            nuclei = tifffile.imread(f"{stem}.nuclei.labels.ome.tif").reshape(512, 512)
+            tables = tmp_path / "derived" / "tables" / "O04"
+            rois = pd.read_csv(tables / f"imagej_ROI_table_s{site:03d}.csv").set_index("FieldIndex")
+            masking = pd.read_csv(tables / f"cells_ROI_table_s{site:03d}.csv").set_index("label").sort_index()
+            # ImageJ's ROI Manager opens the .zip beside the field
+            res = bridge.run_macro(f'roiManager("reset"); roiManager("open", "{stem}.rois.zip"); '
+                                   f'setResult("n", 0, roiManager("count")); updateResults();', timeout=60)
+            assert int(res.results["n"][0]) == n
+        # oracle: the mask ImageJ drew, labelled by scipy in raster order (Analyze Particles' order)
+        want, k = ndimage.label(nuclei > 0, structure=EIGHT)
+        assert k == n == len(rois)
+        np.testing.assert_array_equal(cells, want)
+        np.testing.assert_allclose(ndimage.sum_labels(np.ones_like(cells), cells, np.arange(1, n + 1)),
+                                   [float(r["Area"]) for r in results])
+        # the ROI table's boxes are the objects' bounding boxes
+        for c in ("x_micrometer", "y_micrometer", "len_x_micrometer", "len_y_micrometer"):
+            np.testing.assert_allclose(rois[c].to_numpy(float), masking[c].to_numpy(float))

@@ -11,8 +11,9 @@ napari-ome-zarr find them::
 
 Tables are typed as ngio types them (``feature_table``, ``roi_table``,
 ``masking_roi_table``, ``condition_table``, ``generic_table``); the storage
-backend is ngio's ``anndata`` by default (what Fractal tasks read),
-``parquet`` or ``csv`` on request. The NGFF version (0.4 / 0.5) follows the
+backend is ngio's ``parquet`` by default (ngio and Fractal read every
+backend; an AnnData table takes ~8x as long to write: ~100 ms against
+~12 ms), ``anndata`` or ``csv`` on request. The NGFF version (0.4 / 0.5) follows the
 image's. A label that is a projection of a Z stack (one plane per T) is
 stored with Z = 1.
 """
@@ -116,7 +117,7 @@ def _ngio_table(table: ObjectTable) -> Any:
 
 
 def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool = False,
-                 backend: str = "anndata") -> None:
+                 backend: str = "parquet") -> None:
     """Write ``tables`` into the image (or, with ``plate``, the plate) group
     at ``group_dir`` with ngio, replacing tables of the same names."""
     ngio = _ngio()

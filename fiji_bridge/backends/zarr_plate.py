@@ -46,7 +46,7 @@ __all__ = ["NGFF_VERSION_ENV", "TABLE_BACKEND_ENV", "ZarrPlateStore"]
 
 #: the NGFF version of new plates when the store is not told (0.4, or 0.5)
 NGFF_VERSION_ENV = "FIJI_BRIDGE_NGFF_VERSION"
-#: ngio's table backend when the store is not told (anndata, parquet, csv)
+#: ngio's table backend when the store is not told (parquet, anndata, csv)
 TABLE_BACKEND_ENV = "FIJI_BRIDGE_TABLE_BACKEND"
 
 _AXES = "tczyx"
@@ -97,7 +97,7 @@ class ZarrPlateStore(LocalPlateStore):
             if want not in ("0.4", "0.5"):
                 raise BackendError(f"{NGFF_VERSION_ENV}={want!r}: use 0.4 (zarr v2) or 0.5 (zarr v3)")
             zarr_format = 3 if want == "0.5" else 2
-        table_backend = table_backend or os.environ.get(TABLE_BACKEND_ENV, "anndata")
+        table_backend = table_backend or os.environ.get(TABLE_BACKEND_ENV, "parquet")
         if zarr_format not in (2, 3):
             raise BackendError(f"zarr_format must be 2 (NGFF 0.4) or 3 (NGFF 0.5), got {zarr_format}")
         if table_backend not in TABLE_BACKENDS:

@@ -252,28 +252,16 @@ class ZarrPlateStore(LocalPlateStore):
         channel_names: Sequence[str],
         calibration: Calibration,
     ) -> str:
-        from ome_zarr.writer import write_image, write_well_metadata
+        from ome_zarr.writer import write_well_metadata
 
         d = self.plate_dir(plate)  # the zarr format (NGFF version) follows the plate group
         wpath = self._well_path(d, well)
         tczyx = np.ascontiguousarray(array.transpose(0, 2, 1, 3, 4))
-        t, c, z, y, x = tczyx.shape
         tmp_name = f"tmp_{site}_{uuid.uuid4().hex[:12]}"
         wg = zarr.open_group(str(d), mode="r+").require_group(wpath)
         tmp = wg.create_group(tmp_name)
-        scale, units = _scale_units(calibration)
         try:
-            write_image(
-                tczyx,
-                tmp,
-                scale_factors=[],
-                axes=list(_AXES),
-                scale=scale,
-                axes_units=units or None,
-                name=name,
-                storage_options={"chunks": (1, 1, 1, min(y, 4096), min(x, 4096)), "compressor": self._compressor()},
-                omero=_omero_meta(tczyx, channel_names, name),
-            )
+            _write_image(tmp, tczyx, name, channel_names, calibration, self._compressor())
         except Exception:
             shutil.rmtree(d / wpath / tmp_name, ignore_errors=True)
             raise
@@ -407,6 +395,95 @@ class ZarrPlateStore(LocalPlateStore):
                 else:
                     g.attrs["omero"] = ome["omero"]
         self._images.pop((plate, rel), None)
+
+
+# ----------------------------------------------------------------- pixels + metadata
+
+
+def _write_image(group: Any, tczyx: np.ndarray, name: str, channel_names: Sequence[str], calibration: Calibration,
+                 compressor: Any) -> None:
+    """One OME-Zarr image (one resolution level ``s0``) in ``group``: the
+    pixels (:func:`_write_planes_fast`), then the metadata ome-zarr-py's own
+    writers make (``write_multiscales_metadata``: axes, scale and
+    translation; ``omero``), the same as ``write_image`` wrote."""
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import add_metadata, write_multiscales_metadata
+
+    v3 = group.metadata.zarr_format == 3
+    t, c, z, y, x = tczyx.shape
+    kwargs: dict[str, Any] = dict(shape=tczyx.shape, dtype=tczyx.dtype, chunks=(1, 1, 1, min(y, 4096), min(x, 4096)),
+                                  compressors=[compressor], fill_value=0)
+    if v3:
+        kwargs["dimension_names"] = list(_AXES)
+        kwargs["chunk_key_encoding"] = {"name": "default", "separator": "/"}
+    else:
+        kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+    arr = group.create_array("s0", **kwargs)
+    if y <= 4096 and x <= 4096:
+        _write_planes_fast(arr, group, tczyx, compressor)
+    else:  # planes of several chunks: zarr's own writer
+        arr[...] = tczyx
+    scale, units = _scale_units(calibration)
+    fmt = FormatV05() if v3 else FormatV04()
+    datasets = [{"path": "s0", "coordinateTransformations": [
+        {"type": "scale", "scale": [scale[a] for a in _AXES]},
+        {"type": "translation", "translation": [0.0] * len(_AXES)},
+    ]}]
+    axes = [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space"), **({"unit": units[a]} if a in units else {})}
+            for a in _AXES]
+    write_multiscales_metadata(group, datasets=datasets, fmt=fmt, axes=axes, name=name)
+    omero = _omero_meta(tczyx, channel_names, name)
+    if v3:
+        add_metadata(group, {"omero": dict(omero, version=fmt.version)})
+    else:
+        group.attrs["omero"] = omero
+
+
+def _write_planes_fast(arr: Any, group: Any, tczyx: np.ndarray, compressor: Any) -> None:
+    """Every plane (one chunk each) compressed with the array's own Blosc
+    settings and written as the chunk file zarr names it, planes in parallel
+    threads (Blosc releases the GIL). zarr 3's asyncio write path costs about
+    3x the compression itself here (0.15 against 0.5-0.9 GB/s on 2 cores for
+    1024x1024 uint16); the bytes are what zarr writes: v2 a Blosc frame, v3
+    the ``bytes`` (little endian) + ``blosc`` codecs' output. Chunks that are
+    all zero are not written (zarr's default: they read as the fill value)."""
+    from numcodecs import Blosc
+
+    if isinstance(compressor, Blosc):
+        codec = compressor
+    else:  # zarr v3 BloscCodec -> the numcodecs Blosc it wraps (same frame)
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+        codec = Blosc(cname=str(compressor.cname.value if hasattr(compressor.cname, "value") else compressor.cname),
+                      clevel=int(compressor.clevel),
+                      shuffle=shuffle[str(compressor.shuffle.value if hasattr(compressor.shuffle, "value") else compressor.shuffle)])
+    root = Path(str(group.store.root)) / group.path / "s0"
+    le = tczyx.astype(tczyx.dtype.newbyteorder("<"), copy=False)
+    t, c, z = tczyx.shape[:3]
+
+    def one(i: int) -> None:
+        ti, rest = divmod(i, c * z)
+        ci, zi = divmod(rest, z)
+        plane = le[ti, ci, zi]
+        if not plane.any():
+            return
+        path = root / arr.metadata.encode_chunk_key((ti, ci, zi, 0, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(codec.encode(plane))
+
+    list(_writer_pool().map(one, range(t * c * z)))
+
+
+_POOL: Optional[Any] = None
+
+
+def _writer_pool() -> Any:
+    """Threads compressing and writing planes, shared by the stores of a process."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="zarr-planes")
+    return _POOL
 
 
 # ----------------------------------------------------------------- metadata

@@ -13,7 +13,10 @@ goes to a derived plate at the well and field it was computed from:
   polygon coordinates; the OME-TIFF store adds an ImageJ ``.zip``).
 
 For the NGFF tools (napari, ngio, Fractal), on stores that hold them (the
-OME-Zarr and OME-TIFF stores), also:
+OME-Zarr and OME-TIFF stores), when labels are asked for or the macro left
+ROIs (the per-field tables describe objects; without them every field's
+rows are in the batch's plate-level tables, and ~60 ms of table writes per
+field are saved), also:
 
 * labels: the output images ``labels`` names (:class:`~fiji_bridge.objects.LabelSpec`)
   become label images of the field (binary masks stay 0/1 unless
@@ -274,7 +277,7 @@ def _write(result: Any, backend: Any, plate: str, well: str, site: int, label: s
             written.append(path)
         else:
             written.append(backend.save_rois(plate, well, site, rois))
-    if uploader is None and field_shape is not None and _has_ngff(backend):
+    if uploader is None and field_shape is not None and (specs or rois) and _has_ngff(backend):
         written += _write_ngff(result, backend, plate, label, well, site, specs, dict(all_images), field_shape, field_cal, rois)
     return written
 

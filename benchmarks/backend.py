@@ -17,6 +17,15 @@ costs, not disk speed. Then the OMERO write path over the test double
 If ``benchmarks/backend_upload.py`` exists, its
 ``run()`` lines (the uploader figures) are printed after ours.
 
+``bench_zarr_writes`` (the OME-Zarr writer in one run): ``save_field``
+against ome-zarr-py's ``write_image`` with the same options (what
+``save_field`` used before), the reads, and what writing the NGFF outputs
+costs per field: a label image (ngio), the typed tables per ngio backend
+(parquet, anndata, csv), and a whole ``save_result`` of a nuclei_count-like
+result (mask -> label of objects, Results -> feature table, ROI tables).
+Imports (ome-zarr-py pulls in dask and xarray: seconds) are done before
+timing and reported apart.
+
 Usage: ``python benchmarks/backend.py [--wells 4 --fields 4 --c 2 --z 5 --size 1024]``
 """
 
@@ -71,6 +80,8 @@ def bench_store(name: str, make, wells: list[str], fields: int, c: int, z: int, 
     lines = []
 
     store = make()
+    warm = store.create_plate("warmup")  # imports and first-call costs, not timed
+    store.save_field(warm, "H12", 0, field[:, :1, :1])
     pid = store.create_plate("bench")
     t0 = time.perf_counter()
     for w in wells:
@@ -147,6 +158,108 @@ def bench_omero_write(planes: int = 8) -> list[str]:
             b.close(), r.close()
         finally:
             srv.unregister()
+def _rate(n_bytes: int, dt: float) -> str:
+    return f"{n_bytes / 2**20 / dt:8.1f} MB/s"
+
+
+def bench_zarr_writes(tmp: Path, fields: int, c: int, z: int, size: int) -> list[str]:
+    """The OME-Zarr writer, before (ome-zarr-py write_image) and now, and the NGFF outputs' cost."""
+    import warnings
+
+    import zarr
+
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    from ome_zarr.writer import write_image
+
+    import ngio  # noqa: F401
+    from fiji_bridge.backends.zarr_plate import _omero_meta, _scale_units
+    lines = [f"zarr     imports    : {time.perf_counter() - t0:8.2f} s once per process (ome-zarr-py, dask, ngio)"]
+    planes = source_planes(c * z, size)
+    field = np.stack(planes).reshape(1, z, c, size, size)
+    cal = Calibration(0.65, 0.65, 2.0)
+    nbytes = fields * field.nbytes
+    wells = [f"B{i + 1:02d}" for i in range(fields)]
+    for fmt in (2, 3):
+        v = "0.4" if fmt == 2 else "0.5"
+        store = ZarrPlateStore(tmp / f"w{fmt}", zarr_format=fmt)
+        store.save_field(store.create_plate("warm"), "A01", 0, field)
+        pid = store.create_plate("now")
+        # before: what save_field did up to now (write_image, dask), same chunks and compressor
+        tczyx = np.ascontiguousarray(field.transpose(0, 2, 1, 3, 4))
+        scale, units = _scale_units(cal)
+        t0 = time.perf_counter()
+        for i in range(fields):
+            g = zarr.open_group(str(tmp / f"before{fmt}" / str(i)), mode="w", zarr_format=fmt)
+            write_image(tczyx, g, scale_factors=[], axes=list("tczyx"), scale=scale, axes_units=units, name="f",
+                        storage_options={"chunks": (1, 1, 1, size, size), "compressor": store._compressor()},
+                        omero=_omero_meta(tczyx, [f"ch{k}" for k in range(c)], "f"))
+        before = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for w in wells:
+            store.save_field(pid, w, 0, field, channel_names=[f"ch{k}" for k in range(c)], calibration=cal)
+        now = time.perf_counter() - t0
+        lines.append(f"zarr {v} save_field : {_rate(nbytes, now)} now; write_image (before) {_rate(nbytes, before)}; "
+                     f"x{before / now:.2f} ({fields} fields of {field.nbytes / 2**20:.0f} MiB)")
+        reader = ZarrPlateStore(tmp / f"w{fmt}")
+        reader.plate_structure(pid)
+        t0 = time.perf_counter()
+        for w in wells:
+            reader.load_field(pid, w, 0)
+        lines.append(f"zarr {v} load_field : {_rate(nbytes, time.perf_counter() - t0)}")
+    lines += bench_ngff_outputs(tmp / "ngff")
+    return lines
+
+
+def bench_ngff_outputs(tmp: Path, n_fields: int = 6, size: int = 512, objects: int = 60) -> list[str]:
+    """ms per field for the labels and typed tables of a nuclei_count-like result."""
+    from fiji_bridge.backends.base import ObjectTable
+    from fiji_bridge.engine.base import MacroResult
+    from fiji_bridge.objects import object_boxes, to_labels
+    from fiji_bridge.outputs import save_result
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((1, 1, 1, size, size), np.uint8)
+    for i in range(objects):
+        y, x = (i // 8) * (size // 8) + 5, (i % 8) * (size // 8) + 5
+        mask[..., y:y + 20, x:x + 25] = 255
+    image = rng.integers(0, 255, (1, 1, 1, size, size), dtype=np.uint8)
+    cols = {k: rng.random(objects) for k in "Area Mean StdDev Min Max X Y Perim. Circ. AR Round Solidity IntDen RawIntDen".split()}
+    labels = to_labels(mask, objects=True)
+    boxes = object_boxes(labels)
+    lines = []
+    for backend in ("parquet", "anndata", "csv"):
+        store = ZarrPlateStore(tmp / backend, table_backend=backend)
+        pid = store.create_plate("p")
+        for s in range(n_fields + 1):
+            store.save_field(pid, "A01", s, image)
+        store.save_labels(pid, "A01", n_fields, "warm", labels)
+        store.save_field_tables(pid, "A01", n_fields, [ObjectTable("warm", {"label": [1]}, kind="feature", label="warm")])
+        t0 = time.perf_counter()
+        for s in range(n_fields):
+            store.save_labels(pid, "A01", s, "nuclei", labels)
+        t_label = (time.perf_counter() - t0) / n_fields
+        t0 = time.perf_counter()
+        for s in range(n_fields):
+            store.save_field_tables(pid, "A01", s, [
+                ObjectTable("nuclei_features", {"label": boxes["label"], **cols}, kind="feature", label="nuclei"),
+                ObjectTable("nuclei_ROI_table", boxes, kind="masking_roi", label="nuclei")])
+        t_tables = (time.perf_counter() - t0) / n_fields
+        res = MacroResult(images={"mask": mask}, tables={"Results": cols, "Counts": {"Count": np.array([objects])}})
+        out = store.create_plate("d")
+        t0 = time.perf_counter()
+        for s in range(n_fields):
+            save_result(res, "", well="A01", site=s, backend=store, plate=out, labels="mask=nuclei:objects", input=image)
+        t_all = (time.perf_counter() - t0) / n_fields
+        t0 = time.perf_counter()
+        for s in range(n_fields):
+            save_result(res, "", well="A02", site=s, backend=store, plate=out)
+        t_plain = (time.perf_counter() - t0) / n_fields
+        if backend == "parquet":
+            lines.append(f"ngff     label      : {t_label * 1000:8.1f} ms per {size}x{size} label ({objects} objects, ngio), "
+                         f"{labels.nbytes / 2**20 / t_label:6.1f} MB/s")
+        lines.append(f"ngff     tables {backend:8s}: {t_tables * 1000:6.1f} ms per field (feature {objects} rows x {len(cols)} "
+                     f"columns + masking ROI); save_result with labels {t_all * 1000:6.1f} ms, without {t_plain * 1000:6.1f} ms")
     return lines
 
 
@@ -170,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     print("== OMERO write path (test double, uint16 planes)")
     for line in bench_omero_write():
         print(line, flush=True)
+        print(f"== OME-Zarr writer and NGFF outputs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        for line in bench_zarr_writes(Path(tmp) / "writes", a.wells * a.fields // 2 or 1, a.c, a.z, a.size):
+            print(line, flush=True)
     upload = Path(__file__).with_name("backend_upload.py")
     if upload.exists():
         spec = importlib.util.spec_from_file_location("backend_upload", upload)

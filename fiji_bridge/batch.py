@@ -60,7 +60,8 @@ import numpy as np
 from . import __version__
 from .components import Calibration, normalize_well
 from .macros import Macro, resolve
-from .outputs import save_result, slug, table_file_name
+from .objects import declared_labels, parse_label_specs
+from .outputs import save_plate_ngff, save_result, slug, table_file_name
 from .upload import key_of
 
 __all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "batch_command"]
@@ -517,6 +518,7 @@ def run_batch(
     ports: Optional[Sequence[int]] = None,
     spill_dir: Optional[Union[str, os.PathLike]] = None,
     upload_options: Optional[Mapping[str, Any]] = None,
+    labels: Any = None,
 ) -> BatchReport:
     """Run ``macro`` over every field of the plate ``plate_uri``.
 
@@ -532,6 +534,10 @@ def run_batch(
     ``<spill root>/<store>_plate_<id>``, see :func:`fiji_bridge.upload.spill_root`);
     ``upload_options``: more :class:`~fiji_bridge.upload.Uploader` arguments
     (``max_retries``, ``backoff``, ``queue_size``...).
+    ``labels``: output images stored as NGFF label images
+    (``"mask=nuclei:objects"``, see :func:`fiji_bridge.objects.parse_label_specs`;
+    default: the macro's ``// Output labels:`` line); the derived field image
+    is then the source field when the macro leaves no other image.
     """
     from .backends import BackendError, open_plate
 
@@ -539,6 +545,7 @@ def run_batch(
     m = macro if isinstance(macro, Macro) else resolve(macro)
     values = m.check(args)  # MacroArgumentError before anything runs
     code = m.bind(args)
+    specs = parse_label_specs(labels) if labels else declared_labels(m.code)
 
     src_backend, src_id = open_plate(plate_uri)
     if not src_id:
@@ -610,7 +617,9 @@ def run_batch(
         if o.ok:
             try:
                 written = save_result(o.result, derived_uri, well=o.well, site=o.site, source={"plate": src_id},
-                                      backend=dst_backend, plate=pid, plate_label=src_id, uploader=up)
+                                      backend=dst_backend, plate=pid, plate_label=src_id, uploader=up, labels=specs,
+                                      input=lambda: _Field(src_backend.load_field(src_id, o.well, o.site),
+                                                           structure.channel_names, structure.calibration))
                 requires = sorted({key_of(p) for p in written})
                 marker.update(status="done", written=written,
                               tables={t: f"/{dst_backend.scheme}/plate_{pid}/{o.well}/{table_file_name(t, o.site)}.csv" for t in o.result.tables},
@@ -726,6 +735,15 @@ def _finish_remote(up: Any, backend: Any, pid: str, units: Sequence[tuple[str, i
     return report
 
 
+@dataclass
+class _Field:
+    """A source field as the input of :func:`save_result`."""
+
+    array: np.ndarray
+    channel_names: Sequence[str]
+    calibration: Calibration
+
+
 def _read_marker(backend: Any, plate: str, well: str, site: int) -> Optional[dict]:
     path = _marker_path(backend.scheme, plate, well, site)
     try:
@@ -757,6 +775,7 @@ def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_o
             header, rows = _csv_rows(text if isinstance(text, str) else str(text))
             per_table.setdefault(title, []).append(((well_order.get(w, 0), s), header, rows))
     written: dict[str, str] = {}
+    ngff: dict[str, tuple[list[str], list[list[str]]]] = {}  # the same tables for the NGFF tools
     for title, parts in per_table.items():
         header: list[str] = []
         for _, h, _ in parts:
@@ -767,7 +786,14 @@ def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_o
             rows += [[r[i] if i is not None and i < len(r) else "" for i in idx] for r in rs]
         name = slug(title)
         written[title] = save_table(plate, name, _csv_text(header, rows))
-        written[f"{title} per well"] = save_table(plate, f"{name}_per_well", _per_well(header, rows))
+        per_well = _per_well(header, rows)
+        written[f"{title} per well"] = save_table(plate, f"{name}_per_well", per_well)
+        ngff[name] = (header, rows)
+        ngff[f"{name}_per_well"] = _csv_rows(per_well)
+    try:
+        save_plate_ngff(backend, plate, ngff)
+    except Exception as e:  # the CSV tables are written: say so, keep the batch's result
+        log.error("could not write the plate tables for the NGFF tools: %s", e)
     # failures from this run first, then units still failed from earlier runs
     seen = {(f["well"], f["field"]) for f in failures}
     failures.extend(f for f in failed if (f["well"], f["field"]) not in seen)
@@ -817,18 +843,20 @@ def batch_command(
     resume: bool = False,
     timeout: float = 600,
     ports: Optional[Sequence[int]] = None,
+    labels: Optional[Sequence[str]] = None,
 ) -> int:
     """``fiji-bridge batch``: exit 0 when every unit succeeded, 1 when some
     failed, 2 when the batch could not start."""
     from .backends import BackendError
     from .macros import MacroArgumentError, MacroNotFound, MacroParseError
+    from .objects import LabelSpecError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = run_batch(plate_uri, macro, args=args, out_uri=out_uri, wells=wells, workers=workers,
                            scheduler=scheduler, resume=resume, timeout=timeout, progress=True,
-                           ports=list(ports) if ports else None)
-    except (BatchError, BackendError, MacroArgumentError, MacroNotFound, MacroParseError, ValueError) as e:
+                           ports=list(ports) if ports else None, labels=labels)
+    except (BatchError, BackendError, MacroArgumentError, MacroNotFound, MacroParseError, LabelSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_report(report)

@@ -5,10 +5,14 @@
    local OME-Zarr plate store under ``DIR/plates``;
 2. start a bridge (a separate process owning ImageJ);
 3. run the ``nuclei_count`` macro over every field (``fiji_bridge.batch``),
-   writing the derived plate of masks and the results tables back into the
-   store;
-4. print a per-well table of counted vs. true nuclei and write a PNG
-   montage of one field's hyperstack and its mask (``DIR/montage.png``).
+   its mask stored as the NGFF label image ``nuclei`` (connected components)
+   of each field of the derived plate, the results as tables in ngio's
+   layout (per field: the ``nuclei_features`` feature table tied to the
+   label, ``nuclei_ROI_table``, ``FOV_ROI_table``, ``counts``; per plate:
+   ``results``, ``counts`` and their per-well summaries) and as CSV;
+4. print a per-well table of counted vs. true nuclei, what ngio lists in the
+   derived plate and how to open it (ngio, napari), and write a PNG montage
+   of one field's hyperstack and its mask (``DIR/montage.png``).
 
 Exit status 0 when every field's count is within :data:`TOLERANCE` of the
 truth.
@@ -34,6 +38,8 @@ WELLS = ("A01", "A02", "B01", "B02")
 FIELDS = 3
 PLATE = "demo"
 MACRO = "nuclei_count"
+#: the macro's mask as the label image "nuclei", one value per nucleus
+LABELS = "mask=nuclei:objects"
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
@@ -117,11 +123,13 @@ def run_demo(out_dir: str | Path = "demo-output", port: Optional[int] = None, *,
     say(f"starting a bridge on port {port} ...")
     with BridgeClient.connect_or_spawn(port=port, timeout=180, own=True) as bridge:
         say(f"bridge up after {time.perf_counter() - t0:.1f} s; running {MACRO} over {len(plate.fields)} fields")
-        report = run_batch(source, MACRO, args={"channel": 1}, ports=[port], progress=not quiet, timeout=120)
+        report = run_batch(source, MACRO, args={"channel": 1}, ports=[port], progress=not quiet, timeout=120,
+                           labels=LABELS)
         backend, pid = open_plate(report.derived)
         counts = _read_counts(backend, pid, report.tables.get("Counts"))
         well, site = WELLS[0], 0
-        mask = backend.load_field(pid, well, site)
+        listing = ngff_listing(backend.plate_dir(pid))
+        mask = listing.pop("_first_label")
         field = plate.fields[(well, site)].array
         png = out / "montage.png"
         write_png(png, montage(field, mask))
@@ -130,14 +138,47 @@ def run_demo(out_dir: str | Path = "demo-output", port: Optional[int] = None, *,
     _print_table(rows, quiet)
     say(f"derived plate: {report.derived}")
     for name, path in report.tables.items():
-        say(f"  table {name}: {path}")
+        say(f"  table {name} (CSV): {path}")
+    say(f"what ngio finds in it: {listing['images']} images; plate tables {listing['plate_tables']}; "
+        f"in each image labels {listing['labels']} and tables {listing['image_tables']}")
+    say(howto(backend.plate_dir(pid)))
     say(f"montage of {well} field {site} (rows: channels over Z + max; mask; outlines): {png}")
     if rendered:
         say(f"ImageJ's own composite rendering of that field: {rendered}")
     say(f"demo finished in {time.perf_counter() - t0:.1f} s: "
         + ("every field within " if ok else "some fields NOT within ") + f"{TOLERANCE} nucleus of the truth")
     return {"rows": rows, "ok": ok and report.ok, "montage": str(png), "report": report, "source": source,
-            "derived": report.derived}
+            "derived": report.derived, "ngff": listing}
+
+
+def ngff_listing(plate_dir: Path) -> dict[str, Any]:
+    """What ngio lists in an OME-Zarr plate: images, plate tables, and the
+    labels and tables of its first image (plus ``_first_label``: that
+    image's first label as a TZYX array, or None)."""
+    import warnings
+
+    import ngio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plate = ngio.open_ome_zarr_plate(str(plate_dir))
+        images = plate.get_images(max_workers=1)
+        first = next(iter(images.values()), None)
+        labels = first.list_labels() if first is not None else []
+        label = np.asarray(first.get_label(labels[0]).get_array()) if labels else None
+        return {"images": len(images), "plate_tables": plate.list_tables(), "labels": labels,
+                "image_tables": first.list_tables() if first is not None else [], "_first_label": label}
+
+
+def howto(plate_dir: Path) -> str:
+    """How to open the derived plate's labels and tables."""
+    return (
+        "open it with ngio:\n"
+        f"    import ngio; plate = ngio.open_ome_zarr_plate({str(plate_dir)!r})\n"
+        "    plate.list_tables(); plate.get_table('counts').dataframe\n"
+        "    img = plate.get_image('A', '1', '0'); img.list_labels(); img.list_tables()\n"
+        "    img.get_label('nuclei').get_array(); img.get_table('nuclei_features').dataframe\n"
+        f"or in napari (napari-ome-zarr): napari {plate_dir}/A/1/0  (image + 'nuclei' labels)")
 
 
 def _read_counts(backend: Any, plate: str, path: Optional[str]) -> dict[tuple[str, int], int]:

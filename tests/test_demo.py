@@ -69,10 +69,17 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == len(truth) == 12
     for r in rows:
         assert abs(int(float(r["Count"])) - truth[f"{r['well']}/{r['field']}"]) <= 1, r
-    # one mask per field in the derived plate; the montage shows the first field and its mask
+    # every field of the derived plate has the source pixels and the mask as its NGFF label "nuclei";
+    # the montage shows the first field and its mask
     assert dst.plate_structure(did).units() == src.plate_structure(sid).units()
+    np.testing.assert_array_equal(dst.load_field(did, "A01", 0), src.load_field(sid, "A01", 0))
+    import zarr
+
+    labels = np.asarray(zarr.open_array(str(out / "plates/demo_nuclei_count.zarr/A/1/0/labels/nuclei/s0"), mode="r"))
+    assert labels.max() == truth["A01/0"] or abs(int(labels.max()) - truth["A01/0"]) <= 1
+    assert "ngio.open_ome_zarr_plate" in proc.stdout and "'nuclei'" in proc.stdout
     png = read_png(out / "montage.png")
-    mask = dst.load_field(did, "A01", 0)[0, 0, 0]
+    mask = labels.reshape(labels.shape[-2:])
     ny, nx = mask.shape
     panel = png[2 * (ny + 4):2 * (ny + 4) + ny, 0:nx, 0]
     np.testing.assert_array_equal(panel > 0, mask > 0)

@@ -12,6 +12,13 @@ A store implements the file-like primitives (``list_files``, ``load``,
 batch processing needs (``plate_structure``, ``load_field``,
 ``create_plate``, ``save_field``, ``save_table``). The plate structure is
 fetched once per plate and cached: later calls make no metadata query.
+
+What a macro measured can also be stored the way the OME-NGFF tools expect
+it (napari, ngio, Fractal): ``save_labels`` (a label image of a field),
+``save_field_tables`` (feature / ROI / masking-ROI / generic tables of a
+field), ``save_plate_tables`` (plate-level tables) and ``save_rois`` (ImageJ
+ROIs). Stores that cannot hold them raise :class:`NotImplementedError`
+saying so; the tables are described by :class:`ObjectTable`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import numpy as np
 from ..components import Calibration, ComponentError, PlaneComponents, VirtualPath
 
 __all__ = [
+    "TABLE_KINDS",
     "BackendError",
+    "ObjectTable",
     "NotFound",
     "PlateStructure",
     "StoreUnavailable",
@@ -122,6 +131,49 @@ class PlateStructure:
 
 
 Data = Union[np.ndarray, bytes, str, Mapping[str, Any]]
+
+#: the table types of ngio / Fractal (``feature_table``, ``roi_table``,
+#: ``masking_roi_table``, ``condition_table``, ``generic_table``)
+TABLE_KINDS = ("feature", "roi", "masking_roi", "condition", "generic")
+#: the index column of each table kind (None: the row number)
+TABLE_INDEX = {"feature": "label", "roi": "FieldIndex", "masking_roi": "label", "condition": None, "generic": None}
+
+
+@dataclass(frozen=True)
+class ObjectTable:
+    """A table for the NGFF tools, as columns of equal length.
+
+    ``kind`` (one of :data:`TABLE_KINDS`) says what the rows are: objects of
+    the label image ``label`` (``feature``: one row per object, the label
+    value in the ``label`` column; ``masking_roi``: the objects' bounding
+    boxes), regions (``roi``: named boxes, index ``FieldIndex``), or anything
+    (``generic``, ``condition``). ROI tables carry the bounding boxes in
+    physical units: ``x_micrometer``, ``len_x_micrometer`` (and y, z).
+    """
+
+    name: str
+    columns: Mapping[str, Sequence[Any]]
+    kind: str = "generic"
+    label: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TABLE_KINDS:
+            raise BackendError(f"table {self.name!r}: kind {self.kind!r} is not one of {', '.join(TABLE_KINDS)}")
+        n = {len(v) for v in self.columns.values()}
+        if len(n) > 1:
+            raise BackendError(f"table {self.name!r}: columns differ in length: { {k: len(v) for k, v in self.columns.items()} }")
+        index = self.index
+        if index is not None and index not in self.columns:
+            raise BackendError(f"table {self.name!r}: a {self.kind} table needs a {index!r} column")
+
+    @property
+    def index(self) -> Optional[str]:
+        """The index column (``label``, ``FieldIndex``) or None."""
+        return TABLE_INDEX[self.kind]
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
 
 
 class VirtualBackend(abc.ABC):
@@ -227,6 +279,45 @@ class VirtualBackend(abc.ABC):
         text = table if isinstance(table, str) else columns_to_csv(table)
         path = f"/{self.scheme}/plate_{plate}/" + (f"{well}/" if well else "") + f"{name}.csv"
         self.save(text, path)
+        return path
+
+    # -- what the NGFF tools read: labels, typed tables, ROIs -------------------
+
+    def save_labels(
+        self,
+        plate: str,
+        well: str,
+        site: int,
+        name: str,
+        labels: np.ndarray,
+        *,
+        colors: Optional[Mapping[int, Sequence[int]]] = None,
+    ) -> str:
+        """Write ``labels`` (an integer TZYX array, 0 = background; the field's
+        Y, X sizes) as the label image ``name`` of field ``well``/``site``,
+        which must exist. Replaces a label of that name. Returns where it went."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not store label images yet; write them to an OME-Zarr or OME-TIFF plate")
+
+    def save_field_tables(self, plate: str, well: str, site: int, tables: Sequence["ObjectTable"]) -> list[str]:
+        """Write tables of one field (feature, ROI, masking-ROI... see
+        :class:`ObjectTable`), replacing tables of the same names; returns
+        where they went."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not store typed field tables yet; write them to an OME-Zarr or OME-TIFF plate")
+
+    def save_plate_tables(self, plate: str, tables: Sequence["ObjectTable"]) -> list[str]:
+        """Write plate-level tables (with ``plate``, ``well``, ``field``
+        columns), replacing tables of the same names; returns where they went."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not store typed plate tables yet; write them to an OME-Zarr or OME-TIFF plate")
+
+    def save_rois(self, plate: str, well: str, site: int, rois: Sequence[Any]) -> str:
+        """Keep a field's ImageJ ROIs (:class:`~fiji_bridge.engine.base.Roi`):
+        by default as ``<well>/rois_s<site>.json`` (``.roi`` bytes in base64
+        plus coordinates); returns its path."""
+        path = f"/{self.scheme}/plate_{plate}/{well}/rois_s{int(site):03d}.json"
+        self.save({"well": well, "field": int(site), "rois": [r.to_dict() for r in rois]}, path)
         return path
 
     def plate_provenance(self, plate: str) -> dict:

@@ -6,7 +6,11 @@ hyperstack with its channel names and pixel sizes. Layout::
     <root>/<plate>/
       plate.json                     name, rows/columns, provenance, tables
       A01_s000.ome.tif  A01_s001.ome.tif  B03_s000.ome.tif ...
+      A01_s000.<label>.labels.ome.tif  a label image of that field (TZYX, 0 = background)
+      A01_s000.rois.zip               its ImageJ ROIs (opens in Fiji's ROI Manager)
       tables/[<well>/]<name>.csv|json
+      tables/<well>/<name>_s000.csv|parquet   typed field tables (same columns as
+                                      the OME-Zarr store's: feature, ROI, masking ROI)
 
 Each file holds the field's planes in T, Z, C order (OME ``DimensionOrder``
 XYCZT), written by tifffile with OME-XML (``Channel/Name``,
@@ -39,7 +43,7 @@ import tifffile
 
 from ..components import Calibration
 from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells, update_json
-from .base import BackendError, NotFound, PlateStructure
+from .base import BackendError, NotFound, ObjectTable, PlateStructure
 
 __all__ = ["OmeTiffStore", "imagej1_hyperstack_macro", "field_file_name"]
 
@@ -68,9 +72,12 @@ class OmeTiffStore(LocalPlateStore):
 
     scheme = "ometiff"
 
-    def __init__(self, root: str | os.PathLike, *, compression: Optional[str] = None) -> None:
+    def __init__(self, root: str | os.PathLike, *, compression: Optional[str] = None, table_format: str = "csv") -> None:
         super().__init__(root)
+        if table_format not in ("csv", "parquet"):
+            raise BackendError(f"table_format must be csv or parquet, got {table_format!r}")
         self.compression = compression  # None: uncompressed, read by every TIFF reader
+        self.table_format = table_format
         self._handles: dict[str, tuple[tuple[int, int], tifffile.TiffFile]] = {}
 
     def close(self) -> None:
@@ -264,6 +271,85 @@ class OmeTiffStore(LocalPlateStore):
         rel = field_file_name(well, site)
         self._write_tiff(self.plate_dir(plate) / rel, np.ascontiguousarray(array), name, channel_names, calibration)
         return rel
+
+    # ------------------------------------------------ labels, tables, ROIs
+
+    def _field_stem(self, plate: str, well: str, site: int) -> tuple[Path, str]:
+        rel = self._field_rel(plate, well, int(site))  # NotFound when the field is not there
+        return self.plate_dir(plate), rel[: -len(".ome.tif")] if rel.endswith(".ome.tif") else Path(rel).stem
+
+    def save_labels(self, plate, well, site, name, labels, *, colors=None) -> str:  # type: ignore[override]
+        """``<field>.<name>.labels.ome.tif`` beside the field (TZYX)."""
+        d, stem = self._field_stem(plate, well, site)
+        lab = np.asarray(labels)
+        info = self._field_info(plate, self._field_rel(plate, well, int(site)))
+        if lab.ndim != 4 or lab.shape[0] != info.shape[0] or lab.shape[2:] != info.shape[3:]:
+            raise BackendError(f"label {name!r} of shape {lab.shape} does not fit field {well}/s{site} "
+                               f"(TZCYX {info.shape}): expected TZYX with the same T, Y, X")
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise BackendError(f"label {name!r}: labels are integers, got {lab.dtype}")
+        names, cal, _ = _ome_info(self._tif(plate, self._field_rel(plate, well, int(site))))
+        path = d / f"{stem}.{name}.labels.ome.tif"
+        with plate_lock(d):
+            self._write_tiff(path, np.ascontiguousarray(lab[:, :, np.newaxis]), f"{stem} {name}", [name], cal)
+        return str(path)
+
+    def _write_object_table(self, d: Path, rel: str, table: ObjectTable) -> Path:
+        if self.table_format == "parquet":
+            import io
+
+            import pandas as pd
+
+            buf = io.BytesIO()
+            pd.DataFrame({k: list(v) for k, v in table.columns.items()}).to_parquet(buf, index=False)
+            path = d / "tables" / f"{rel}.parquet"
+            from ._local import atomic_write
+
+            atomic_write(path, buf.getvalue())
+            return path
+        return d / "tables" / f"{rel}.csv"
+
+    def save_field_tables(self, plate, well, site, tables) -> list[str]:  # type: ignore[override]
+        """``tables/<well>/<name>_s<site>.csv`` (or ``.parquet``), the same columns as in OME-Zarr."""
+        out = []
+        d, _ = self._field_stem(plate, well, site)
+        for t in tables:
+            if self.table_format == "csv":
+                out.append(self.save_table(plate, t.name, dict(t.columns), well=well, site=site))
+            else:
+                out.append(str(self._write_object_table(d, f"{well}/{t.name}_s{int(site):03d}", t)))
+        return out
+
+    def save_plate_tables(self, plate: str, tables: Sequence[ObjectTable]) -> list[str]:
+        """``tables/<name>.csv`` (or ``.parquet``) beside the plate."""
+        d = self._existing_plate_dir(plate)
+        out = []
+        for t in tables:
+            if self.table_format == "csv":
+                out.append(self.save_table(plate, t.name, dict(t.columns)))
+            else:
+                out.append(str(self._write_object_table(d, t.name, t)))
+        return out
+
+    def save_rois(self, plate, well, site, rois) -> str:  # type: ignore[override]
+        """The JSON of every store, and ``<field>.rois.zip``: the ``.roi``
+        files as Fiji's ROI Manager saves and opens them."""
+        import io
+        import zipfile
+
+        from ._local import atomic_write
+
+        json_path = super().save_rois(plate, well, site, rois)
+        d, stem = self._field_stem(plate, well, site)
+        buf = io.BytesIO()
+        seen: dict[str, int] = {}
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for i, r in enumerate(rois):
+                name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(r.name or f"roi_{i + 1:04d}")) or f"roi_{i + 1:04d}"
+                n = seen[name] = seen.get(name, 0) + 1
+                z.writestr(f"{name}.roi" if n == 1 else f"{name}-{n}.roi", bytes(r.data))
+        atomic_write(d / f"{stem}.rois.zip", buf.getvalue())
+        return json_path
 
     def _rewrite(self, plate: str, rel: str, data: np.ndarray) -> None:
         names, cal, name = _ome_info(self._tif(plate, rel))

@@ -98,11 +98,11 @@ def _direct(root: Path) -> float:
     return N_ITEMS / (time.perf_counter() - t0)
 
 
-def _uploaded(root: Path, *, queue_size: int, fail_rate: float = 0.0, drops: tuple[int, ...] = (), null: bool = False) -> tuple[float, list[float], dict]:
+def _uploaded(root: Path, *, queue_size: int, fail_rate: float = 0.0, drops: tuple[int, ...] = (), null: bool = False, durable: bool = False) -> tuple[float, list[float], dict]:
     """items/s from the first submit to the end of finalize, the submit times (s), the counters."""
     store, _, paths = _store(root / "store")
     target = _Wrapped(store, fail_rate, drops, null=null) if (fail_rate or drops or null) else store
-    up = Uploader(target, queue_size=queue_size, spill_dir=root / "spill", max_retries=100, backoff=(0.001, 0.01))
+    up = Uploader(target, queue_size=queue_size, spill_dir=root / "spill", max_retries=100, backoff=(0.001, 0.01), durable=durable)
     submits = []
     t0 = time.perf_counter()
     for z in range(N_ITEMS):
@@ -118,7 +118,7 @@ def _uploaded(root: Path, *, queue_size: int, fail_rate: float = 0.0, drops: tup
 
 
 def _comparison(tmp: Path) -> list[str]:
-    direct, spill, null, overhead = [], [], [], []
+    direct, spill, null, overhead, journal = [], [], [], [], []
     spilled = 0
     for r in range(ROUNDS):  # alternate, so a busy spell on the shared machine hits all of them
         direct.append(_direct(tmp / f"direct-{r}"))
@@ -129,9 +129,11 @@ def _comparison(tmp: Path) -> list[str]:
         _, submits, counters = _uploaded(tmp / f"free-{r}", queue_size=N_ITEMS + 1)
         assert counters["spilled"] == 0
         overhead.extend(submits)
+        journal.extend(_uploaded(tmp / f"durable-{r}", queue_size=N_ITEMS + 1, durable=True)[1])
     med = statistics.median
     d, s = med(direct), med(spill)
     us = sorted(x * 1e6 for x in overhead)
+    ju = sorted(x * 1e6 for x in journal)
     return [
         f"store's own write (OME-Zarr store.save, {YX[0]}x{YX[1]} uint16 = 128 KB planes): {d:.0f} items/s "
         f"({1000 / d:.2f} ms/plane; median of {ROUNDS}, {', '.join(f'{x:.0f}' for x in direct)})",
@@ -140,6 +142,8 @@ def _comparison(tmp: Path) -> list[str]:
         f"uploader spill path -> a store that writes nothing: {med(null):.0f} items/s (the uploader's own ceiling)",
         f"uploader submit overhead, queue not full: median {med(us):.0f} us, p99 {us[int(0.99 * (len(us) - 1))]:.0f} us, "
         f"max {us[-1]:.0f} us per item ({len(us)} submits, the worker uploading meanwhile)",
+        f"  with durable=True (every item journalled to disk at submit, fsynced): median {med(ju):.0f} us, "
+        f"p99 {ju[int(0.99 * (len(ju) - 1))]:.0f} us",
     ]
 
 

@@ -67,10 +67,27 @@ def _to8(img: np.ndarray) -> np.ndarray:
     return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def montage(field: np.ndarray, mask: np.ndarray, gap: int = 4) -> np.ndarray:
+#: java.awt.Color's constants, the colours of ImageJ's channel LUTs (LUT.createLutFromColor)
+AWT_RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "gray": (128, 128, 128),
+           "cyan": (0, 255, 255), "magenta": (255, 0, 255), "yellow": (255, 255, 0)}
+
+
+def channel_tints(channel_names: Sequence[str], n: int) -> list[tuple[float, float, float]]:
+    """Each channel's colour as ImageJ draws it (the bridge's one rule,
+    :func:`fiji_bridge.engine.transfer.channel_colours`), as RGB fractions;
+    a single channel is grey-scale (white)."""
+    from .engine.transfer import channel_colours
+
+    if n == 1:
+        return [(1.0, 1.0, 1.0)]
+    return [tuple(v / 255 for v in AWT_RGB[c]) for c in channel_colours(list(channel_names), n)]  # type: ignore[misc]
+
+
+def montage(field: np.ndarray, mask: np.ndarray, gap: int = 4, channel_names: Sequence[str] = ()) -> np.ndarray:
     """One field (TZCYX, first time point) as an RGB montage: a row per
-    channel (every Z plane, then the max projection), and a last row with the
-    mask and the nuclear channel's projection with the mask outlined in red."""
+    channel (every Z plane, then the max projection) in the colour ImageJ
+    gives that channel (from its name), and a last row with the mask and the
+    nuclear channel's projection with the mask outlined in red."""
     f = field[0]  # ZCYX
     nz, nc, ny, nx = f.shape
     cols = nz + 1
@@ -81,9 +98,9 @@ def montage(field: np.ndarray, mask: np.ndarray, gap: int = 4) -> np.ndarray:
         y, x = r * (ny + gap), c * (nx + gap)
         out[y : y + ny, x : x + nx] = rgb
 
-    tints = [(0.35, 0.55, 1.0), (0.3, 1.0, 0.3), (1.0, 0.3, 0.3), (1.0, 1.0, 1.0)]
+    tints = channel_tints(channel_names, nc)
     for c in range(nc):
-        tint = np.array(tints[c % len(tints)])
+        tint = np.array(tints[c])
         planes = [f[z, c] for z in range(nz)] + [f[:, c].max(axis=0)]
         for i, p in enumerate(planes):
             put(c, i, (_to8(p)[..., None] * tint).astype(np.uint8))
@@ -132,7 +149,7 @@ def run_demo(out_dir: str | Path = "demo-output", port: Optional[int] = None, *,
         mask = listing.pop("_first_label")
         field = plate.fields[(well, site)].array
         png = out / "montage.png"
-        write_png(png, montage(field, mask))
+        write_png(png, montage(field, mask, channel_names=plate.channel_names))
         rendered = _bridge_render(bridge, field, plate.channel_names, out / "composite.png")
     rows, ok = _compare(plate.truth(), counts)
     _print_table(rows, quiet)

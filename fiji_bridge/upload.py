@@ -3,10 +3,14 @@
 A background thread drains a bounded in-memory queue into a
 :class:`~fiji_bridge.backends.base.VirtualBackend`:
 
-* **spill-over**: when the queue is full, items go to ``spill_dir`` (one data
-  file per item — ``.npy`` for arrays, ``.txt``/``.bin``/``.json`` otherwise —
-  plus a small JSON manifest written last, atomically: the manifest is the
-  commit point). With ``durable=True`` every item is written there at
+* **spill-over**: when the queue is full, items go to ``spill_dir``: one
+  file per item, ``items/<time>-<seq>-<key hash>.item``, holding a JSON
+  header line (key, path, operation, arguments, kind) and then the payload
+  (``.npy`` bytes for arrays, UTF-8 text, raw bytes or JSON), written to a
+  temporary name, fsynced and renamed: the rename is the commit point, so a
+  kill leaves either the whole item or nothing. (Spill folders of the
+  earlier two-file layout, a data file plus a ``.json`` manifest, are still
+  read.) With ``durable=True`` every item is written there at
   ``submit`` (a write-ahead journal), so even items still in memory survive a
   crash. Without a ``spill_dir``, ``submit`` blocks while the queue is full.
 * **items**: a path-level write (:meth:`Uploader.submit`: ``store.save``), a
@@ -27,9 +31,10 @@ A background thread drains a bounded in-memory queue into a
   (``backoff=(base, max)`` seconds) and full jitter, up to ``max_retries``;
 * **idempotent keys**: an item's key (the virtual path it lands at unless
   given) is uploaded at most once: keys written to the store are recorded in
-  ``spill_dir/done.log``
-  (fsynced) and a key already pending or done is not queued again; the
-  stores' ``save`` replaces what is at a path anyway;
+  ``spill_dir/done.log`` (each line flushed at once, so a killed process
+  loses none; fsynced in groups, so a power cut may forget the last few,
+  which are then written once more -- the stores' ``save`` replaces what is
+  at a path) and a key already pending or done is not queued again;
 * **fallback**: when the store stays away past ``max_retries``, the item is
   written to the ``fallback`` store (a local plate store; paths are moved to
   its scheme) and reported; later items then get a single attempt each until
@@ -42,6 +47,7 @@ A background thread drains a bounded in-memory queue into a
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -105,6 +111,9 @@ class UploadReport:
         return sorted(set(self.queued) | set(self.spilled) | set(self.failed))
 
 
+#: done.log lines per fsync at most (a line is flushed to the OS at once)
+DONE_LOG_GROUP = 64
+
 #: what an item does: "save" -> store.save(data, path); "field" ->
 #: store.save_field(plate, well, site, data, ...); "table" -> store.save_table(plate, name, data, ...)
 OPS = ("save", "field", "table")
@@ -157,9 +166,11 @@ class Uploader:
         self._fallback: list[str] = []
         self._failed: dict[str, str] = {}
         self._pending: dict[str, _Item] = {}  # key -> item not yet done
-        self._spilled_only: list[_Item] = []  # on disk, not in the memory queue
+        self._spilled_only: collections.deque[_Item] = collections.deque()  # on disk, not in the memory queue
         self._done: set[str] = set()
         self._fell_back: set[str] = set()
+        self._done_log: Optional[Any] = None
+        self._unsynced = 0
         self._away = False  # the store gave up on an item: one attempt per item until a write succeeds
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         if self.spill_dir is not None:
@@ -274,6 +285,10 @@ class Uploader:
         self._stop.set()
         self._thread.join(timeout=5)
         self._spill_leftovers()
+        if self._done_log is not None and not self._thread.is_alive():
+            self._sync_done_log()
+            self._done_log.close()
+            self._done_log = None
         return self.report()
 
     def _spill_leftovers(self) -> None:
@@ -314,19 +329,26 @@ class Uploader:
         return any(k not in self._failed for k in self._pending)
 
     def _next(self) -> Optional[_Item]:
+        """The oldest item: the memory queue first (everything in it was
+        submitted before anything that spilled behind it), then the spill;
+        waits (briefly) only when both are empty."""
         try:
-            return self._q.get(timeout=0.05)
+            return self._q.get_nowait()
         except queue.Empty:
             pass
         with self._lock:
             if self._spilled_only:
-                return self._spilled_only.pop(0)
-        return None
+                return self._spilled_only.popleft()
+        try:
+            return self._q.get(timeout=0.05)
+        except queue.Empty:
+            return None
 
     def _run(self) -> None:
         while not self._stop.is_set():
             item = self._next()
             if item is None:
+                self._sync_done_log()
                 with self._idle:
                     self._idle.notify_all()
                 continue
@@ -465,10 +487,20 @@ class Uploader:
             self._done.add(key)
         if self.spill_dir is None:
             return
-        with open(self.spill_dir / "done.log", "a", encoding="utf-8") as f:
-            f.write(json.dumps(key) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self._done_log is None:  # opened once: the worker thread is its only writer
+            self._done_log = open(self.spill_dir / "done.log", "a", encoding="utf-8")
+        self._done_log.write(json.dumps(key) + "\n")
+        self._done_log.flush()  # in the OS now: survives a kill of this process
+        self._unsynced += 1
+        if self._unsynced >= DONE_LOG_GROUP:
+            self._sync_done_log()
+
+    def _sync_done_log(self) -> None:
+        """fsync the lines written since the last time (group commit: when
+        the worker runs out of work, every DONE_LOG_GROUP lines, at the end)."""
+        if self._done_log is not None and self._unsynced:
+            os.fsync(self._done_log.fileno())
+            self._unsynced = 0
 
     def _spill(self, item: _Item) -> None:
         assert self.spill_dir is not None
@@ -476,25 +508,28 @@ class Uploader:
             self._seq += 1
             seq = self._seq
         stem = f"{time.time_ns():020d}-{seq:06d}-{hashlib.sha1(item.key.encode()).hexdigest()[:12]}"
-        d = self.spill_dir / "items"
         data = item.data
         if isinstance(data, np.ndarray):
-            kind, name = "npy", stem + ".npy"
-            _atomic(d / name, lambda f: np.save(f, data, allow_pickle=False))
+            kind = "npy"
+            payload: Callable[[Any], None] = lambda f: np.save(f, data, allow_pickle=False)  # noqa: E731
         elif isinstance(data, str):
-            kind, name = "text", stem + ".txt"
-            _atomic(d / name, lambda f: f.write(data.encode("utf-8")))
+            kind, raw = "text", data.encode("utf-8")
         elif isinstance(data, (bytes, bytearray)):
-            kind, name = "bytes", stem + ".bin"
-            _atomic(d / name, lambda f: f.write(bytes(data)))
+            kind, raw = "bytes", bytes(data)
         else:
-            kind, name = "json", stem + ".data.json"
-            _atomic(d / name, lambda f: f.write(json.dumps(data, default=json_default).encode()))
-        manifest = d / (stem + ".json")
-        doc = {"key": item.key, "path": item.path, "kind": kind, "file": name, "op": item.op, "args": item.args,
-               "requires": list(item.requires)}
-        _atomic(manifest, lambda f: f.write(json.dumps(doc).encode()))
-        item.manifest = manifest
+            kind, raw = "json", json.dumps(data, default=json_default).encode()
+        if kind != "npy":
+            payload = lambda f: f.write(raw)  # noqa: E731
+        head = {"key": item.key, "path": item.path, "kind": kind, "op": item.op, "args": item.args,
+                "requires": list(item.requires)}
+        path = self.spill_dir / "items" / (stem + SPILL_SUFFIX)
+
+        def write(f: Any) -> None:
+            f.write(json.dumps(head).encode() + b"\n")
+            payload(f)
+
+        _atomic(path, write)
+        item.manifest = path
 
     def _recover(self) -> None:
         assert self.spill_dir is not None
@@ -507,12 +542,12 @@ class Uploader:
                     continue  # a torn last line after a crash
         for tmp in (self.spill_dir / "items").glob("*.tmp"):
             tmp.unlink(missing_ok=True)  # never committed
-        for manifest in sorted((self.spill_dir / "items").glob("*.json")):
-            if manifest.name.endswith(".data.json"):
-                continue
+        items = self.spill_dir / "items"
+        spilled = [p for p in items.glob("*.json") if not p.name.endswith(".data.json")]  # the old layout
+        for manifest in sorted(spilled + list(items.glob("*" + SPILL_SUFFIX)), key=lambda p: p.name):
             try:
-                doc = json.loads(manifest.read_text())
-            except ValueError:
+                doc = _spill_header(manifest)
+            except (OSError, ValueError):
                 continue
             key = doc["key"]
             if key in self._done or key in self._pending:
@@ -568,20 +603,44 @@ def _atomic(path: Path, write: Callable[[Any], None]) -> None:
     os.replace(tmp, path)
 
 
+#: a spilled item: a JSON header line, then its payload
+SPILL_SUFFIX = ".item"
+
+
+def _spill_header(path: Path) -> dict:
+    """The header of a spilled item (the whole manifest, in the old layout)."""
+    if path.suffix == SPILL_SUFFIX:
+        with open(path, "rb") as f:
+            return json.loads(f.readline())
+    return json.loads(path.read_text())
+
+
+def _decode(kind: str, f: Any) -> Any:
+    if kind == "npy":
+        return np.load(f, allow_pickle=False)
+    raw = f.read()
+    if kind == "text":
+        return raw.decode("utf-8")
+    if kind == "bytes":
+        return raw
+    return json.loads(raw)
+
+
 def _read_spill(manifest: Optional[Path]) -> Any:
     assert manifest is not None
-    doc = json.loads(manifest.read_text())
-    f = manifest.with_name(doc["file"])
-    if doc["kind"] == "npy":
-        return np.load(f, allow_pickle=False)
-    if doc["kind"] == "text":
-        return f.read_text(encoding="utf-8")
-    if doc["kind"] == "bytes":
-        return f.read_bytes()
-    return json.loads(f.read_text())
+    if manifest.suffix == SPILL_SUFFIX:
+        with open(manifest, "rb") as f:
+            doc = json.loads(f.readline())
+            return _decode(doc["kind"], f)
+    doc = json.loads(manifest.read_text())  # the old layout: a manifest naming a data file
+    with open(manifest.with_name(doc["file"]), "rb") as f:
+        return _decode(doc["kind"], f)
 
 
 def _remove_spill(manifest: Path) -> None:
+    if manifest.suffix == SPILL_SUFFIX:
+        manifest.unlink(missing_ok=True)
+        return
     try:
         doc = json.loads(manifest.read_text())
         manifest.unlink(missing_ok=True)  # the commit point goes first

@@ -80,3 +80,81 @@ def test_render_of_an_array_uses_the_display_range(ij):
     tiles = ij.render(z, montage=True)
     assert tiles.shape == (16, 16, 3)
     assert tiles[0, 0, 0] == 0 and tiles[0, 8, 0] == 100 and tiles[8, 0, 0] == 200
+
+
+# -- channel colours from the channel metadata ---------------------------------------
+
+
+def _ij_lut_rgb(colour: str, v: int) -> list[int]:
+    """What ImageJ's own LUT for ``colour`` (LUT.createLutFromColor) draws for 8-bit value ``v``."""
+    from jpype import JInt
+
+    from fiji_bridge.engine.transfer import J
+
+    rgb = int(J("ij.process.LUT").createLutFromColor(getattr(J("java.awt.Color"), colour)).getRGB(JInt(v)))
+    return [(rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255]
+
+
+def _channel_only_planes() -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Two uint8 planes (display range 0..255 as is): channel 0 alone at
+    (5, 5) = 200, channel 1 alone at (15, 25) = 120."""
+    planes = np.zeros((2, 30, 40), np.uint8)
+    planes[0, 2:9, 2:9] = 200
+    planes[1, 12:19, 22:29] = 120
+    return planes, [(0, 0, 0), (0, 0, 1)]
+
+
+def test_names_that_arrive_later_recolour_the_live_window(ij):
+    """A stream's window is born with placeholder names (ImageJ's order: red,
+    green); the real names (DAPI, GFP) then give blue and green, as
+    ImageJ's own LUTs for those colours draw them -- but a LUT the user
+    chose meanwhile stays."""
+    planes, pos = _channel_only_planes()
+    key = "stream/colours"
+    try:
+        ij.update_planes(key, (1, 1, 2, 30, 40), pos, planes, channel_names=["C1", "C2"])
+        rgb = ij.render(key)
+        assert rgb[5, 5].tolist() == _ij_lut_rgb("red", 200) and rgb[15, 25].tolist() == _ij_lut_rgb("green", 120)
+        ij.update_planes(key, (1, 1, 2, 30, 40), pos, planes, channel_names=["DAPI", "GFP"])
+        rgb = ij.render(key)
+        assert rgb[5, 5].tolist() == _ij_lut_rgb("blue", 200)
+        assert rgb[15, 25].tolist() == _ij_lut_rgb("green", 120)
+        assert rgb[0, 0].tolist() == [0, 0, 0]
+        # the user gives channel 2 a magenta LUT; a rename recolours only channel 1
+        from fiji_bridge.engine.transfer import J
+
+        imp = ij._display.stacks[key]
+        imp.setChannelLut(J("ij.process.LUT").createLutFromColor(J("java.awt.Color").magenta), 2)
+        ij.update_planes(key, (1, 1, 2, 30, 40), pos, planes, channel_names=["mCherry", "Cy3"])
+        rgb = ij.render(key)
+        assert rgb[5, 5].tolist() == _ij_lut_rgb("red", 200)  # mCherry
+        assert rgb[15, 25].tolist() == _ij_lut_rgb("magenta", 120)  # the user's
+    finally:
+        ij.close_stack(key)
+
+
+def test_show_stack_with_new_names_recolours(ij):
+    planes, _ = _channel_only_planes()
+    arr = planes[None, None]  # T Z C Y X
+    try:
+        ij.show_stack("k2", arr)  # no names: ImageJ's order
+        assert ij.render("k2")[5, 5].tolist() == _ij_lut_rgb("red", 200)
+        ij.show_stack("k2", arr, channel_names=["Hoechst", "FITC"])  # same shape: the ImagePlus is kept
+        rgb = ij.render("k2")
+        assert rgb[5, 5].tolist() == _ij_lut_rgb("blue", 200) and rgb[15, 25].tolist() == _ij_lut_rgb("green", 120)
+    finally:
+        ij.close_stack("k2")
+
+
+def test_the_demo_montage_uses_the_colours_imagej_renders(ij):
+    """The demo's montage tints channel c with the colour ImageJ's composite
+    (snapshot) draws channel c in, for the demo plate's own channel names."""
+    from fiji_bridge.demo import channel_tints
+    from fiji_bridge.synthetic import CHANNEL_NAMES
+
+    planes, _ = _channel_only_planes()
+    rgb = ij.render(planes[None, None], channel_names=list(CHANNEL_NAMES))
+    tints = channel_tints(CHANNEL_NAMES, 2)
+    for c, (y, x, v) in enumerate([(5, 5, 200), (15, 25, 120)]):
+        want = [int(v * t) for t in tints[c]]  # the montage's drawing of value v
+        assert rgb[y, x].tolist() == want, (CHANNEL_NAMES[c], rgb[y, x].tolist(), want)

@@ -364,3 +364,31 @@ def test_failures_are_errors_and_the_bridge_keeps_serving(bridge, tmp_path):
         assert c.ping()
         assert c.status()["openhcs"]["macros"] >= 1
     assert _leftovers(bridge) == []
+
+
+@pytest.mark.imagej
+@pytest.mark.timeout(120)
+def test_macros_any_serves_tcp_and_off_refuses_even_a_private_ipc_folder(ij, tmp_path):
+    """The receiver with ImageJ 1 in this process as its engine: ``any``
+    runs OpenHCS's request over loopback tcp; ``off`` refuses it on a 0700
+    ipc folder."""
+    def run(code, args, timeout):
+        ij.run_macro(code, args=dict(args), timeout=timeout, outputs=[])
+
+    macro = '#@ String Directory\nopen(Directory + "/a.tif");\nrun("Invert");\nsaveAs("Tiff", Directory + "/b.tif");\n'
+    imgs = [{"seed": 31, "high": 256, "shape": [12, 9], "dtype": "uint8"}]
+    port = free_port_pair()
+    with OpenHCSReceiver(port, lambda *a: None, transport="tcp", legacy_ack_port=None, macro_runner=run, macros="any") as r:
+        assert r.macro_transports() == ["tcp"]
+        spec = _spec(tmp_path, macro, imgs, ["a.tif"], ["b.tif"], url=f"tcp://127.0.0.1:{port + 1000}")
+        assert send(spec) == {"ok": True, "n": 1}
+        np.testing.assert_array_equal(outputs(tmp_path / "out.npz")[0], 255 - images(spec)[0])
+        assert r.stats()["macros"] == 1
+    ipc = Path(tempfile.mkdtemp(prefix="ohm", dir="/tmp"))  # mkdtemp: 0700
+    try:
+        with OpenHCSReceiver(port, lambda *a: None, transport="ipc", ipc_dir=ipc, legacy_ack_port=None, macro_runner=run, macros="off") as r:
+            assert r.macro_transports() == []
+            out = send({**spec, "url": f"ipc://{ipc}/openhcs-zmq-{port + 1000}.sock", "timeout": 30})
+            assert not out["ok"] and "switched off" in out["error"]
+    finally:
+        shutil.rmtree(ipc, ignore_errors=True)

@@ -139,3 +139,40 @@ def test_windows_come_back_after_an_engine_restart(bridge, xdisplay, tmp_path):
         wait_shown(c, "again", timeout=30)
         time.sleep(0.5)
         blob(screenshot(xdisplay, tmp_path / "reshown.png"), 40 * 40)
+
+
+#: java.awt.Color.blue / .green / .red: what ImageJ's LUT for that colour draws at full intensity
+BLUE, GREEN, RED = 2, 1, 0
+
+
+def test_channel_names_that_arrive_later_colour_the_window_and_the_snapshot(bridge, xdisplay, tmp_path):
+    """A stream whose first planes carry no channel names gets ImageJ's
+    default colours (red, green); once the names come (DAPI, GFP), the live
+    window and the snapshot PNG show them blue and green."""
+    from PIL import Image
+
+    size = 160
+    a = np.zeros((size, size), np.uint8)
+    a[10:70, 10:70] = 255  # channel 1: 60 px square
+    b = np.zeros((size, size), np.uint8)
+    b[100:140, 100:140] = 255  # channel 2: 40 px square
+    with bridge.client() as c:
+        c.clear_state()
+        c.send_plane(a, "named-late", channel=0)
+        c.send_plane(b, "named-late", channel=1)
+        c.flush()
+        wait_shown(c, "named-late")
+        snap = c.render("named-late")
+        assert pure(snap, RED)[10:70, 10:70].all() and pure(snap, GREEN)[100:140, 100:140].all()
+        c.send_plane(a, "named-late", channel=0, channel_name="DAPI")
+        c.send_plane(b, "named-late", channel=1, channel_name="GFP")
+        c.flush()
+        wait_shown(c, "named-late")
+        time.sleep(0.5)  # let AWT paint
+        shot = screenshot(xdisplay, tmp_path / "named.png")
+        assert blob(shot, 60 * 60)[0] == BLUE and blob(shot, 40 * 40)[0] == GREEN
+        write_png(tmp_path / "named-snap.png", c.render("named-late"))
+        png = np.asarray(Image.open(tmp_path / "named-snap.png").convert("RGB"))
+        assert (png[10:70, 10:70] == (0, 0, 255)).all() and (png[100:140, 100:140] == (0, 255, 0)).all()
+        assert not png[80:90, 80:90].any()
+        c.close_stack("named-late")

@@ -4,6 +4,7 @@ the OMERO backend over its test double): every item arrives exactly once."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -244,8 +245,8 @@ def test_sigkill_with_items_spilled_they_arrive_after_restart_exactly_once(tmp_p
         proc.wait(timeout=30)
     first = log.read_text().split()
     assert len(first) == 3
-    manifests = [p for p in (tmp_path / "spill" / "items").glob("*.json") if not p.name.endswith(".data.json")]
-    assert len(manifests) == n - 3  # everything not uploaded survived the kill on disk
+    spilled = list((tmp_path / "spill" / "items").glob("*.item"))
+    assert len(spilled) == n - 3  # everything not uploaded survived the kill on disk, one file per item
     counting = FlakyStore(ZarrPlateStore(tmp_path / "store"), write_log=log)
     up = Uploader(counting, spill_dir=tmp_path / "spill", backoff=(0.001, 0.002))
     rep = up.finalize(timeout=60)
@@ -341,3 +342,61 @@ def test_an_item_requiring_a_failed_item_is_not_written(tmp_path):
     assert rep.uploaded == ["/zarr/plate_req/A01/A01_s000"]
     assert "requires /zarr/plate_req/A01/A01_s001" in rep.failed[marker]
     assert not store.exists(marker)
+
+
+class OrderedStore(FlakyStore):
+    """Records the order of successful writes."""
+
+    def __init__(self, inner, **kw):
+        super().__init__(inner, **kw)
+        self.order = []
+
+    def _count(self, path):
+        super()._count(path)
+        self.order.append(path)
+
+
+@pytest.mark.timeout(60)
+def test_spilled_items_are_written_in_submit_order_and_memory_stays_bounded(tmp_path):
+    """A queue of 4 and 60 items: most go through the spill; the store sees
+    them in exactly the submit order, and never more than 4 (+ the one in
+    hand) are held in memory."""
+    n = 60
+    store, plate = _zarr_plate(tmp_path / "store", n=n)
+    ordered = OrderedStore(store, fail_rate=0.2, seed=5)
+    planes = _planes(seed=9, n=n)
+    paths = _paths(store, plate, n)
+    up = Uploader(ordered, queue_size=4, spill_dir=tmp_path / "spill", max_retries=100, backoff=(0.001, 0.002))
+    most = 0
+    for z in range(n):
+        up.submit(planes[z], paths[z])
+        with up._lock:
+            in_memory = sum(1 for i in up._pending.values() if i.data is not None)
+        most = max(most, in_memory)
+    rep = up.finalize(timeout=60)
+    assert rep.complete and rep.counters["spilled"] > n // 2
+    assert ordered.order == paths
+    assert most <= 4 + 1
+    np.testing.assert_array_equal(ZarrPlateStore(tmp_path / "store").load_field(plate, "A01", 0)[0, :, 0], planes)
+    assert list((tmp_path / "spill" / "items").iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_spill_folder_of_the_earlier_layout_is_still_uploaded(tmp_path):
+    """Items spilled by the previous version (a data file plus a JSON
+    manifest) and a torn write (a ``.tmp`` never committed) at restart."""
+    store, plate = _zarr_plate(tmp_path / "store", n=2)
+    planes = _planes(seed=4, n=2)
+    items = tmp_path / "spill" / "items"
+    items.mkdir(parents=True)
+    path = _paths(store, plate, 2)[1]
+    np.save(items / "00000000000000000001-000001-abc.npy", planes[1], allow_pickle=False)
+    (items / "00000000000000000001-000001-abc.json").write_text(json.dumps(
+        {"key": path, "path": path, "kind": "npy", "file": "00000000000000000001-000001-abc.npy", "op": "save",
+         "args": {}, "requires": []}))
+    (items / "00000000000000000002-000002-def.item.tmp").write_bytes(b'{"key": "/zarr/torn"')
+    counting = FlakyStore(store)
+    rep = Uploader(counting, spill_dir=tmp_path / "spill").finalize(timeout=30)
+    assert rep.complete and rep.uploaded == [path] and counting.writes == {path: 1}
+    np.testing.assert_array_equal(ZarrPlateStore(tmp_path / "store").load_field(plate, "A01", 0)[0, 1, 0], planes[1])
+    assert list(items.iterdir()) == []

@@ -12,6 +12,13 @@ bulk into the existing Java pixel arrays; a stack that grows keeps its
 arrays (only new positions are allocated) and, with the same channel count,
 its ImagePlus; the window is redrawn once per batch. Display ranges only
 widen as data arrives (a live view does not flicker).
+
+Channel colours follow the channel metadata, the names
+(:func:`~fiji_bridge.engine.transfer.channel_colours`: DAPI/DNA -> blue,
+GFP -> green, ..., else ImageJ's order), in the window and in every
+snapshot. Names often arrive after a window was born (a stream's first
+planes, placeholder names): when they change, a channel's LUT is set anew
+from them -- unless the user has given that channel another LUT meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from .base import DIMS, MacroError
 from .transfer import (
     J,
     array_min_max,
+    channel_colours,
     coerce_dtype,
     copy_into_java,
     from_imageplus,
@@ -65,10 +73,38 @@ class LiveDisplay:
         self._protected = protected_ids
         self._ranges: dict[str, list[Optional[tuple[float, float]]]] = {}  # per channel, data seen so far
         self._names: dict[str, list[str]] = {}
+        self._colours: dict[str, list[str]] = {}  # the LUT colour we gave each channel
 
-    def _register(self, key: str, imp: Any) -> None:
+    def _register(self, key: str, imp: Any, names: Sequence[str] = ()) -> None:
         self.stacks[key] = imp
         self._protected.add(int(imp.getID()))
+        if imp.isComposite():  # make_hyperstack coloured it from the names
+            self._colours[key] = channel_colours(list(names), int(imp.getNChannels()))
+
+    def _recolour(self, key: str, imp: Any, names: Sequence[str]) -> bool:
+        """Give each channel the LUT colour its (new) name calls for, where the
+        channel still has the LUT we gave it. True when a LUT changed."""
+        if not imp.isComposite():
+            return False
+        C = int(imp.getNChannels())
+        ours = self._colours.get(key) or channel_colours([], C)
+        want = channel_colours(list(names), C)
+        changed = False
+        from jpype import JInt  # getRGB(int), not getRGB(Object)
+
+        Color, LUT = J("java.awt.Color"), J("ij.process.LUT")
+        for c in range(C):
+            if c >= len(ours) or ours[c] == want[c]:
+                continue
+            lut = imp.getChannelLut(c + 1)
+            if (int(lut.getRGB(JInt(255))) & 0xFFFFFF) != (int(getattr(Color, ours[c]).getRGB()) & 0xFFFFFF):
+                continue  # the user's LUT stays
+            new = LUT.createLutFromColor(getattr(Color, want[c]))
+            new.min, new.max = lut.min, lut.max
+            imp.setChannelLut(new, c + 1)
+            changed = True
+        self._colours[key] = [want[c] if c < len(want) else ours[c] for c in range(C)]
+        return changed
 
     def show_stack(
         self,
@@ -87,6 +123,8 @@ class LiveDisplay:
                 c = i % arr5.shape[2]
                 if hs.channel_names:
                     stack.setSliceLabel(hs.channel_names[c], i + 1)
+            if hs.channel_names and list(hs.channel_names) != self._names.get(key):
+                self._recolour(key, imp, hs.channel_names)
             if calibration is not None:
                 set_calibration(imp, calibration)
             ranges = array_min_max(arr5)
@@ -97,7 +135,7 @@ class LiveDisplay:
                 self.close_stack(key)
             ranges = array_min_max(arr5)
             imp = to_imageplus(arr5, key, hs.channel_names, hs.calibration)
-            self._register(key, imp)
+            self._register(key, imp, hs.channel_names)
         self._ranges[key] = list(ranges)
         self._names[key] = list(hs.channel_names)
         if self.show_windows and imp.getWindow() is None:
@@ -146,7 +184,7 @@ class LiveDisplay:
             n = T * Z * C
             stack = new_image_stack(X, Y, depth, [None] * n, slice_labels(names, C, n))
             imp = make_hyperstack(stack, key, C, Z, T, names, calibration)
-            self._register(key, imp)
+            self._register(key, imp, names)
             self._ranges[key] = [None] * C
             written = set(pos)
             zeros_left = {c for t in range(T) for z in range(Z) for c in range(C) if (t, z, c) not in written}
@@ -165,6 +203,7 @@ class LiveDisplay:
         if relabel:
             for i, label in enumerate(slice_labels(names, C, T * Z * C)):
                 stack.setSliceLabel(label, i + 1)
+            self._recolour(key, imp, names)
         if calibration is not None:
             set_calibration(imp, calibration)
         write_planes(stack, Z, C, pos, planes, depth)
@@ -219,7 +258,7 @@ class LiveDisplay:
         new = make_hyperstack(stack, key, C, Z, T, names)
         new.setCalibration(cal)
         self.close_stack(key)  # the old ImageStack is flushed; our arrays live on in the new one
-        self._register(key, new)
+        self._register(key, new, names)
         self._ranges[key] = (list(ranges) + [None] * C)[:C]
         return new, zeros_left
 
@@ -280,6 +319,7 @@ class LiveDisplay:
     def close_stack(self, key: str) -> None:
         self._ranges.pop(key, None)
         self._names.pop(key, None)
+        self._colours.pop(key, None)
         imp = self.stacks.pop(key, None)
         if imp is None:
             return

@@ -79,8 +79,9 @@ DEFAULT_PORT = 5565
 _LOOPBACK = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "[::1]", "[::1]": "[::1]"}
 #: who may send run_macro: see the module doc
 MACRO_POLICIES = ("ipc", "any", "off")
-#: OpenHCS's own default wait for a run_macro reply (FijiMacroExecutionRequest.send)
-MACRO_TIMEOUT_S = 300.0
+#: a macro's time limit: under OpenHCS's own wait for the reply (300 s,
+#: FijiMacroExecutionRequest.send), so that the sender hears of a timeout
+MACRO_TIMEOUT_S = 280.0
 
 
 @dataclass

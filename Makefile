@@ -45,6 +45,8 @@ $(VENV)/.installed: pyproject.toml
 	# OpenHCS 0.8.6's sender line (polystore 0.2.x), kept apart from the 0.6.x one
 	$(PIP) install -q --no-deps --upgrade --target $(HOME)/.cache/fiji-bridge/polystore-0.2 \
 	    polystore==0.2.19 zmqruntime==0.2.24 arraybridge==0.3.8
+	# OpenHCS 0.8.6's wheel, read (never imported) by the run_macro wire test
+	$(PIP) download -q --no-deps openhcs==0.8.6 -d $(HOME)/.cache/fiji-bridge/openhcs-0.8.6
 	touch $@
 
 # -- the optional omero extra (omero-py + a locally built zeroc-ice 3.6 wheel)

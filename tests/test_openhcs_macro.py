@@ -9,7 +9,7 @@ with the wheel's field names, the request goes out as
 socket, and the reply is decoded by plain ``pickle.loads`` and checked as
 openhcs checks it (``isinstance(payload, FijiMacroExecutionResponse)``).
 When the openhcs 0.8.6 wheel is at hand (``OPENHCS_WHEEL`` or
-``/tmp/openhcs``), its source is parsed to confirm those facts.
+``~/.cache/fiji-bridge/openhcs-0.8.6``, where ``make test`` puts it), its source is parsed to confirm those facts.
 
 The macros run in the real bridge (``fiji-bridge serve --openhcs-port``,
 real ImageJ 1); oracles are numpy on the same pixels.
@@ -217,10 +217,12 @@ def test_hostile_run_macro_pickles_are_refused(payload, why):
 def test_our_stand_ins_match_the_wheel():
     """openhcs 0.8.6's own source (when its wheel is at hand): class names,
     frozen+slots dataclasses, field names in order."""
-    found = sorted(Path("/tmp/openhcs").glob("openhcs-0.8.6-*.whl")) if Path("/tmp/openhcs").is_dir() else []
+    # `make test` downloads the wheel (no dependencies, never imported) into the cache
+    folders = [Path.home() / ".cache" / "fiji-bridge" / "openhcs-0.8.6", Path("/tmp/openhcs")]
+    found = sorted(w for d in folders if d.is_dir() for w in d.glob("openhcs-0.8.6-*.whl"))
     wheel = os.environ.get("OPENHCS_WHEEL") or (found[0] if found else None)
     if not wheel or not Path(wheel).is_file():
-        pytest.skip("the openhcs 0.8.6 wheel is not here (pip download --no-deps openhcs==0.8.6 -d /tmp/openhcs)")
+        pytest.skip("the openhcs 0.8.6 wheel is not here (pip download --no-deps openhcs==0.8.6 -d ~/.cache/fiji-bridge/openhcs-0.8.6)")
     with zipfile.ZipFile(wheel) as z:
         tree = ast.parse(z.read("openhcs/runtime/fiji_macro_runtime.py"))
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}

@@ -388,6 +388,25 @@ def test_rule10_unreachable_or_starting_servers_are_unavailable_not_refused_logi
     assert not isinstance(e.value, StoreUnavailable)
 
 
+@pytest.mark.timeout(60)
+def test_rule10_with_the_real_blitzgateway_no_server_needed():
+    """omero-py's own BlitzGateway (no double): a refused port raises
+    ConnectionRefusedException, an unknown host returns False with a
+    DNSException in getLastError(); both are StoreUnavailable."""
+    import socket
+
+    from omero.gateway import BlitzGateway
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for host, port in (("127.0.0.1", closed), ("nowhere.invalid", 4064)):
+        b = OmeroBackend(host=host, port=port, user="u", password="p", gateway=BlitzGateway, keepalive=0)
+        with pytest.raises(StoreUnavailable, match=f"{host}:{port}"):
+            b.plate_structure("1")
+        b.close()
+
+
 def test_rule11_group_by_id_or_name_lands_in_that_group_or_fails_loudly(server):
     b = _backend(group=server.group_id("other"))
     pid = b.create_plate("by-id")

@@ -214,10 +214,13 @@ def test_sessions_logins_and_a_dead_server(server):
     # rule 10: DNS failures are LocalExceptions: connect() returns False, getLastError() says why
     dns = GatewayDouble("alice", "pw", host="nowhere.test", port=4064)
     assert dns.connect() is False and isinstance(dns.getLastError(), Ice.DNSException)
+    logins = server.counters["login"]
+    assert GatewayDouble("alice", "wrong", host="double.test", port=4064).connect() is False
     server.ready = False  # SessionManagerI: "Server not fully initialized"
     booting = GatewayDouble("alice", "pw", host="double.test", port=4064)
-    assert booting.connect() is False
-    assert isinstance(booting.getLastError(), Glacier2.CannotCreateSessionException)
+    assert booting.connect() is False  # omero/clients.py createSession: 3 tries, then a ClientError
+    assert isinstance(booting.getLastError(), omero.ClientError) and "null object" in str(booting.getLastError())
+    assert server.counters["login"] - logins == 2 + 2 * 3  # the wrong password twice (gateway retry), 2 x 3 here
 
 
 def test_group_is_a_name_and_an_unknown_one_falls_back(server):
@@ -246,6 +249,19 @@ def test_strict_surface_admits_only_what_omero_py_has(server, conn):
     with pytest.raises(StrictAttributeError, match="ServiceFactoryPrx"):
         conn.c.sf.newTable(1, "x")
     assert omero.gateway.BlitzGateway.keepAlive is GatewayDouble.keepAlive  # omero-py's own code
+
+
+def test_the_double_itself_invents_no_methods():
+    """Every public name the double's client classes define exists on the real class."""
+    from fiji_bridge.testing.omero_double import client, real_attributes
+
+    for cls in (client.GatewayDouble, client._ClientDouble, client._SessionFactory, client._CmdCallback):
+        own = {n for n in vars(cls) if not n.startswith("__") and n not in ("_real", "_real_for")}
+        extra = {n for n in own if not n.startswith("_") or n in ("_getSessionId", "_waitOnCmd", "_getObj")}
+        assert extra - real_attributes(*cls._real) == set() or cls is client.GatewayDouble and \
+            extra - real_attributes(*cls._real) == {"open_clients"}, cls
+    for name in ("newTable", "openTable", "areTablesEnabled", "repositories"):
+        assert name in real_attributes("omero.grid.SharedResourcesPrx")
 
 
 def test_keepalive_is_false_on_a_dead_session(server):

@@ -6,10 +6,12 @@ Rules followed (omero-py 5.23 ``omero/gateway/__init__.py`` and
 
 * ``BlitzGateway.connect()`` re-raises only ``Ice.SyscallException``; every
   other failure returns False and ``getLastError()`` says why: an
-  ``Ice.LocalException`` (DNS, timeouts) or a server that cannot create
-  sessions yet is :class:`~fiji_bridge.backends.base.StoreUnavailable`
-  (retried by the uploader), ``Glacier2.PermissionDeniedException`` a refused
-  login (:class:`~fiji_bridge.backends.base.BackendError`);
+  ``Ice.LocalException`` (DNS, timeouts), or ``omero.ClientError("Obtained
+  null object prox")`` (``BaseClient.createSession`` gave up on a server still
+  starting — SessionManagerI's "Server not fully initialized" — or on a
+  listener that is not OMERO) is :class:`~fiji_bridge.backends.base.StoreUnavailable`
+  (retried by the uploader); ``Glacier2.PermissionDeniedException`` is a
+  refused login (:class:`~fiji_bridge.backends.base.BackendError`);
 * the session key is ``gw.c.getSessionId()`` (BlitzGateway has no public
   ``getSessionId``);
 * the gateway's ``group`` is a group *name*; a name the user is not a member
@@ -208,10 +210,16 @@ class OmeroConnection:
         """The StoreUnavailable a failed connect() stands for, if it is one."""
         if isinstance(err, _ice_errors()):
             return StoreUnavailable(f"OMERO server at {self.params.address} is unavailable ({type(err).__name__})")
+        omero = _omero()
+        if isinstance(err, omero.ClientError) and "null object prox" in str(err):
+            # omero/clients.py createSession: refused 3 times for concurrency (a server still
+            # starting) or timed out 3 times (something listens, but it is not OMERO)
+            return StoreUnavailable(f"OMERO at {self.params.address} creates no sessions (still starting, or "
+                                    f"not an OMERO server?): {_msg(err)}")
         try:
             import Glacier2
 
-            if isinstance(err, Glacier2.CannotCreateSessionException):  # e.g. "Server not fully initialized"
+            if isinstance(err, Glacier2.CannotCreateSessionException) and not _is_denied(err):
                 return StoreUnavailable(f"OMERO server at {self.params.address} cannot create sessions yet "
                                         f"(starting?): {_msg(err)}")
         except ImportError:

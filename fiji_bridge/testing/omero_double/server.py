@@ -8,8 +8,8 @@ Rules, each from the source:
   ``SecurityViolation`` (omero-server SessionManagerImpl.java, the group is a
   *name*: omero-blitz SessionManagerI.java ``getGroup(current)`` reads the
   ``omero.group`` string of the call context); a server that has not finished
-  starting refuses sessions with "Server not fully initialized"
-  (SessionManagerI.create, WrappedCreateSessionException);
+  starting refuses sessions with a ``WrappedCreateSessionException``
+  (concurrency, "Server not fully initialized": SessionManagerI.create);
 * sessions time out when idle (omero.sessions.timeout); a dead session's
   calls raise ``Ice.ObjectNotExistException``;
 * groups: objects are created in the call's group, reads see the call's group
@@ -285,8 +285,12 @@ class ServerDouble(PixelsServices, FileServices):
             if len(out) > self.message_size_max:
                 raise Ice.MemoryLimitException(reason=f"reply of {len(out)} bytes exceeds Ice.MessageSizeMax")
             return out
-        except Exception as e:  # every error travels back to the caller
-            return pickle.dumps(("error", type(e).__module__, type(e).__name__, _message(e)))
+        except Exception as e:  # every error travels back to the caller, as itself when it pickles
+            try:
+                same = pickle.dumps(e) if type(e).__module__.split(".")[0] in ("omero", "Ice", "Glacier2") else None
+            except Exception:
+                same = None
+            return pickle.dumps(("error", type(e).__module__, type(e).__name__, _message(e), same))
 
     # -- sessions --------------------------------------------------------------
 
@@ -302,8 +306,11 @@ class ServerDouble(PixelsServices, FileServices):
 
     def _rpc_Session_login(self, user: str, password: str, group: Optional[str]) -> tuple:
         self.counters["login"] += 1
-        if not self.ready:  # SessionManagerI.create before the server is loaded
-            raise Glacier2.CannotCreateSessionException(reason="Server not fully initialized")
+        if not self.ready:  # omero-blitz SessionManagerI.create before the server is loaded
+            import omero_ServerErrors_ice  # noqa: F401
+
+            raise omero.WrappedCreateSessionException(reason="Server not fully initialized", concurrency=True,
+                                                      backOff=1000, type="ApiUsageException")
         u = self._users.get(user or "")
         if u is None or not password or not secrets.compare_digest(str(password), u.password):
             raise Glacier2.PermissionDeniedException(reason="Password check failed")

@@ -223,3 +223,58 @@ def test_run_macro_outputs_to_omero_tables_with_image_well_and_roi_columns(ij, s
     maps = [server._rows[l.child.id.val] for l in server.objects("ImageAnnotationLink")
             if type(server._rows[l.child.id.val]).__name__ == "MapAnnotationI"]
     assert [m.ns.val for m in maps] == [NS_SUMMARY]  # one summary per image, replaced on update
+
+
+@pytest.fixture(params=["double", "live"])
+def any_backend(request):
+    """The double, and a live OMERO when OMERO_HOST (+ OMERO_USER, OMERO_PASSWORD) is set."""
+    import os
+
+    if request.param == "live":
+        if not os.environ.get("OMERO_HOST"):
+            pytest.skip("no live OMERO: set OMERO_HOST, OMERO_USER, OMERO_PASSWORD")
+        b = OmeroBackend()
+        yield b
+        b.close()
+        return
+    srv = ServerDouble(users={"alice": PASSWORD}).register("rois-api.test", 4064)
+    b = OmeroBackend(host="rois-api.test", user="alice", password=PASSWORD, gateway=GatewayDouble, keepalive=0)
+    yield b
+    b.close()
+    srv.unregister()
+
+
+def test_rois_and_roi_table_through_the_api_only(ij, any_backend):
+    """Only the OMERO API (no look inside the server): what a client of the
+    server finds — ROIs that ImageJ decodes to the macro's shapes, and an
+    OMERO.table whose Roi/Image/Well columns are those objects' ids."""
+    from omero.model import OriginalFileI
+
+    from fiji_bridge.backends.omero import NS_TABLE
+
+    b = any_backend
+    r = ij.run_macro(PARTICLES_MACRO)
+    pid = b.create_plate("particles-api", provenance={"macro": "particles.ijm"})
+    b.save_field(pid, "C03", 0, np.zeros((1, 1, 1, 60, 80), "uint8"))
+    ids = b.save_rois(pid, "C03", 0, r.rois)
+    back = b.load_rois(plate=pid, well="C03", site=0)
+    assert len(back) == 3
+    for orig, got in zip(r.rois, back):
+        b0, b1 = _java_roi(orig.data).getBounds(), _java_roi(got.data).getBounds()
+        assert (b1.x, b1.y, b1.width, b1.height) == (b0.x, b0.y, b0.width, b0.height)
+    cols = {"plate": ["p"] * 3, "well": ["C03"] * 3, "field": [0] * 3,
+            "Area": [float(v) for v in r.tables["Results"]["Area"]]}
+    b.save_table(pid, "results", cols)
+    ann = b._annotations("Plate", int(pid), ns=NS_TABLE)["results.csv.h5"][-1]
+    with b._call("reading the table") as conn:
+        table = conn.c.sf.sharedResources().openTable(OriginalFileI(ann.file.id.val, False))
+        try:
+            heads = [h.name for h in table.getHeaders()]
+            data = table.read(list(range(len(heads))), 0, table.getNumberOfRows())
+        finally:
+            table.close()
+    got = {h: list(c.values) for h, c in zip(heads, data.columns)}
+    image = b._field(pid, "C03", 0).image
+    assert got["Roi"] == ids and got["Image"] == [image] * 3 and got["Area"] == cols["Area"]
+    assert got["Well"] == [b._index(pid).wells["C03"]] * 3
+    assert b.image_summary(pid, "C03", 0)["ROIs"] == "3"

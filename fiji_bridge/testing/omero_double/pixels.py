@@ -33,7 +33,6 @@ from typing import Any, Optional
 import numpy as np
 
 from ._common import (
-    MAX_PLANE_SIZE,
     ROMIO_MAXIMUM_BUFFER_SIZE,
     _PIXELS_TYPES,
     _Session,

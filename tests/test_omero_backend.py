@@ -293,6 +293,17 @@ def test_rule4_a_pyramid_is_written_in_tiles_of_get_tile_size_in_xyzct_order():
         srv.unregister()
 
 
+def test_rule4_float_planes_never_need_a_pyramid():
+    """omero.pixeldata.max_plane_float_override=true: a big float32 image is ROMIO (planes/strips)."""
+    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=40, tile_size=16).register("fpyr.test", 4064)
+    try:
+        arr = np.random.default_rng(1).standard_normal((1, 2, 1, 45, 37)).astype("float32")
+        np.testing.assert_array_equal(_write_read("fpyr.test", arr), arr)
+        assert srv.counters["rps.setTile"] == 0 and srv.counters["rps.setPlane"] == 2
+    finally:
+        srv.unregister()
+
+
 def test_rule4_a_real_size_pyramid_plane():
     """3300^2 uint8 > 3192^2: a pyramid; 13 x 13 tiles of 256."""
     srv = ServerDouble(users={"alice": PASSWORD}).register("bigpyr.test", 4064)

@@ -167,6 +167,8 @@ def test_pyramid_takes_tiles_in_sequence_only():
         assert c.connect()
         pid = _new_pixels(srv, c, (1, 2, 2, 6, 10))  # 60 px > 64? no: 6*10 = 60 < 64
         assert not _rps(c, pid).requiresPixelsPyramid()
+        floats = _new_pixels(srv, c, (1, 1, 1, 7, 10), ptype="float")  # max_plane_float_override: no pyramid
+        assert not _rps(c, floats).requiresPixelsPyramid()
         pid = _new_pixels(srv, c, (1, 2, 2, 7, 10))  # 70 px > 64: a pyramid
         rps = _rps(c, pid)
         assert rps.requiresPixelsPyramid() and rps.getTileSize() == [4, 4]

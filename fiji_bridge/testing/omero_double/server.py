@@ -88,6 +88,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         message_size_max: int = MESSAGE_SIZE_MAX,
         max_plane_size: int = MAX_PLANE_SIZE,
         tile_size: int = PYRAMID_TILE_SIZE,
+        max_plane_float_override: bool = True,
         registry_timeout: float = REGISTRY_TIMEOUT,
         delete_polls: int = 1,
         ready: bool = True,
@@ -101,6 +102,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         self.message_size_max = message_size_max
         self.max_plane_size = max_plane_size
         self.tile_size = int(tile_size)  # omero.pixeldata.tile_width/tile_height
+        self.max_plane_float_override = max_plane_float_override
         self.counters: collections.Counter[str] = collections.Counter()
         self.up = True
         self.generation = 0

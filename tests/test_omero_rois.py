@@ -278,3 +278,33 @@ def test_rois_and_roi_table_through_the_api_only(ij, any_backend):
     assert got["Roi"] == ids and got["Image"] == [image] * 3 and got["Area"] == cols["Area"]
     assert got["Well"] == [b._index(pid).wells["C03"]] * 3
     assert b.image_summary(pid, "C03", 0)["ROIs"] == "3"
+
+
+def test_rois_also_on_the_source_image_and_never_on_anyone_elses(ij, shapes, server):
+    """rois_on_source: the raw image of the source plate gets the same ROIs (marked
+    with the derived plate); a re-run replaces ours and leaves a user's own ROI alone."""
+    import omero.model as om
+    from omero.rtypes import rdouble, rstring
+
+    r, _by = shapes
+    src = server.seed_plate("raw", {("A01", 0): np.zeros((1, 3, 2, 48, 64), "uint8")})
+    raw_image = server.objects("Image")[0].id.val
+    mine = om.RoiI()
+    mine.name = rstring("drawn in OMERO.iviewer")
+    mine.setImage(om.ImageI(raw_image, False))
+    pt = om.PointI()
+    pt.x, pt.y = rdouble(1), rdouble(1)
+    mine.addShape(pt)
+    with _backend()._call("a user's ROI") as conn:
+        conn.getUpdateService().saveObject(mine, {"omero.group": str(server.group_id("lab"))})
+    b = OmeroBackend(host="rois.test", user="alice", password=PASSWORD, gateway=GatewayDouble, keepalive=0,
+                     rois_on_source=True)
+    pid = b.create_plate("derived", provenance={"source": f"omero://rois.test/plate/{src}", "source_plate": str(src)})
+    b.save_field(pid, "A01", 0, np.zeros((1, 3, 2, 48, 64), "uint8"))
+    derived_image = _backend()._field(pid, "A01", 0).image
+    for _ in range(2):
+        b.save_rois(pid, "A01", 0, r.rois)
+    assert len(server.children("Image", "rois", derived_image)) == 7
+    on_raw = [server._rows[i] for i in server.children("Image", "rois", raw_image)]
+    assert len(on_raw) == 8 and sum(x.name.val == "drawn in OMERO.iviewer" for x in on_raw) == 1
+    assert {x.name.val for x in on_raw} == {x.name for x in r.rois} | {"drawn in OMERO.iviewer"}

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..base import BackendError
+from ..base import BackendError, NotFound
 
 log = logging.getLogger("fiji_bridge.backends.omero")
 
@@ -396,18 +396,49 @@ class OmeroRois:
         ref = self._field(plate, well, int(site))
         idx = self._index(plate)
         objs = rois_to_omero(list(rois), ref.image, f"{NS_ROIS} well={well} field={int(site)}")
-        old = self._roi_ids([ref.image]).get(ref.image, [])
-        with self._call(f"saving {len(objs)} ROIs on image {ref.image}") as conn:
-            saved = conn.getUpdateService().saveAndReturnArray(objs, self._ctx(idx.group)) if objs else []
-            if old:
-                self._delete(conn, "Roi", old)
-        ids = [r.id.val for r in saved]
+        ids = self._replace_rois(ref.image, idx.group, objs, f"{NS_ROIS} well={well} field={int(site)}")
+        if self.rois_on_source:
+            src = self._source_field(plate, well, int(site))
+            if src is not None:  # the raw image too, marked with the derived plate it came from
+                tag = f"{NS_ROIS} derived plate={plate} well={well} field={int(site)}"
+                self._replace_rois(src[0], src[1], rois_to_omero(list(rois), src[0], tag), tag)
         if getattr(self, "summaries", False):
             self._summarize(plate, well, int(site), {"ROIs": len(ids)})
         return ids
 
-    def _roi_ids(self, images: Sequence[int]) -> dict[int, list[int]]:
-        """Our ROIs per image, oldest first (one query)."""
+    def _replace_rois(self, image: int, group: Optional[int], objs: list, tag: str) -> list[int]:
+        """Save ``objs`` on ``image``; delete the ROIs an earlier save with ``tag`` made there."""
+        old = self._roi_ids([image], tag).get(image, [])
+        with self._call(f"saving {len(objs)} ROIs on image {image}") as conn:
+            saved = conn.getUpdateService().saveAndReturnArray(objs, self._ctx(group)) if objs else []
+            if old:
+                self._delete(conn, "Roi", old)
+        return [r.id.val for r in saved]
+
+    def _source_field(self, plate: str, well: str, site: int) -> Optional[tuple[int, Optional[int]]]:
+        """(image id, group) of the field the derived ``plate``'s provenance
+        names as its source, when that is a plate of this server."""
+        prov = self.plate_provenance(plate)
+        source, src = str(prov.get("source") or ""), str(prov.get("source_plate") or "")
+        if not src.isdigit() or (source and not source.startswith("omero://")):
+            return None
+        if source:
+            from ..uri import PlateURI
+
+            u = PlateURI.parse(source)
+            if u.host and u.host != self.params.host:
+                return None
+        try:
+            idx = self._index(src)
+        except (NotFound, BackendError) as e:
+            log.info("source plate %s of %s not readable (%s): ROIs on the derived image only", src, plate, e)
+            return None
+        ref = idx.fields.get((well, site))
+        return None if ref is None else (ref.image, idx.group)
+
+    def _roi_ids(self, images: Sequence[int], tag: Optional[str] = None) -> dict[int, list[int]]:
+        """Our ROIs per image (those whose description is ``tag``, or any of
+        ours on the derived image), oldest first (one query)."""
         from omero.sys import ParametersI
 
         if not images:
@@ -419,7 +450,7 @@ class OmeroRois:
         out: dict[int, list[int]] = {}
         for r in sorted({r.id.val: r for r in rows}.values(), key=lambda r: r.id.val):
             d = r.description.val if r.description is not None else ""
-            if d.startswith(NS_ROIS):
+            if (d == tag) if tag is not None else (d.startswith(NS_ROIS) and " derived plate=" not in d):
                 out.setdefault(r.image.id.val, []).append(r.id.val)
         return out
 

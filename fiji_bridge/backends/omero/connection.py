@@ -311,6 +311,8 @@ class OmeroConnection:
                 raise BackendError(f"{what}: permission denied by OMERO: {_msg(e)}") from None
             except omero.ServerError as e:
                 raise BackendError(f"{what}: OMERO {type(e).__name__}: {_msg(e)}") from None
+            except omero.ClientError as e:  # omero-py's client side (CmdError, "No session available", ...)
+                raise BackendError(f"{what}: omero-py {type(e).__name__}: {e}") from None
             finally:
                 self._last_use = time.monotonic()
 

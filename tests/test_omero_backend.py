@@ -496,6 +496,10 @@ def test_rule15_no_leaked_clients_or_stores(server):
     for site in range(12):  # more images than the store cache holds
         b.save_field(pid, "B01", site, _distinct_field((1, 1, 1, 8, 8)))
         b.load_field(pid, "B01", site)
+    for _ in range(3):  # replacing a field that has an open read store closes that store
+        b.save_field(pid, "B01", 0, _distinct_field((1, 1, 1, 8, 8)))
+        b.load_field(pid, "B01", 0)
+        assert all(server._services[s]["pixels"] in server._pixels for s in set(server.open_services("rps")) - lost)
     assert len(set(server.open_services("rps")) - lost) <= 8
     b.close()
     assert set(server.open_services()) - lost == set()

@@ -453,7 +453,13 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
                     log.warning("could not delete unlinked image %s after a failed write", iid)
                 raise
             if old is not None:
-                self._stores.pop(old, None)
+                prev = idx.fields.get((well, site))
+                rps = self._stores.pop(prev.pixels, None) if prev is not None else None
+                if rps is not None:  # a read store on the pixels about to go
+                    try:
+                        rps.close()
+                    except Exception:
+                        pass
                 self._delete(conn, "Image", [old])
         self._plates.pop(str(plate), None)
         if self.summaries:

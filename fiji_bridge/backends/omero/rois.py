@@ -11,7 +11,8 @@ rectangle                           Rectangle (x, y = top-left, width, height)
 oval                                Ellipse (x, y = centre, radiusX/Y = half sides)
 polygon, freehand, traced           Polygon (points "x1,y1 x2,y2 ...")
 polyline, freeline, angle           Polyline
-line                                Line (x1, y1, x2, y2)
+line (arrow)                        Line (x1, y1, x2, y2; markerEnd "Arrow")
+text                                Label (x, y = top-left, textValue, fontSize)
 point (multi-point)                 one Point per point
 composite (ShapeRoi)                Mask over its bounds (1 bit per pixel,
                                     row-major, MSB first; a pixel is in when
@@ -68,6 +69,9 @@ class ImagejShape:
     fill: Optional[int] = None
     stroke_width: float = 0.0
     mask: Optional[np.ndarray] = field(default=None, repr=False)  # bool (H, W) at coords[0]
+    text: str = ""  # a text ROI's text
+    font_size: int = 0
+    arrow: bool = False
 
 
 # -- colours ------------------------------------------------------------------------------
@@ -115,6 +119,10 @@ def parse_imagej(data: bytes, name: str = "", position: Optional[Sequence[int]] 
         left, top, right, bottom = int(r.left), int(r.top), int(r.right), int(r.bottom)
         mask = mask_of_path(paths, left, top, right - left, bottom - top)
         return ImagejShape(kind="mask", coords=np.array([[left, top], [right, bottom]], float), mask=mask, **common)
+    S = rf.ROI_SUBTYPE
+    if r.roitype == T.RECT and r.subtype == S.TEXT:
+        return ImagejShape(kind="label", coords=np.array([[r.left, r.top], [r.right, r.bottom]], float),
+                           text=(r.text or "").rstrip("\n"), font_size=int(r.text_size or 0), **common)
     if r.roitype in (T.RECT, T.OVAL):
         if r.subpixelrect:
             box = [[r.xd, r.yd], [r.xd + r.widthd, r.yd + r.heightd]]
@@ -123,7 +131,8 @@ def parse_imagej(data: bytes, name: str = "", position: Optional[Sequence[int]] 
         return ImagejShape(kind="rectangle" if r.roitype == T.RECT else "ellipse", coords=np.array(box, float),
                            **common)
     if r.roitype == T.LINE:
-        return ImagejShape(kind="line", coords=np.array([[r.x1, r.y1], [r.x2, r.y2]], float), **common)
+        return ImagejShape(kind="line", coords=np.array([[r.x1, r.y1], [r.x2, r.y2]], float),
+                           arrow=r.subtype == S.ARROW, **common)
     pts = np.asarray(r.coordinates(), float).reshape(-1, 2)
     if r.roitype in (T.POLYGON, T.FREEHAND, T.TRACED):
         return ImagejShape(kind="polygon", coords=pts, **common)
@@ -195,6 +204,14 @@ def to_omero_shapes(s: ImagejShape) -> list:
         sh = om.LineI()
         (a, b), (c, d) = s.coords
         sh.x1, sh.y1, sh.x2, sh.y2 = rdouble(a), rdouble(b), rdouble(c), rdouble(d)
+        if s.arrow:
+            sh.markerEnd = rstring("Arrow")  # as OMERO.web/iviewer draw arrows
+        shapes.append(sh)
+    elif s.kind == "label":
+        sh = om.LabelI()
+        sh.x, sh.y = rdouble(s.coords[0][0]), rdouble(s.coords[0][1])
+        if s.font_size:
+            sh.fontSize = om.LengthI(float(s.font_size), UnitsLength.POINT)
         shapes.append(sh)
     elif s.kind == "points":
         for x, y in s.coords:
@@ -209,7 +226,9 @@ def to_omero_shapes(s: ImagejShape) -> list:
             sh.theZ = rint(z - 1)
         if t > 0:
             sh.theT = rint(t - 1)
-        if s.name:
+        if s.kind == "label":
+            sh.textValue = rstring(s.text)
+        elif s.name:
             sh.textValue = rstring(s.name)
         if s.stroke is not None:
             sh.strokeColor = rint(argb_to_rgba(s.stroke))
@@ -311,8 +330,8 @@ def omero_to_rois(roi: Any) -> list[tuple[str, bytes, tuple[int, int, int], str]
     out = []
     points: dict[tuple, list] = {}
     for sh in roi.copyShapes():
-        kind = type(sh).__name__.rstrip("I")
-        label = _val(sh.textValue) or name
+        kind = type(sh).__name__[:-1]
+        label = (name or _val(sh.textValue) or "") if kind == "Label" else (_val(sh.textValue) or name)
         pos = _position(sh)
         if kind == "Point":
             points.setdefault((pos, label), []).append((sh, [_val(sh.x), _val(sh.y)]))
@@ -335,13 +354,23 @@ def omero_to_rois(roi: Any) -> list[tuple[str, bytes, tuple[int, int, int], str]
             pts = _parse_points(_val(sh.points) or "")
             r = _imagej_roi(rf, T.POLYGON if kind == "Polygon" else T.POLYLINE, label, pts)
             itype = kind.lower()
+        elif kind == "Label":
+            text = _val(sh.textValue) or ""
+            size = int(round(sh.fontSize.getValue())) if sh.fontSize is not None else 12
+            r = rf.ImagejRoi(roitype=T.RECT, subtype=rf.ROI_SUBTYPE.TEXT, name=label, text=text, text_size=size)
+            r.left, r.top = int(np.floor(_val(sh.x))), int(np.floor(_val(sh.y)))
+            r.right = r.left + max(1, int(0.6 * size * max(1, len(text))))  # OMERO keeps no text box
+            r.bottom = r.top + int(1.4 * size)
+            itype = "text"
         elif kind == "Line":
-            r = rf.ImagejRoi(roitype=T.LINE, name=label)
+            arrow = (_val(sh.markerEnd) or "") == "Arrow"
+            r = rf.ImagejRoi(roitype=T.LINE, subtype=rf.ROI_SUBTYPE.ARROW if arrow else rf.ROI_SUBTYPE.UNDEFINED,
+                             name=label)
             r.x1, r.y1, r.x2, r.y2 = (float(_val(v)) for v in (sh.x1, sh.y1, sh.x2, sh.y2))
             r.left, r.top = int(np.floor(min(r.x1, r.x2))), int(np.floor(min(r.y1, r.y2)))
             r.right, r.bottom = int(np.ceil(max(r.x1, r.x2))), int(np.ceil(max(r.y1, r.y2)))
             r.options |= rf.ROI_OPTIONS.SUB_PIXEL_RESOLUTION  # ImageJ keeps float line ends
-            itype = "line"
+            itype = "arrow" if arrow else "line"
         elif kind == "Mask":
             r = _mask_roi(rf, sh, label)
             itype = "composite"

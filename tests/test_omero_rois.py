@@ -327,3 +327,15 @@ def test_rois_also_on_the_source_image_and_never_on_anyone_elses(ij, shapes, ser
     on_raw = [server._rows[i] for i in server.children("Image", "rois", raw_image)]
     assert len(on_raw) == 10 and sum(x.name.val == "drawn in OMERO.iviewer" for x in on_raw) == 1
     assert {x.name.val for x in on_raw} == {x.name for x in r.rois} | {"drawn in OMERO.iviewer"}
+
+
+def test_a_roi_omero_cannot_hold_is_skipped_and_named_the_others_are_stored(shapes, server):
+    import base64
+
+    r, by = shapes
+    b = _backend()
+    pid = _field(b)
+    broken = {"name": "garbage", "data": base64.b64encode(b"not a roi").decode(), "position": [0, 0, 0]}
+    ids = b.save_rois(pid, "A01", 0, [by["rect"].to_dict(), broken, by["oval"].to_dict()])
+    assert [server._rows[i].name.val for i in ids] == ["rect", "oval"]
+    assert "garbage" in b.image_summary(pid, "A01", 0)["ROIs not stored"]

@@ -239,33 +239,47 @@ def to_omero_shapes(s: ImagejShape) -> list:
     return shapes
 
 
-def rois_to_omero(rois: Sequence[Any], image_id: int, description: str) -> list:
+def rois_to_omero(rois: Sequence[Any], image_id: int, description: str,
+                  skipped: Optional[list] = None) -> list:
     """``omero.model.RoiI`` objects (unsaved) for engine ROIs (objects with
-    ``name``, ``data`` = .roi bytes and ``position`` (c, z, t)) on an image."""
+    ``name``, ``data`` = .roi bytes and ``position`` (c, z, t)) on an image.
+    With a ``skipped`` list, a ROI OMERO cannot hold is logged and its
+    reason appended there instead of failing the others."""
+    out = []
+    for i, roi in enumerate(rois):
+        try:
+            out.append(_roi_to_omero(i, roi, image_id, description))
+        except OmeroRoiError as e:
+            if skipped is None:
+                raise
+            log.warning("%s; not stored in OMERO", e)
+            skipped.append(str(e))
+    return out
+
+
+def _roi_to_omero(i: int, roi: Any, image_id: int, description: str) -> Any:
+    """One engine ROI (or its ``to_dict()``) as an unsaved ``RoiI``."""
     import omero.model as om
     from omero.rtypes import rstring
 
-    out = []
-    for i, roi in enumerate(rois):
-        data = roi.get("data") if isinstance(roi, dict) else getattr(roi, "data", None)
-        name = (roi.get("name") if isinstance(roi, dict) else getattr(roi, "name", "")) or ""
-        pos = roi.get("position") if isinstance(roi, dict) else getattr(roi, "position", None)
-        if isinstance(data, str):
-            import base64
+    data = roi.get("data") if isinstance(roi, dict) else getattr(roi, "data", None)
+    name = (roi.get("name") if isinstance(roi, dict) else getattr(roi, "name", "")) or ""
+    pos = roi.get("position") if isinstance(roi, dict) else getattr(roi, "position", None)
+    if isinstance(data, str):
+        import base64
 
-            data = base64.b64decode(data)
-        if not data:
-            raise OmeroRoiError(f"ROI {i} ({name!r}) has no .roi bytes")
-        shape = parse_imagej(data, name, pos)
-        r = om.RoiI()
-        if shape.name:
-            r.name = rstring(shape.name)
-        r.description = rstring(description)
-        r.setImage(om.ImageI(int(image_id), False))
-        for sh in to_omero_shapes(shape):
-            r.addShape(sh)
-        out.append(r)
-    return out
+        data = base64.b64decode(data)
+    if not data:
+        raise OmeroRoiError(f"ROI {i} ({name!r}) has no .roi bytes")
+    shape = parse_imagej(data, name, pos)
+    r = om.RoiI()
+    if shape.name:
+        r.name = rstring(shape.name)
+    r.description = rstring(description)
+    r.setImage(om.ImageI(int(image_id), False))
+    for sh in to_omero_shapes(shape):
+        r.addShape(sh)
+    return r
 
 
 # -- OMERO -> ImageJ bytes ---------------------------------------------------------------------------
@@ -418,21 +432,25 @@ class OmeroRois:
     def save_rois(self, plate: str, well: str, site: int, rois: Sequence[Any]) -> list[int]:
         """ImageJ ROIs (engine :class:`~fiji_bridge.engine.base.Roi` objects or
         their ``to_dict()`` form) as OMERO ROIs on the field's image, replacing
-        the ROIs an earlier run made there; returns the new ROI ids in order."""
+        the ROIs an earlier run made there; returns the new ROI ids in order.
+        A ROI OMERO has no shape for is skipped with a warning (and named in
+        the image's summary), the others are stored."""
         from ...components import normalize_well
 
         well = normalize_well(well)
         ref = self._field(plate, well, int(site))
         idx = self._index(plate)
-        objs = rois_to_omero(list(rois), ref.image, f"{NS_ROIS} well={well} field={int(site)}")
+        skipped: list[str] = []
+        objs = rois_to_omero(list(rois), ref.image, f"{NS_ROIS} well={well} field={int(site)}", skipped)
         ids = self._replace_rois(ref.image, idx.group, objs, f"{NS_ROIS} well={well} field={int(site)}")
         if self.rois_on_source:
             src = self._source_field(plate, well, int(site))
             if src is not None:  # the raw image too, marked with the derived plate it came from
                 tag = f"{NS_ROIS} derived plate={plate} well={well} field={int(site)}"
-                self._replace_rois(src[0], src[1], rois_to_omero(list(rois), src[0], tag), tag)
+                self._replace_rois(src[0], src[1], rois_to_omero(list(rois), src[0], tag, []), tag)
         if getattr(self, "summaries", False):
-            self._summarize(plate, well, int(site), {"ROIs": len(ids)})
+            self._summarize(plate, well, int(site), {"ROIs": len(ids),
+                                                     "ROIs not stored": "; ".join(skipped) or None})
         return ids
 
     def _replace_rois(self, image: int, group: Optional[int], objs: list, tag: str) -> list[int]:

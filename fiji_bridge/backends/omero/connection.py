@@ -246,7 +246,9 @@ class OmeroConnection:
                                    f"{p.address} (the session is in group {ec.groupName!r}); use a group name or "
                                    "id the user belongs to")
         except BaseException:
-            _close_quietly(gw, hard=not self._joined)
+            _close_quietly(gw, hard=not self._joined)  # a session we just made in the wrong group goes
+            if not self._joined:
+                self._session_key = None
             raise
         return gw
 

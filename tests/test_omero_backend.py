@@ -412,10 +412,17 @@ def test_rule10_with_the_real_blitzgateway_no_server_needed():
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     for host, port in (("127.0.0.1", closed), ("nowhere.invalid", 4064)):
-        b = OmeroBackend(host=host, port=port, user="u", password="p", gateway=BlitzGateway, keepalive=0)
+        made = []
+
+        def tracked(*a, **kw):
+            gw = BlitzGateway(*a, **kw)
+            made.append(gw)
+            return gw
+        b = OmeroBackend(host=host, port=port, user="u", password="p", gateway=tracked, keepalive=0)
         with pytest.raises(StoreUnavailable, match=f"{host}:{port}"):
             b.plate_structure("1")
         b.close()
+        assert made and all(gw.c is None for gw in made)  # every omero.client (Ice communicator) closed
 
 
 def test_rule11_group_by_id_or_name_lands_in_that_group_or_fails_loudly(server):

@@ -136,6 +136,16 @@ def _msg(e: BaseException) -> str:
     return str(getattr(e, "message", "") or getattr(e, "reason", "") or e).strip()
 
 
+def _connected(gw: Any, **kw: Any) -> bool:
+    """``gw.connect(**kw)``; a gateway whose connect raised (Ice.SyscallException)
+    is closed before the error goes on: its omero.client owns an Ice communicator."""
+    try:
+        return bool(gw.connect(**kw))
+    except BaseException:
+        _close_quietly(gw)
+        raise
+
+
 def _close_quietly(gw: Any, hard: bool = False) -> None:
     """Close a gateway and its omero.client (the Ice communicator)."""
     try:
@@ -178,7 +188,7 @@ class OmeroConnection:
         try:
             if self._session_key:
                 gw = factory(host=p.host, port=p.port, secure=p.secure)
-                if gw.connect(sUuid=self._session_key):
+                if _connected(gw, sUuid=self._session_key):
                     self._joined = True
                     return self._ready(self._checked_group(gw))
                 err = gw.getLastError()
@@ -193,7 +203,7 @@ class OmeroConnection:
                 raise BackendError(f"cannot log in to OMERO at {p.address}: set {missing}")
             name = p.group if p.group is not None and p.group_id is None else None
             gw = factory(p.user, password, host=p.host, port=p.port, group=name, secure=p.secure)
-            if not gw.connect():
+            if not _connected(gw):
                 err = gw.getLastError()
                 _close_quietly(gw)
                 raise self._unavailable(err) or BackendError(

@@ -361,8 +361,10 @@ def test_annotation_must_be_linked_in_the_objects_group(server, conn):
     link.parent, link.child = PlateI(pid, False), ann
     with pytest.raises(omero.SecurityViolation, match="different groups"):
         conn.getUpdateService().saveObject(link, {"omero.group": str(server.group_id("other"))})
-    with pytest.raises(omero.SecurityViolation):
+    with pytest.raises(omero.SecurityViolation, match="different groups"):  # -1: the plate's group, then the file's
         conn.getUpdateService().saveObject(link, {"omero.group": "-1"})
+    with pytest.raises(omero.SecurityViolation, match="links no existing object"):
+        conn.getUpdateService().saveObject(PlateI(), {"omero.group": "-1"})
     # the right way: the file saved in the plate's group too
     conn.SERVICE_OPTS.setOmeroGroup(server.group_id("other"))
     orig = conn.createOriginalFileFromFileObj(io.BytesIO(b"a,b\n"), "x/", "t.csv", 4, mimetype="text/csv")
@@ -370,6 +372,12 @@ def test_annotation_must_be_linked_in_the_objects_group(server, conn):
     conn.getUpdateService().saveObject(link, {"omero.group": str(server.group_id("other"))})
     assert server.file_bytes(orig.getId()) == b"a,b\n"
     assert len(server.objects("PlateAnnotationLink")) == 1
+    # under -1 a new object linked to the plate lands in the plate's group (OmeroInterceptor)
+    link2 = PlateAnnotationLinkI()
+    link2.parent, link2.child = PlateI(pid, False), FileAnnotationI()
+    link2.child.file = OriginalFileI(orig.getId(), False)
+    saved = conn.getUpdateService().saveAndReturnObject(link2, {"omero.group": "-1"})
+    assert saved.details.group.id.val == server.group_id("other")
 
 
 def test_rois_and_shapes_are_omero_py_model_objects(server, conn):

@@ -14,7 +14,9 @@ Rules, each from the source:
   calls raise ``Ice.ObjectNotExistException``;
 * groups: objects are created in the call's group, reads see the call's group
   (or all the user's groups with ``-1``), a save linking objects of different
-  groups is a ``SecurityViolation`` (the server's graph validation);
+  groups is a ``SecurityViolation``; a save under ``-1`` takes the group of
+  the first existing object it links (omero-server OmeroInterceptor.java,
+  throwIfGroupsDontMatch);
 * IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`.
 """
 
@@ -373,15 +375,47 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         groups = self._users[s.user].groups if g == -1 else [s.group if g is None else g]
         return self._group_of(oid) in groups
 
-    def _write_group(self, s: _Session, ctx: Any) -> int:
+    def _write_group(self, s: _Session, ctx: Any, *objs: Any) -> int:
+        """The group a write lands in: the call context's ``omero.group``, else
+        the session's. With ``-1`` (all groups) the group of the first linked
+        object that exists (omero-server OmeroInterceptor.java, "-1
+        situation": the linked object's group is passed back out; objects of
+        other groups then fail throwIfGroupsDontMatch in :meth:`_save`); a
+        write under ``-1`` that links no existing object has no group and is
+        refused."""
         g = _ctx_group(ctx)
         if g == -1:
-            raise omero.SecurityViolation(
-                message="cannot write with omero.group=-1: set the target object's group in the call context")
-        gid = s.group if g is None else g
+            gid = next((x for x in (self._linked_group(o) for o in objs) if x is not None), None)
+            if gid is None:
+                raise omero.SecurityViolation(
+                    message="omero.group=-1: the object links no existing object to take its group from; "
+                    "set the group in the call context")
+        else:
+            gid = s.group if g is None else g
         if gid not in self._users[s.user].groups:
             raise omero.SecurityViolation(message=f"user {s.user} is not a member of group {gid}")
         return gid
+
+    def _linked_group(self, obj: Any, seen: Optional[set] = None) -> Optional[int]:
+        """The group of the first stored object ``obj`` reaches (itself included)."""
+        seen = set() if seen is None else seen
+        if id(obj) in seen:
+            return None
+        seen.add(id(obj))
+        if obj.id is not None and obj.id.val in self._rows and _cls(obj) not in _GROUPLESS:
+            g = self._group_of(obj.id.val)
+            if g is not None:
+                return g
+        if obj.id is not None and not obj.isLoaded():
+            return None
+        for f in _fields(obj):
+            kids = (getattr(obj, f"_{f}Seq") or []) if _is_coll(obj, f) else [getattr(obj, "_" + f)]
+            for v in kids:
+                if _is_entity(v):
+                    g = self._linked_group(v, seen)
+                    if g is not None:
+                        return g
+        return None
 
     def _children(self, cls: str, fname: str, oid: int) -> list[int]:
         child_cls, fk, ordered = _INVERSE[(cls, fname)]
@@ -491,7 +525,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
 
     def _rpc_IUpdate_saveAndReturnObject(self, s: _Session, obj: Any, ctx: Any = None) -> Any:
         self.counters["update.save"] += 1
-        gid = self._write_group(s, ctx)
+        gid = self._write_group(s, ctx, obj)
         oid = self._save(s, obj, gid)
         return self._load(oid, _paths(obj))
 
@@ -500,7 +534,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
 
     def _rpc_IUpdate_saveAndReturnArray(self, s: _Session, objs: list, ctx: Any = None) -> list:
         self.counters["update.save"] += 1
-        gid = self._write_group(s, ctx)
+        gid = self._write_group(s, ctx, *objs)
         seen: dict = {}
         return [self._load(self._save(s, o, gid, seen), _paths(o)) for o in objs]
 

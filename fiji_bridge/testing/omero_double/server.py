@@ -433,16 +433,16 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         cls = _cls(obj)
         if cls in _ENUMS and obj.id is None:
             v = unwrap(obj._value)
-            if (cls, v) not in self._enum_ids:
+            if (cls, v) not in self._enum_ids:  # enumerations exist by value only (omero-model *.ome.xml enums)
                 raise omero.ValidationException(message=f"no {cls} enumeration {v!r}")
             return self._enum_ids[(cls, v)]
         if obj.id is not None:
             oid = obj.id.val
             row = self._rows.get(oid)
-            if row is None or not isinstance(row, type(obj)):
+            if row is None or not isinstance(row, type(obj)):  # Hibernate: no row with the given identifier
                 raise omero.ValidationException(message=f"{cls}:{oid} does not exist")
             g = self._group_of(oid)
-            if g is not None and cls not in _GROUPLESS and g != gid:
+            if g is not None and cls not in _GROUPLESS and g != gid:  # OmeroInterceptor.throwIfGroupsDontMatch
                 raise omero.SecurityViolation(
                     message=f"{cls}:{oid} is in group {g}, the call writes in group {gid}: "
                     "objects of different groups cannot be linked")
@@ -477,6 +477,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         for f in _fields(obj):
             info = getattr(type(obj)._field_info, f)
             if not info.nullable and not _is_coll(obj, f) and getattr(new, "_" + f) is None:
+                # a <required> field of omero-model's mappings (omero-py's _field_info.nullable)
                 raise omero.ValidationException(message=f"{cls}.{f} is required")
         if position is not None:
             self._order[oid] = position

@@ -304,6 +304,22 @@ def test_rule4_float_planes_never_need_a_pyramid():
         srv.unregister()
 
 
+def test_an_imported_big_image_without_its_pyramid_yet_is_unavailable_then_readable():
+    """PixelsService.handleMissingPyramid: MissingPyramidException until the pyramid exists;
+    the backend says so (StoreUnavailable: retry later), then reads."""
+    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=40).register("mpyr.test", 4064)
+    try:
+        arr = _distinct_field((1, 1, 1, 45, 37))
+        pid = srv.seed_plate("imported", {("A01", 0): arr}, pyramid_pending=True)
+        b = _backend(host="mpyr.test")
+        with pytest.raises(StoreUnavailable, match="pyramid"):
+            b.load_field(str(pid), "A01", 0)
+        srv.finish_pyramids()
+        np.testing.assert_array_equal(b.load_field(str(pid), "A01", 0), arr)
+    finally:
+        srv.unregister()
+
+
 def test_rule4_a_real_size_pyramid_plane():
     """3300^2 uint8 > 3192^2: a pyramid; 13 x 13 tiles of 256."""
     srv = ServerDouble(users={"alice": PASSWORD}).register("bigpyr.test", 4064)

@@ -311,6 +311,8 @@ class OmeroConnection:
     def _call(self, what: str) -> Iterator[Any]:
         """Run server calls; map Ice/OMERO errors to our exceptions."""
         omero = _omero()
+        import omero_ServerErrors_ice  # noqa: F401  (MissingPyramidException)
+
         with self._lock:
             conn = self.conn
             try:
@@ -321,6 +323,10 @@ class OmeroConnection:
                     f"{what}: connection to OMERO at {self.params.address} lost ({type(e).__name__})") from None
             except omero.SecurityViolation as e:
                 raise BackendError(f"{what}: permission denied by OMERO: {_msg(e)}") from None
+            except omero.MissingPyramidException as e:  # PixelsService: an imported big image, pyramid pending
+                raise StoreUnavailable(
+                    f"{what}: OMERO at {self.params.address} is still building the pyramid of pixels "
+                    f"{getattr(e, 'pixelsID', '?')}; try again in {max(1, getattr(e, 'backOff', 0) // 1000)} s") from None
             except omero.ServerError as e:
                 raise BackendError(f"{what}: OMERO {type(e).__name__}: {_msg(e)}") from None
             except omero.ClientError as e:  # omero-py's client side (CmdError, "No session available", ...)

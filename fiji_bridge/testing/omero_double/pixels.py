@@ -25,6 +25,9 @@ BfPyramidPixelBuffer.java / ConfiguredTileSizes.java):
   (BufferUnderflow/OverflowException, RawPixelsBean.handleException);
   coordinates out of range are an ``ApiUsageException``
   (DimensionsOutOfBoundsException);
+* an imported big image has no pyramid until the server built it:
+  ``setPixelsId`` raises ``MissingPyramidException`` (PixelsService
+  handleMissingPyramid) meanwhile;
 * ``getPlane``/``setPlane`` have no plane-size limit of their own; what
   limits them is Ice's message size (omero.constants.MESSAGESIZEMAX).
 """
@@ -52,6 +55,7 @@ class PixelsServices:
 
     _pixels: dict
     _written: set
+    _pyramid_pending: set
     max_plane_size: int
     max_plane_float_override: bool
     tile_size: int
@@ -129,6 +133,13 @@ class PixelsServices:
         if pid not in self._pixels or not self._visible(s, pid, ctx):
             # RawPixelsBean.setPixelsId: "Cannot read pixels id=..."
             raise omero.ValidationException(message=f"Cannot read pixels id={pid}")
+        if pid in self._pyramid_pending:
+            # PixelsService._getPixelBuffer -> handleMissingPyramid: an imported big image's
+            # pyramid is still being built (RawPixelsBean.setPixelsId lets the caller retry)
+            import omero_ServerErrors_ice  # noqa: F401
+
+            raise omero.MissingPyramidException(message=f"Missing pyramid: pixels {pid}", pixelsID=pid,
+                                                backOff=15000)
         st["pixels"] = pid
         # PixelsService._getPixelBuffer: an existing pixels (or pyramid) file
         # gives a read-only buffer, whatever the caller asks for

@@ -114,6 +114,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         self._order: dict[int, int] = {}
         self._pixels: dict[int, np.ndarray] = {}
         self._written: set[int] = set()  # pixels whose file exists (write-once)
+        self._pyramid_pending: set[int] = set()  # imported big images whose pyramid is being built
         self._files: dict[int, bytearray] = {}
         self._tables: dict[int, dict] = {}
         self._services: dict[int, dict] = {}
@@ -160,6 +161,11 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         ``Ice.ConnectionLostException``); the server stays up."""
         with self._lock:
             self.generation += 1
+
+    def finish_pyramids(self) -> None:
+        """The server's PixelData service has built every pending pyramid."""
+        with self._lock:
+            self._pyramid_pending.clear()
 
     def reset_counters(self) -> None:
         self.counters.clear()
@@ -208,9 +214,12 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         user: Optional[str] = None,
         rows: int = 8,
         columns: int = 12,
+        pyramid_pending: bool = False,
     ) -> int:
         """Create a plate holding ``fields[(well, site)]`` = TZCYX arrays and
-        return its id. Wells are "A01"-style names; sites count from 0."""
+        return its id. Wells are "A01"-style names; sites count from 0.
+        ``pyramid_pending``: big images (see :meth:`requires_pyramid`) have no
+        pyramid yet, as right after an import, until :meth:`finish_pyramids`."""
         from ...components import parse_well
 
         with self._lock:
@@ -247,6 +256,8 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                         self._rows[lc_id].name = rstring(names[ci])
                 self._pixels[pix_id][...] = np.transpose(arr, (0, 2, 1, 3, 4))
                 self._written.add(pix_id)  # imported: its pixels are read-only
+                if pyramid_pending and self.requires_pyramid(pix_id):
+                    self._pyramid_pending.add(pix_id)
                 ws = omero.model.WellSampleI()
                 ws.well, ws.image = omero.model.WellI(wells[wname], False), omero.model.ImageI(iid, False)
                 self._save(sess, ws, gid)

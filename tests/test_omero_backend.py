@@ -293,6 +293,33 @@ def test_rule4_a_pyramid_is_written_in_tiles_of_get_tile_size_in_xyzct_order():
         srv.unregister()
 
 
+def test_rule4_float_planes_never_need_a_pyramid():
+    """omero.pixeldata.max_plane_float_override=true: a big float32 image is ROMIO (planes/strips)."""
+    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=40, tile_size=16).register("fpyr.test", 4064)
+    try:
+        arr = np.random.default_rng(1).standard_normal((1, 2, 1, 45, 37)).astype("float32")
+        np.testing.assert_array_equal(_write_read("fpyr.test", arr), arr)
+        assert srv.counters["rps.setTile"] == 0 and srv.counters["rps.setPlane"] == 2
+    finally:
+        srv.unregister()
+
+
+def test_an_imported_big_image_without_its_pyramid_yet_is_unavailable_then_readable():
+    """PixelsService.handleMissingPyramid: MissingPyramidException until the pyramid exists;
+    the backend says so (StoreUnavailable: retry later), then reads."""
+    srv = ServerDouble(users={"alice": PASSWORD}, max_plane_size=40).register("mpyr.test", 4064)
+    try:
+        arr = _distinct_field((1, 1, 1, 45, 37))
+        pid = srv.seed_plate("imported", {("A01", 0): arr}, pyramid_pending=True)
+        b = _backend(host="mpyr.test")
+        with pytest.raises(StoreUnavailable, match="pyramid"):
+            b.load_field(str(pid), "A01", 0)
+        srv.finish_pyramids()
+        np.testing.assert_array_equal(b.load_field(str(pid), "A01", 0), arr)
+    finally:
+        srv.unregister()
+
+
 def test_rule4_a_real_size_pyramid_plane():
     """3300^2 uint8 > 3192^2: a pyramid; 13 x 13 tiles of 256."""
     srv = ServerDouble(users={"alice": PASSWORD}).register("bigpyr.test", 4064)
@@ -388,6 +415,32 @@ def test_rule10_unreachable_or_starting_servers_are_unavailable_not_refused_logi
     assert not isinstance(e.value, StoreUnavailable)
 
 
+@pytest.mark.timeout(60)
+def test_rule10_with_the_real_blitzgateway_no_server_needed():
+    """omero-py's own BlitzGateway (no double): a refused port raises
+    ConnectionRefusedException, an unknown host returns False with a
+    DNSException in getLastError(); both are StoreUnavailable."""
+    import socket
+
+    from omero.gateway import BlitzGateway
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for host, port in (("127.0.0.1", closed), ("nowhere.invalid", 4064)):
+        made = []
+
+        def tracked(*a, **kw):
+            gw = BlitzGateway(*a, **kw)
+            made.append(gw)
+            return gw
+        b = OmeroBackend(host=host, port=port, user="u", password="p", gateway=tracked, keepalive=0)
+        with pytest.raises(StoreUnavailable, match=f"{host}:{port}"):
+            b.plate_structure("1")
+        b.close()
+        assert made and all(gw.c is None for gw in made)  # every omero.client (Ice communicator) closed
+
+
 def test_rule11_group_by_id_or_name_lands_in_that_group_or_fails_loudly(server):
     b = _backend(group=server.group_id("other"))
     pid = b.create_plate("by-id")
@@ -466,6 +519,10 @@ def test_rule15_no_leaked_clients_or_stores(server):
     for site in range(12):  # more images than the store cache holds
         b.save_field(pid, "B01", site, _distinct_field((1, 1, 1, 8, 8)))
         b.load_field(pid, "B01", site)
+    for _ in range(3):  # replacing a field that has an open read store closes that store
+        b.save_field(pid, "B01", 0, _distinct_field((1, 1, 1, 8, 8)))
+        b.load_field(pid, "B01", 0)
+        assert all(server._services[s]["pixels"] in server._pixels for s in set(server.open_services("rps")) - lost)
     assert len(set(server.open_services("rps")) - lost) <= 8
     b.close()
     assert set(server.open_services()) - lost == set()

@@ -167,6 +167,8 @@ def test_pyramid_takes_tiles_in_sequence_only():
         assert c.connect()
         pid = _new_pixels(srv, c, (1, 2, 2, 6, 10))  # 60 px > 64? no: 6*10 = 60 < 64
         assert not _rps(c, pid).requiresPixelsPyramid()
+        floats = _new_pixels(srv, c, (1, 1, 1, 7, 10), ptype="float")  # max_plane_float_override: no pyramid
+        assert not _rps(c, floats).requiresPixelsPyramid()
         pid = _new_pixels(srv, c, (1, 2, 2, 7, 10))  # 70 px > 64: a pyramid
         rps = _rps(c, pid)
         assert rps.requiresPixelsPyramid() and rps.getTileSize() == [4, 4]
@@ -214,10 +216,13 @@ def test_sessions_logins_and_a_dead_server(server):
     # rule 10: DNS failures are LocalExceptions: connect() returns False, getLastError() says why
     dns = GatewayDouble("alice", "pw", host="nowhere.test", port=4064)
     assert dns.connect() is False and isinstance(dns.getLastError(), Ice.DNSException)
+    logins = server.counters["login"]
+    assert GatewayDouble("alice", "wrong", host="double.test", port=4064).connect() is False
     server.ready = False  # SessionManagerI: "Server not fully initialized"
     booting = GatewayDouble("alice", "pw", host="double.test", port=4064)
-    assert booting.connect() is False
-    assert isinstance(booting.getLastError(), Glacier2.CannotCreateSessionException)
+    assert booting.connect() is False  # omero/clients.py createSession: 3 tries, then a ClientError
+    assert isinstance(booting.getLastError(), omero.ClientError) and "null object" in str(booting.getLastError())
+    assert server.counters["login"] - logins == 2 + 2 * 3  # the wrong password twice (gateway retry), 2 x 3 here
 
 
 def test_group_is_a_name_and_an_unknown_one_falls_back(server):
@@ -246,6 +251,19 @@ def test_strict_surface_admits_only_what_omero_py_has(server, conn):
     with pytest.raises(StrictAttributeError, match="ServiceFactoryPrx"):
         conn.c.sf.newTable(1, "x")
     assert omero.gateway.BlitzGateway.keepAlive is GatewayDouble.keepAlive  # omero-py's own code
+
+
+def test_the_double_itself_invents_no_methods():
+    """Every public name the double's client classes define exists on the real class."""
+    from fiji_bridge.testing.omero_double import client, real_attributes
+
+    for cls in (client.GatewayDouble, client._ClientDouble, client._SessionFactory, client._CmdCallback):
+        own = {n for n in vars(cls) if not n.startswith("__") and n not in ("_real", "_real_for")}
+        extra = {n for n in own if not n.startswith("_") or n in ("_getSessionId", "_waitOnCmd", "_getObj")}
+        assert extra - real_attributes(*cls._real) == set() or cls is client.GatewayDouble and \
+            extra - real_attributes(*cls._real) == {"open_clients"}, cls
+    for name in ("newTable", "openTable", "areTablesEnabled", "repositories"):
+        assert name in real_attributes("omero.grid.SharedResourcesPrx")
 
 
 def test_keepalive_is_false_on_a_dead_session(server):
@@ -343,8 +361,10 @@ def test_annotation_must_be_linked_in_the_objects_group(server, conn):
     link.parent, link.child = PlateI(pid, False), ann
     with pytest.raises(omero.SecurityViolation, match="different groups"):
         conn.getUpdateService().saveObject(link, {"omero.group": str(server.group_id("other"))})
-    with pytest.raises(omero.SecurityViolation):
+    with pytest.raises(omero.SecurityViolation, match="different groups"):  # -1: the plate's group, then the file's
         conn.getUpdateService().saveObject(link, {"omero.group": "-1"})
+    with pytest.raises(omero.SecurityViolation, match="links no existing object"):
+        conn.getUpdateService().saveObject(PlateI(), {"omero.group": "-1"})
     # the right way: the file saved in the plate's group too
     conn.SERVICE_OPTS.setOmeroGroup(server.group_id("other"))
     orig = conn.createOriginalFileFromFileObj(io.BytesIO(b"a,b\n"), "x/", "t.csv", 4, mimetype="text/csv")
@@ -352,6 +372,12 @@ def test_annotation_must_be_linked_in_the_objects_group(server, conn):
     conn.getUpdateService().saveObject(link, {"omero.group": str(server.group_id("other"))})
     assert server.file_bytes(orig.getId()) == b"a,b\n"
     assert len(server.objects("PlateAnnotationLink")) == 1
+    # under -1 a new object linked to the plate lands in the plate's group (OmeroInterceptor)
+    link2 = PlateAnnotationLinkI()
+    link2.parent, link2.child = PlateI(pid, False), FileAnnotationI()
+    link2.child.file = OriginalFileI(orig.getId(), False)
+    saved = conn.getUpdateService().saveAndReturnObject(link2, {"omero.group": "-1"})
+    assert saved.details.group.id.val == server.group_id("other")
 
 
 def test_rois_and_shapes_are_omero_py_model_objects(server, conn):

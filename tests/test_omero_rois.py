@@ -40,6 +40,8 @@ makeSelection("point", newArray(3, 7, 11), newArray(4, 8, 12)); Roi.setName("pts
 makeRectangle(40, 5, 20, 20); roiManager("add"); makeRectangle(45, 10, 10, 10); roiManager("add");
 n = roiManager("count"); roiManager("select", newArray(n-2, n-1)); roiManager("XOR"); Roi.setName("frame"); roiManager("add");
 roiManager("select", newArray(n-2, n-1)); roiManager("delete");
+makeText("nucleus 1", 8, 30); Roi.setName("label"); roiManager("add");
+makeArrow(50, 30, 60, 44, "filled"); Roi.setName("arrow"); roiManager("add");
 run("Select None");
 '''
 
@@ -69,7 +71,8 @@ def _backend() -> OmeroBackend:
 def shapes(ij):
     r = ij.run_macro(SHAPES_MACRO)
     by = {roi.name: roi for roi in r.rois}
-    assert set(by) == {"rect", "oval", "poly", "pline", "line", "pts", "frame"}, [x.name for x in r.rois]
+    assert set(by) == {"rect", "oval", "poly", "pline", "line", "pts", "frame", "label", "arrow"}, \
+        [x.name for x in r.rois]
     return r, by
 
 
@@ -105,7 +108,7 @@ def test_imagej_rois_become_omero_shapes_shape_by_shape(ij, shapes, server):
     b = _backend()
     pid = _field(b)
     ids = b.save_rois(pid, "A01", 0, r.rois)
-    assert len(ids) == 7
+    assert len(ids) == 9
     iid = server.objects("Image")[0].id.val
     assert server.children("Image", "rois", iid) == sorted(ids)  # linked to the image
     rois = {server._rows[i].name.val: server._rows[i] for i in ids}
@@ -146,6 +149,13 @@ def test_imagej_rois_become_omero_shapes_shape_by_shape(ij, shapes, server):
     np.testing.assert_array_equal(bits, truth)
     np.testing.assert_array_equal(bits, _java_mask(_java_roi(by["frame"].data)))  # ImageJ's own mask
 
+    (label,) = _shapes_of(server, rois["label"].id.val)
+    assert type(label).__name__ == "LabelI" and label.textValue.val == "nucleus 1"
+    assert (label.x.val, label.y.val) == (8, 30)  # makeText("nucleus 1", 8, 30)
+    (arrow,) = _shapes_of(server, rois["arrow"].id.val)
+    assert type(arrow).__name__ == "LineI" and arrow.markerEnd.val == "Arrow"
+    assert [[arrow.x1.val, arrow.y1.val], [arrow.x2.val, arrow.y2.val]] == [[50, 30], [60, 44]]
+
 
 def test_omero_rois_come_back_as_imagej_rois(ij, shapes, server):
     r, by = shapes
@@ -159,10 +169,19 @@ def test_omero_rois_come_back_as_imagej_rois(ij, shapes, server):
         assert str(j1.getName()) == name
         assert (j1.getCPosition(), j1.getZPosition(), j1.getTPosition()) == orig.position == back[name].position
         b0, b1 = j0.getBounds(), j1.getBounds()
-        assert (b1.x, b1.y, b1.width, b1.height) == (b0.x, b0.y, b0.width, b0.height), name
         if name == "frame":
+            assert (b1.x, b1.y, b1.width, b1.height) == (b0.x, b0.y, b0.width, b0.height)
             np.testing.assert_array_equal(_java_mask(j1), _java_mask(j0))
             continue
+        if name == "arrow":  # OMERO keeps the line and that it ends in an arrow, not the head's style and size
+            assert str(j1.getTypeAsString()) == str(j0.getTypeAsString()) == "Arrow"
+            assert [j1.x1d, j1.y1d, j1.x2d, j1.y2d] == [j0.x1d, j0.y1d, j0.x2d, j0.y2d] == [50, 30, 60, 44]
+            continue
+        if name == "label":  # OMERO keeps the text and its corner, not ImageJ's text box
+            assert str(j1.getText()).strip() == str(j0.getText()).strip() == "nucleus 1"
+            assert (b1.x, b1.y) == (b0.x, b0.y) and str(j1.getTypeAsString()) == "Text"
+            continue
+        assert (b1.x, b1.y, b1.width, b1.height) == (b0.x, b0.y, b0.width, b0.height), name
         assert str(j1.getTypeAsString()).lower() == str(j0.getTypeAsString()).lower(), name
         p0, p1 = j0.getFloatPolygon(), j1.getFloatPolygon()
         np.testing.assert_allclose(np.array([list(p1.xpoints)[:p1.npoints], list(p1.ypoints)[:p1.npoints]]),
@@ -178,9 +197,9 @@ def test_roi_document_makes_native_rois_and_a_new_run_replaces_them(ij, shapes, 
     doc = {"well": "A01", "field": 0, "rois": [x.to_dict() for x in r.rois]}
     b.save(doc, f"/omero/plate_{pid}/A01/rois_s000.json")
     b.save(doc, f"/omero/plate_{pid}/A01/rois_s000.json")
-    assert len(server.objects("Roi")) == 7  # replaced, not doubled
+    assert len(server.objects("Roi")) == 9  # replaced, not doubled
     assert _backend().load(f"/omero/plate_{pid}/A01/rois_s000.json")["rois"][0]["name"] == r.rois[0].name
-    assert _backend().image_summary(pid, "A01", 0)["ROIs"] == "7"
+    assert _backend().image_summary(pid, "A01", 0)["ROIs"] == "9"
 
 
 def test_run_macro_outputs_to_omero_tables_with_image_well_and_roi_columns(ij, server):
@@ -223,3 +242,100 @@ def test_run_macro_outputs_to_omero_tables_with_image_well_and_roi_columns(ij, s
     maps = [server._rows[l.child.id.val] for l in server.objects("ImageAnnotationLink")
             if type(server._rows[l.child.id.val]).__name__ == "MapAnnotationI"]
     assert [m.ns.val for m in maps] == [NS_SUMMARY]  # one summary per image, replaced on update
+
+
+@pytest.fixture(params=["double", "live"])
+def any_backend(request):
+    """The double, and a live OMERO when OMERO_HOST (+ OMERO_USER, OMERO_PASSWORD) is set."""
+    import os
+
+    if request.param == "live":
+        if not os.environ.get("OMERO_HOST"):
+            pytest.skip("no live OMERO: set OMERO_HOST, OMERO_USER, OMERO_PASSWORD")
+        b = OmeroBackend()
+        yield b
+        b.close()
+        return
+    srv = ServerDouble(users={"alice": PASSWORD}).register("rois-api.test", 4064)
+    b = OmeroBackend(host="rois-api.test", user="alice", password=PASSWORD, gateway=GatewayDouble, keepalive=0)
+    yield b
+    b.close()
+    srv.unregister()
+
+
+def test_rois_and_roi_table_through_the_api_only(ij, any_backend):
+    """Only the OMERO API (no look inside the server): what a client of the
+    server finds — ROIs that ImageJ decodes to the macro's shapes, and an
+    OMERO.table whose Roi/Image/Well columns are those objects' ids."""
+    from omero.model import OriginalFileI
+
+    from fiji_bridge.backends.omero import NS_TABLE
+
+    b = any_backend
+    r = ij.run_macro(PARTICLES_MACRO)
+    pid = b.create_plate("particles-api", provenance={"macro": "particles.ijm"})
+    b.save_field(pid, "C03", 0, np.zeros((1, 1, 1, 60, 80), "uint8"))
+    ids = b.save_rois(pid, "C03", 0, r.rois)
+    back = b.load_rois(plate=pid, well="C03", site=0)
+    assert len(back) == 3
+    for orig, got in zip(r.rois, back):
+        b0, b1 = _java_roi(orig.data).getBounds(), _java_roi(got.data).getBounds()
+        assert (b1.x, b1.y, b1.width, b1.height) == (b0.x, b0.y, b0.width, b0.height)
+    cols = {"plate": ["p"] * 3, "well": ["C03"] * 3, "field": [0] * 3,
+            "Area": [float(v) for v in r.tables["Results"]["Area"]]}
+    b.save_table(pid, "results", cols)
+    ann = b._annotations("Plate", int(pid), ns=NS_TABLE)["results.csv.h5"][-1]
+    with b._call("reading the table") as conn:
+        table = conn.c.sf.sharedResources().openTable(OriginalFileI(ann.file.id.val, False))
+        try:
+            heads = [h.name for h in table.getHeaders()]
+            data = table.read(list(range(len(heads))), 0, table.getNumberOfRows())
+        finally:
+            table.close()
+    got = {h: list(c.values) for h, c in zip(heads, data.columns)}
+    image = b._field(pid, "C03", 0).image
+    assert got["Roi"] == ids and got["Image"] == [image] * 3 and got["Area"] == cols["Area"]
+    assert got["Well"] == [b._index(pid).wells["C03"]] * 3
+    assert b.image_summary(pid, "C03", 0)["ROIs"] == "3"
+
+
+def test_rois_also_on_the_source_image_and_never_on_anyone_elses(ij, shapes, server):
+    """rois_on_source: the raw image of the source plate gets the same ROIs (marked
+    with the derived plate); a re-run replaces ours and leaves a user's own ROI alone."""
+    import omero.model as om
+    from omero.rtypes import rdouble, rstring
+
+    r, _by = shapes
+    src = server.seed_plate("raw", {("A01", 0): np.zeros((1, 3, 2, 48, 64), "uint8")})
+    raw_image = server.objects("Image")[0].id.val
+    mine = om.RoiI()
+    mine.name = rstring("drawn in OMERO.iviewer")
+    mine.setImage(om.ImageI(raw_image, False))
+    pt = om.PointI()
+    pt.x, pt.y = rdouble(1), rdouble(1)
+    mine.addShape(pt)
+    with _backend()._call("a user's ROI") as conn:
+        conn.getUpdateService().saveObject(mine, {"omero.group": str(server.group_id("lab"))})
+    b = OmeroBackend(host="rois.test", user="alice", password=PASSWORD, gateway=GatewayDouble, keepalive=0,
+                     rois_on_source=True)
+    pid = b.create_plate("derived", provenance={"source": f"omero://rois.test/plate/{src}", "source_plate": str(src)})
+    b.save_field(pid, "A01", 0, np.zeros((1, 3, 2, 48, 64), "uint8"))
+    derived_image = _backend()._field(pid, "A01", 0).image
+    for _ in range(2):
+        b.save_rois(pid, "A01", 0, r.rois)
+    assert len(server.children("Image", "rois", derived_image)) == 9
+    on_raw = [server._rows[i] for i in server.children("Image", "rois", raw_image)]
+    assert len(on_raw) == 10 and sum(x.name.val == "drawn in OMERO.iviewer" for x in on_raw) == 1
+    assert {x.name.val for x in on_raw} == {x.name for x in r.rois} | {"drawn in OMERO.iviewer"}
+
+
+def test_a_roi_omero_cannot_hold_is_skipped_and_named_the_others_are_stored(shapes, server):
+    import base64
+
+    r, by = shapes
+    b = _backend()
+    pid = _field(b)
+    broken = {"name": "garbage", "data": base64.b64encode(b"not a roi").decode(), "position": [0, 0, 0]}
+    ids = b.save_rois(pid, "A01", 0, [by["rect"].to_dict(), broken, by["oval"].to_dict()])
+    assert [server._rows[i].name.val for i in ids] == ["rect", "oval"]
+    assert "garbage" in b.image_summary(pid, "A01", 0)["ROIs not stored"]

@@ -297,7 +297,7 @@ class OmeroAnnotations:
     def _set_map(self, kind: str, oid: int, group: Optional[int], ns: str, values: Mapping[str, Any],
                  merge: bool = True) -> None:
         """The object's one MapAnnotation in ``ns`` holds ``values`` (merged
-        into what it held): a new annotation replaces the old ones."""
+        into what it held), updated in place."""
         import omero.model as om
         from omero.rtypes import rstring
 
@@ -308,10 +308,15 @@ class OmeroAnnotations:
                 merged.update({nv.name: nv.value for nv in (a.getMapValue() or [])})
         merged.update({str(k): v if isinstance(v, str) else json.dumps(v, default=json_default)
                        for k, v in values.items() if v is not None})
-        ann = om.MapAnnotationI()
-        ann.ns = rstring(ns)
-        ann.setMapValue([om.NamedValue(k, v) for k, v in merged.items()])
+        pairs = [om.NamedValue(k, v) for k, v in merged.items()]
         with self._call(f"saving key-value pairs of {kind} {oid}") as conn:
+            if len(olds) == 1:  # update it in place: one save
+                olds[0].setMapValue(pairs)
+                conn.getUpdateService().saveObject(olds[0], self._ctx(group))
+                return
+            ann = om.MapAnnotationI()
+            ann.ns = rstring(ns)
+            ann.setMapValue(pairs)
             self._link_annotation(conn, kind, oid, group, ann)
-            if olds:
+            if olds:  # two writers raced: one merged annotation replaces theirs
                 self._delete(conn, "Annotation", [a.id.val for a in olds])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import replace
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -57,6 +58,7 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
         delete_timeout: float = 300.0,
         share_session: bool = True,
         summaries: bool = True,
+        rois_on_source: Optional[bool] = None,
     ) -> None:
         self.params = OmeroParams.from_env(host, port, user, password, session, group, secure)
         self._gateway_factory = gateway
@@ -66,6 +68,9 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
         self.delete_timeout = float(delete_timeout)
         self.share_session = share_session
         self.summaries = summaries
+        if rois_on_source is None:  # e.g. for fiji-bridge batch: FIJI_BRIDGE_OMERO_ROIS_ON_SOURCE=1
+            rois_on_source = os.environ.get("FIJI_BRIDGE_OMERO_ROIS_ON_SOURCE", "") not in ("", "0", "false", "no")
+        self.rois_on_source = bool(rois_on_source)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -89,7 +94,8 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
 
     # -- pickling: parameters, never the connection -------------------------------
 
-    _OPTIONS = ("keepalive", "plane_bytes", "store_cache", "delete_timeout", "share_session", "summaries")
+    _OPTIONS = ("keepalive", "plane_bytes", "store_cache", "delete_timeout", "share_session", "summaries",
+                "rois_on_source")
 
     def __getstate__(self) -> dict:
         key = self._session_key if self.share_session else self.params.session
@@ -447,7 +453,13 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
                     log.warning("could not delete unlinked image %s after a failed write", iid)
                 raise
             if old is not None:
-                self._stores.pop(old, None)
+                prev = idx.fields.get((well, site))
+                rps = self._stores.pop(prev.pixels, None) if prev is not None else None
+                if rps is not None:  # a read store on the pixels about to go
+                    try:
+                        rps.close()
+                    except Exception:
+                        pass
                 self._delete(conn, "Image", [old])
         self._plates.pop(str(plate), None)
         if self.summaries:

@@ -6,10 +6,12 @@ Rules followed (omero-py 5.23 ``omero/gateway/__init__.py`` and
 
 * ``BlitzGateway.connect()`` re-raises only ``Ice.SyscallException``; every
   other failure returns False and ``getLastError()`` says why: an
-  ``Ice.LocalException`` (DNS, timeouts) or a server that cannot create
-  sessions yet is :class:`~fiji_bridge.backends.base.StoreUnavailable`
-  (retried by the uploader), ``Glacier2.PermissionDeniedException`` a refused
-  login (:class:`~fiji_bridge.backends.base.BackendError`);
+  ``Ice.LocalException`` (DNS, timeouts), or ``omero.ClientError("Obtained
+  null object prox")`` (``BaseClient.createSession`` gave up on a server still
+  starting — SessionManagerI's "Server not fully initialized" — or on a
+  listener that is not OMERO) is :class:`~fiji_bridge.backends.base.StoreUnavailable`
+  (retried by the uploader); ``Glacier2.PermissionDeniedException`` is a
+  refused login (:class:`~fiji_bridge.backends.base.BackendError`);
 * the session key is ``gw.c.getSessionId()`` (BlitzGateway has no public
   ``getSessionId``);
 * the gateway's ``group`` is a group *name*; a name the user is not a member
@@ -134,6 +136,16 @@ def _msg(e: BaseException) -> str:
     return str(getattr(e, "message", "") or getattr(e, "reason", "") or e).strip()
 
 
+def _connected(gw: Any, **kw: Any) -> bool:
+    """``gw.connect(**kw)``; a gateway whose connect raised (Ice.SyscallException)
+    is closed before the error goes on: its omero.client owns an Ice communicator."""
+    try:
+        return bool(gw.connect(**kw))
+    except BaseException:
+        _close_quietly(gw)
+        raise
+
+
 def _close_quietly(gw: Any, hard: bool = False) -> None:
     """Close a gateway and its omero.client (the Ice communicator)."""
     try:
@@ -176,7 +188,7 @@ class OmeroConnection:
         try:
             if self._session_key:
                 gw = factory(host=p.host, port=p.port, secure=p.secure)
-                if gw.connect(sUuid=self._session_key):
+                if _connected(gw, sUuid=self._session_key):
                     self._joined = True
                     return self._ready(self._checked_group(gw))
                 err = gw.getLastError()
@@ -191,7 +203,7 @@ class OmeroConnection:
                 raise BackendError(f"cannot log in to OMERO at {p.address}: set {missing}")
             name = p.group if p.group is not None and p.group_id is None else None
             gw = factory(p.user, password, host=p.host, port=p.port, group=name, secure=p.secure)
-            if not gw.connect():
+            if not _connected(gw):
                 err = gw.getLastError()
                 _close_quietly(gw)
                 raise self._unavailable(err) or BackendError(
@@ -208,10 +220,16 @@ class OmeroConnection:
         """The StoreUnavailable a failed connect() stands for, if it is one."""
         if isinstance(err, _ice_errors()):
             return StoreUnavailable(f"OMERO server at {self.params.address} is unavailable ({type(err).__name__})")
+        omero = _omero()
+        if isinstance(err, omero.ClientError) and "null object prox" in str(err):
+            # omero/clients.py createSession: refused 3 times for concurrency (a server still
+            # starting) or timed out 3 times (something listens, but it is not OMERO)
+            return StoreUnavailable(f"OMERO at {self.params.address} creates no sessions (still starting, or "
+                                    f"not an OMERO server?): {_msg(err)}")
         try:
             import Glacier2
 
-            if isinstance(err, Glacier2.CannotCreateSessionException):  # e.g. "Server not fully initialized"
+            if isinstance(err, Glacier2.CannotCreateSessionException) and not _is_denied(err):
                 return StoreUnavailable(f"OMERO server at {self.params.address} cannot create sessions yet "
                                         f"(starting?): {_msg(err)}")
         except ImportError:
@@ -238,7 +256,9 @@ class OmeroConnection:
                                    f"{p.address} (the session is in group {ec.groupName!r}); use a group name or "
                                    "id the user belongs to")
         except BaseException:
-            _close_quietly(gw, hard=not self._joined)
+            _close_quietly(gw, hard=not self._joined)  # a session we just made in the wrong group goes
+            if not self._joined:
+                self._session_key = None
             raise
         return gw
 
@@ -291,6 +311,8 @@ class OmeroConnection:
     def _call(self, what: str) -> Iterator[Any]:
         """Run server calls; map Ice/OMERO errors to our exceptions."""
         omero = _omero()
+        import omero_ServerErrors_ice  # noqa: F401  (MissingPyramidException)
+
         with self._lock:
             conn = self.conn
             try:
@@ -301,8 +323,14 @@ class OmeroConnection:
                     f"{what}: connection to OMERO at {self.params.address} lost ({type(e).__name__})") from None
             except omero.SecurityViolation as e:
                 raise BackendError(f"{what}: permission denied by OMERO: {_msg(e)}") from None
+            except omero.MissingPyramidException as e:  # PixelsService: an imported big image, pyramid pending
+                raise StoreUnavailable(
+                    f"{what}: OMERO at {self.params.address} is still building the pyramid of pixels "
+                    f"{getattr(e, 'pixelsID', '?')}; try again in {max(1, getattr(e, 'backOff', 0) // 1000)} s") from None
             except omero.ServerError as e:
                 raise BackendError(f"{what}: OMERO {type(e).__name__}: {_msg(e)}") from None
+            except omero.ClientError as e:  # omero-py's client side (CmdError, "No session available", ...)
+                raise BackendError(f"{what}: omero-py {type(e).__name__}: {e}") from None
             finally:
                 self._last_use = time.monotonic()
 

@@ -11,7 +11,8 @@ rectangle                           Rectangle (x, y = top-left, width, height)
 oval                                Ellipse (x, y = centre, radiusX/Y = half sides)
 polygon, freehand, traced           Polygon (points "x1,y1 x2,y2 ...")
 polyline, freeline, angle           Polyline
-line                                Line (x1, y1, x2, y2)
+line (arrow)                        Line (x1, y1, x2, y2; markerEnd "Arrow")
+text                                Label (x, y = top-left, textValue, fontSize)
 point (multi-point)                 one Point per point
 composite (ShapeRoi)                Mask over its bounds (1 bit per pixel,
                                     row-major, MSB first; a pixel is in when
@@ -37,7 +38,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..base import BackendError
+from ..base import BackendError, NotFound
 
 log = logging.getLogger("fiji_bridge.backends.omero")
 
@@ -68,6 +69,9 @@ class ImagejShape:
     fill: Optional[int] = None
     stroke_width: float = 0.0
     mask: Optional[np.ndarray] = field(default=None, repr=False)  # bool (H, W) at coords[0]
+    text: str = ""  # a text ROI's text
+    font_size: int = 0
+    arrow: bool = False
 
 
 # -- colours ------------------------------------------------------------------------------
@@ -115,6 +119,10 @@ def parse_imagej(data: bytes, name: str = "", position: Optional[Sequence[int]] 
         left, top, right, bottom = int(r.left), int(r.top), int(r.right), int(r.bottom)
         mask = mask_of_path(paths, left, top, right - left, bottom - top)
         return ImagejShape(kind="mask", coords=np.array([[left, top], [right, bottom]], float), mask=mask, **common)
+    S = rf.ROI_SUBTYPE
+    if r.roitype == T.RECT and r.subtype == S.TEXT:
+        return ImagejShape(kind="label", coords=np.array([[r.left, r.top], [r.right, r.bottom]], float),
+                           text=(r.text or "").rstrip("\n"), font_size=int(r.text_size or 0), **common)
     if r.roitype in (T.RECT, T.OVAL):
         if r.subpixelrect:
             box = [[r.xd, r.yd], [r.xd + r.widthd, r.yd + r.heightd]]
@@ -123,7 +131,8 @@ def parse_imagej(data: bytes, name: str = "", position: Optional[Sequence[int]] 
         return ImagejShape(kind="rectangle" if r.roitype == T.RECT else "ellipse", coords=np.array(box, float),
                            **common)
     if r.roitype == T.LINE:
-        return ImagejShape(kind="line", coords=np.array([[r.x1, r.y1], [r.x2, r.y2]], float), **common)
+        return ImagejShape(kind="line", coords=np.array([[r.x1, r.y1], [r.x2, r.y2]], float),
+                           arrow=r.subtype == S.ARROW, **common)
     pts = np.asarray(r.coordinates(), float).reshape(-1, 2)
     if r.roitype in (T.POLYGON, T.FREEHAND, T.TRACED):
         return ImagejShape(kind="polygon", coords=pts, **common)
@@ -195,6 +204,14 @@ def to_omero_shapes(s: ImagejShape) -> list:
         sh = om.LineI()
         (a, b), (c, d) = s.coords
         sh.x1, sh.y1, sh.x2, sh.y2 = rdouble(a), rdouble(b), rdouble(c), rdouble(d)
+        if s.arrow:
+            sh.markerEnd = rstring("Arrow")  # as OMERO.web/iviewer draw arrows
+        shapes.append(sh)
+    elif s.kind == "label":
+        sh = om.LabelI()
+        sh.x, sh.y = rdouble(s.coords[0][0]), rdouble(s.coords[0][1])
+        if s.font_size:
+            sh.fontSize = om.LengthI(float(s.font_size), UnitsLength.POINT)
         shapes.append(sh)
     elif s.kind == "points":
         for x, y in s.coords:
@@ -209,7 +226,9 @@ def to_omero_shapes(s: ImagejShape) -> list:
             sh.theZ = rint(z - 1)
         if t > 0:
             sh.theT = rint(t - 1)
-        if s.name:
+        if s.kind == "label":
+            sh.textValue = rstring(s.text)
+        elif s.name:
             sh.textValue = rstring(s.name)
         if s.stroke is not None:
             sh.strokeColor = rint(argb_to_rgba(s.stroke))
@@ -220,33 +239,47 @@ def to_omero_shapes(s: ImagejShape) -> list:
     return shapes
 
 
-def rois_to_omero(rois: Sequence[Any], image_id: int, description: str) -> list:
+def rois_to_omero(rois: Sequence[Any], image_id: int, description: str,
+                  skipped: Optional[list] = None) -> list:
     """``omero.model.RoiI`` objects (unsaved) for engine ROIs (objects with
-    ``name``, ``data`` = .roi bytes and ``position`` (c, z, t)) on an image."""
+    ``name``, ``data`` = .roi bytes and ``position`` (c, z, t)) on an image.
+    With a ``skipped`` list, a ROI OMERO cannot hold is logged and its
+    reason appended there instead of failing the others."""
+    out = []
+    for i, roi in enumerate(rois):
+        try:
+            out.append(_roi_to_omero(i, roi, image_id, description))
+        except OmeroRoiError as e:
+            if skipped is None:
+                raise
+            log.warning("%s; not stored in OMERO", e)
+            skipped.append(str(e))
+    return out
+
+
+def _roi_to_omero(i: int, roi: Any, image_id: int, description: str) -> Any:
+    """One engine ROI (or its ``to_dict()``) as an unsaved ``RoiI``."""
     import omero.model as om
     from omero.rtypes import rstring
 
-    out = []
-    for i, roi in enumerate(rois):
-        data = roi.get("data") if isinstance(roi, dict) else getattr(roi, "data", None)
-        name = (roi.get("name") if isinstance(roi, dict) else getattr(roi, "name", "")) or ""
-        pos = roi.get("position") if isinstance(roi, dict) else getattr(roi, "position", None)
-        if isinstance(data, str):
-            import base64
+    data = roi.get("data") if isinstance(roi, dict) else getattr(roi, "data", None)
+    name = (roi.get("name") if isinstance(roi, dict) else getattr(roi, "name", "")) or ""
+    pos = roi.get("position") if isinstance(roi, dict) else getattr(roi, "position", None)
+    if isinstance(data, str):
+        import base64
 
-            data = base64.b64decode(data)
-        if not data:
-            raise OmeroRoiError(f"ROI {i} ({name!r}) has no .roi bytes")
-        shape = parse_imagej(data, name, pos)
-        r = om.RoiI()
-        if shape.name:
-            r.name = rstring(shape.name)
-        r.description = rstring(description)
-        r.setImage(om.ImageI(int(image_id), False))
-        for sh in to_omero_shapes(shape):
-            r.addShape(sh)
-        out.append(r)
-    return out
+        data = base64.b64decode(data)
+    if not data:
+        raise OmeroRoiError(f"ROI {i} ({name!r}) has no .roi bytes")
+    shape = parse_imagej(data, name, pos)
+    r = om.RoiI()
+    if shape.name:
+        r.name = rstring(shape.name)
+    r.description = rstring(description)
+    r.setImage(om.ImageI(int(image_id), False))
+    for sh in to_omero_shapes(shape):
+        r.addShape(sh)
+    return r
 
 
 # -- OMERO -> ImageJ bytes ---------------------------------------------------------------------------
@@ -311,8 +344,8 @@ def omero_to_rois(roi: Any) -> list[tuple[str, bytes, tuple[int, int, int], str]
     out = []
     points: dict[tuple, list] = {}
     for sh in roi.copyShapes():
-        kind = type(sh).__name__.rstrip("I")
-        label = _val(sh.textValue) or name
+        kind = type(sh).__name__[:-1]
+        label = (name or _val(sh.textValue) or "") if kind == "Label" else (_val(sh.textValue) or name)
         pos = _position(sh)
         if kind == "Point":
             points.setdefault((pos, label), []).append((sh, [_val(sh.x), _val(sh.y)]))
@@ -335,13 +368,23 @@ def omero_to_rois(roi: Any) -> list[tuple[str, bytes, tuple[int, int, int], str]
             pts = _parse_points(_val(sh.points) or "")
             r = _imagej_roi(rf, T.POLYGON if kind == "Polygon" else T.POLYLINE, label, pts)
             itype = kind.lower()
+        elif kind == "Label":
+            text = _val(sh.textValue) or ""
+            size = int(round(sh.fontSize.getValue())) if sh.fontSize is not None else 12
+            r = rf.ImagejRoi(roitype=T.RECT, subtype=rf.ROI_SUBTYPE.TEXT, name=label, text=text, text_size=size)
+            r.left, r.top = int(np.floor(_val(sh.x))), int(np.floor(_val(sh.y)))
+            r.right = r.left + max(1, int(0.6 * size * max(1, len(text))))  # OMERO keeps no text box
+            r.bottom = r.top + int(1.4 * size)
+            itype = "text"
         elif kind == "Line":
-            r = rf.ImagejRoi(roitype=T.LINE, name=label)
+            arrow = (_val(sh.markerEnd) or "") == "Arrow"
+            r = rf.ImagejRoi(roitype=T.LINE, subtype=rf.ROI_SUBTYPE.ARROW if arrow else rf.ROI_SUBTYPE.UNDEFINED,
+                             name=label)
             r.x1, r.y1, r.x2, r.y2 = (float(_val(v)) for v in (sh.x1, sh.y1, sh.x2, sh.y2))
             r.left, r.top = int(np.floor(min(r.x1, r.x2))), int(np.floor(min(r.y1, r.y2)))
             r.right, r.bottom = int(np.ceil(max(r.x1, r.x2))), int(np.ceil(max(r.y1, r.y2)))
             r.options |= rf.ROI_OPTIONS.SUB_PIXEL_RESOLUTION  # ImageJ keeps float line ends
-            itype = "line"
+            itype = "arrow" if arrow else "line"
         elif kind == "Mask":
             r = _mask_roi(rf, sh, label)
             itype = "composite"
@@ -389,25 +432,60 @@ class OmeroRois:
     def save_rois(self, plate: str, well: str, site: int, rois: Sequence[Any]) -> list[int]:
         """ImageJ ROIs (engine :class:`~fiji_bridge.engine.base.Roi` objects or
         their ``to_dict()`` form) as OMERO ROIs on the field's image, replacing
-        the ROIs an earlier run made there; returns the new ROI ids in order."""
+        the ROIs an earlier run made there; returns the new ROI ids in order.
+        A ROI OMERO has no shape for is skipped with a warning (and named in
+        the image's summary), the others are stored."""
         from ...components import normalize_well
 
         well = normalize_well(well)
         ref = self._field(plate, well, int(site))
         idx = self._index(plate)
-        objs = rois_to_omero(list(rois), ref.image, f"{NS_ROIS} well={well} field={int(site)}")
-        old = self._roi_ids([ref.image]).get(ref.image, [])
-        with self._call(f"saving {len(objs)} ROIs on image {ref.image}") as conn:
-            saved = conn.getUpdateService().saveAndReturnArray(objs, self._ctx(idx.group)) if objs else []
-            if old:
-                self._delete(conn, "Roi", old)
-        ids = [r.id.val for r in saved]
+        skipped: list[str] = []
+        objs = rois_to_omero(list(rois), ref.image, f"{NS_ROIS} well={well} field={int(site)}", skipped)
+        ids = self._replace_rois(ref.image, idx.group, objs, f"{NS_ROIS} well={well} field={int(site)}")
+        if self.rois_on_source:
+            src = self._source_field(plate, well, int(site))
+            if src is not None:  # the raw image too, marked with the derived plate it came from
+                tag = f"{NS_ROIS} derived plate={plate} well={well} field={int(site)}"
+                self._replace_rois(src[0], src[1], rois_to_omero(list(rois), src[0], tag, []), tag)
         if getattr(self, "summaries", False):
-            self._summarize(plate, well, int(site), {"ROIs": len(ids)})
+            self._summarize(plate, well, int(site), {"ROIs": len(ids),
+                                                     "ROIs not stored": "; ".join(skipped) or None})
         return ids
 
-    def _roi_ids(self, images: Sequence[int]) -> dict[int, list[int]]:
-        """Our ROIs per image, oldest first (one query)."""
+    def _replace_rois(self, image: int, group: Optional[int], objs: list, tag: str) -> list[int]:
+        """Save ``objs`` on ``image``; delete the ROIs an earlier save with ``tag`` made there."""
+        old = self._roi_ids([image], tag).get(image, [])
+        with self._call(f"saving {len(objs)} ROIs on image {image}") as conn:
+            saved = conn.getUpdateService().saveAndReturnArray(objs, self._ctx(group)) if objs else []
+            if old:
+                self._delete(conn, "Roi", old)
+        return [r.id.val for r in saved]
+
+    def _source_field(self, plate: str, well: str, site: int) -> Optional[tuple[int, Optional[int]]]:
+        """(image id, group) of the field the derived ``plate``'s provenance
+        names as its source, when that is a plate of this server."""
+        prov = self.plate_provenance(plate)
+        source, src = str(prov.get("source") or ""), str(prov.get("source_plate") or "")
+        if not src.isdigit() or (source and not source.startswith("omero://")):
+            return None
+        if source:
+            from ..uri import PlateURI
+
+            u = PlateURI.parse(source)
+            if u.host and u.host != self.params.host:
+                return None
+        try:
+            idx = self._index(src)
+        except (NotFound, BackendError) as e:
+            log.info("source plate %s of %s not readable (%s): ROIs on the derived image only", src, plate, e)
+            return None
+        ref = idx.fields.get((well, site))
+        return None if ref is None else (ref.image, idx.group)
+
+    def _roi_ids(self, images: Sequence[int], tag: Optional[str] = None) -> dict[int, list[int]]:
+        """Our ROIs per image (those whose description is ``tag``, or any of
+        ours on the derived image), oldest first (one query)."""
         from omero.sys import ParametersI
 
         if not images:
@@ -419,7 +497,7 @@ class OmeroRois:
         out: dict[int, list[int]] = {}
         for r in sorted({r.id.val: r for r in rows}.values(), key=lambda r: r.id.val):
             d = r.description.val if r.description is not None else ""
-            if d.startswith(NS_ROIS):
+            if (d == tag) if tag is not None else (d.startswith(NS_ROIS) and " derived plate=" not in d):
                 out.setdefault(r.image.id.val, []).append(r.id.val)
         return out
 

@@ -15,11 +15,15 @@ Every rule the double enforces was read from the server's or omero-py's
 source, named beside it:
 
 * :mod:`.server` — sessions and logins (SessionManagerI.java,
-  SessionManagerImpl.java), groups, HQL with Hibernate's row semantics,
-  Delete2 as a command with its graph rules (blitz-delete-rules.xml);
+  SessionManagerImpl.java), groups (OmeroInterceptor.java), the model graph;
+* :mod:`.query` — HQL as the gateway builds it, with Hibernate's row
+  semantics (one row per joined sample, uniqueResult);
+* :mod:`.commands` — Delete2 as a command with its handle and graph rules
+  (blitz-delete-rules.xml);
 * :mod:`.pixels` — write-once pixels, ROMIO strips, pyramid tiles in
-  sequence, buffer-size errors (PixelsService.java, RomioPixelBuffer.java,
-  BfPyramidPixelBuffer.java, RawPixelsBean.java);
+  sequence, no pyramid for floats, missing pyramids of imports, buffer-size
+  errors (PixelsService.java, RomioPixelBuffer.java, BfPyramidPixelBuffer.java,
+  ConfiguredTileSizes.java, RawPixelsBean.java, omero-model.properties);
 * :mod:`.files` — RawFileStore, OMERO.tables (SharedResourcesI.java,
   hdfstorageV2.py, columns.py);
 * :mod:`.client` — the gateway's connect/keepAlive/delete outcomes

@@ -8,17 +8,9 @@ each with the server or omero-py source file it was read from.
 
 from __future__ import annotations
 
-import hashlib  # noqa: F401  (re-exported for the services)
-import os
-import pickle
-import re
-import secrets
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
-
-import numpy as np
+from typing import Any, Optional
 
 try:
     import Ice
@@ -34,6 +26,9 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
         "fiji_bridge.testing.omero_double needs omero-py: pip install fiji-bridge[omero] "
         f"({_e})"
     ) from _e
+
+__all__ = ["Ice", "omero", "_BlitzGateway", "OriginalFileWrapper", "ServiceOptsDict", "rint", "rlong", "rstring",
+           "unwrap"]  # re-exported to the double's services (and more, below, by name)
 
 
 #: omero.pixeldata.max_plane_width / max_plane_height (server defaults, omero-romio

@@ -19,8 +19,10 @@ deleteObjects) and ``omero/clients.py`` (BaseClient.waitOnCmd):
 
 * ``connect()`` re-raises only ``Ice.SyscallException`` (connection refused);
   every other failure — an unknown host (``Ice.DNSException``), a refused
-  login (``Glacier2.PermissionDeniedException``), a server still starting —
-  returns False and is kept for ``getLastError()``;
+  login (``Glacier2.PermissionDeniedException``, tried twice as the gateway
+  does), a server still starting (``WrappedCreateSessionException`` tried 3
+  times by ``BaseClient.createSession``, then ``omero.ClientError("Obtained
+  null object prox")``) — returns False and is kept for ``getLastError()``;
 * ``group=`` is put into the Ice implicit context, which takes strings only:
   an id makes ``connect()`` return False; a group the user is not in makes
   the server raise ``SecurityViolation``, and the gateway then logs in again
@@ -132,7 +134,10 @@ class _Transport:
         status, *rest = pickle.loads(reply)
         if status == "ok":
             return rest[0]
-        raise _rebuild(*rest)
+        *what, same = rest
+        if same is not None:
+            raise pickle.loads(same)
+        raise _rebuild(*what)
 
 
 def _rebuild(module: str, name: str, message: str) -> BaseException:
@@ -410,7 +415,14 @@ class GatewayDouble(_Strict):
                     # ImplicitContext.put(omero.constants.GROUP, self.group) takes strings only
                     raise TypeError(f"implicit context values must be strings, got {type(self.group).__name__}")
                 try:
-                    got = transport.call(None, "Session", "login", (self._username, self._passwd, self.group))
+                    try:
+                        got = self._create_session(transport)
+                    except omero.SecurityViolation:
+                        raise
+                    except Ice.SyscallException:
+                        raise
+                    except Exception:  # BlitzGateway.connect: "Failed to create session." - once more
+                        got = self._create_session(transport)
                 except omero.SecurityViolation:
                     if self.group is None:
                         raise
@@ -436,6 +448,18 @@ class GatewayDouble(_Strict):
             self._last_error = x
             self._connected = False
             return False
+
+    def _create_session(self, transport: _Transport) -> tuple:
+        """omero/clients.py BaseClient.createSession: concurrency refusals
+        (a server still starting) are tried 3 times, then "Obtained null
+        object prox"."""
+        for _ in range(3):
+            try:
+                return transport.call(None, "Session", "login", (self._username, self._passwd, self.group))
+            except Glacier2.CannotCreateSessionException as wrapped:
+                if not getattr(wrapped, "concurrency", False):
+                    raise
+        raise omero.ClientError("Obtained null object prox")
 
     def _call(self, service: str, method: str, args: tuple) -> Any:
         if self._transport is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Optional
 
-from ._common import Ice, _cls, _Session, omero, rlong, rstring
+from ._common import _cls, _Session, omero, rlong, rstring
 
 #: omero.grid.registry_timeout (ms), the wait of newTable/areTablesEnabled
 #: for a tables service (omero-blitz SharedResourcesI.java waitMillis)

@@ -10,18 +10,24 @@ BfPyramidPixelBuffer.java / ConfiguredTileSizes.java):
   ``ApiUsageException("Write-method not permitted.")`` (ROMIO) or
   ``"In read-only mode!"`` (pyramid);
 * a Pixels set needs a pyramid when sizeX*sizeY > 3192*3192
-  (``requiresPixelsPyramid``). Below it (ROMIO) ``setTile`` takes only
+  (``requiresPixelsPyramid``), float and double pixels never by default
+  (omero.pixeldata.max_plane_float_override=true, omero-model.properties). Below it (ROMIO) ``setTile`` takes only
   full-width strips (``x == 0``, ``w == sizeX``; anything else is an
   UnsupportedOperationException, an ``InternalException`` to the client) and
   ``getTileSize`` is ``[sizeX, min(sizeY, 1 MiB / byteWidth / sizeX)]``. On a
   pyramid ``setPlane`` raises "Non-tile based writing unsupported.", the tile
   size is 256x256, and tiles go to a sequential TIFF writer: planes in XYZCT
   order (z fastest, then c, then t), tiles row-major, every tile of the size
-  the first one had (smaller only at the right and bottom edges);
+  the first one had (smaller only at the right and bottom edges):
+  ``getIFD`` starts the writer with the first tile's size and a new IFD at
+  each plane change;
 * a buffer whose length is not the plane's is a ``ResourceError``
   (BufferUnderflow/OverflowException, RawPixelsBean.handleException);
   coordinates out of range are an ``ApiUsageException``
   (DimensionsOutOfBoundsException);
+* an imported big image has no pyramid until the server built it:
+  ``setPixelsId`` raises ``MissingPyramidException`` (PixelsService
+  handleMissingPyramid) meanwhile;
 * ``getPlane``/``setPlane`` have no plane-size limit of their own; what
   limits them is Ice's message size (omero.constants.MESSAGESIZEMAX).
 """
@@ -33,7 +39,6 @@ from typing import Any, Optional
 import numpy as np
 
 from ._common import (
-    MAX_PLANE_SIZE,
     ROMIO_MAXIMUM_BUFFER_SIZE,
     _PIXELS_TYPES,
     _Session,
@@ -50,7 +55,9 @@ class PixelsServices:
 
     _pixels: dict
     _written: set
+    _pyramid_pending: set
     max_plane_size: int
+    max_plane_float_override: bool
     tile_size: int
 
     # -- IPixels ------------------------------------------------------------------
@@ -104,8 +111,12 @@ class PixelsServices:
         return self._open(s, "rps", pixels=None)
 
     def requires_pyramid(self, pixels_id: int) -> bool:
-        """PixelsService.requiresPixelsPyramid: sizeX*sizeY > max_plane_width*max_plane_height."""
+        """PixelsService.requiresPixelsPyramid: sizeX*sizeY > max_plane_width*max_plane_height,
+        never for float/double pixels while omero.pixeldata.max_plane_float_override is true
+        (its default, omero-model omero-model.properties)."""
         buf = self._pixels[pixels_id]
+        if self.max_plane_float_override and buf.dtype.kind == "f":
+            return False
         return buf.shape[3] * buf.shape[4] > self.max_plane_size * self.max_plane_size
 
     def _rps(self, s: _Session, sid: int) -> tuple[dict, np.ndarray]:
@@ -122,6 +133,13 @@ class PixelsServices:
         if pid not in self._pixels or not self._visible(s, pid, ctx):
             # RawPixelsBean.setPixelsId: "Cannot read pixels id=..."
             raise omero.ValidationException(message=f"Cannot read pixels id={pid}")
+        if pid in self._pyramid_pending:
+            # PixelsService._getPixelBuffer -> handleMissingPyramid: an imported big image's
+            # pyramid is still being built (RawPixelsBean.setPixelsId lets the caller retry)
+            import omero_ServerErrors_ice  # noqa: F401
+
+            raise omero.MissingPyramidException(message=f"Missing pyramid: pixels {pid}", pixelsID=pid,
+                                                backOff=15000)
         st["pixels"] = pid
         # PixelsService._getPixelBuffer: an existing pixels (or pyramid) file
         # gives a read-only buffer, whatever the caller asks for

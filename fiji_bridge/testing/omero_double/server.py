@@ -8,25 +8,16 @@ Rules, each from the source:
   ``SecurityViolation`` (omero-server SessionManagerImpl.java, the group is a
   *name*: omero-blitz SessionManagerI.java ``getGroup(current)`` reads the
   ``omero.group`` string of the call context); a server that has not finished
-  starting refuses sessions with "Server not fully initialized"
-  (SessionManagerI.create, WrappedCreateSessionException);
+  starting refuses sessions with a ``WrappedCreateSessionException``
+  (concurrency, "Server not fully initialized": SessionManagerI.create);
 * sessions time out when idle (omero.sessions.timeout); a dead session's
   calls raise ``Ice.ObjectNotExistException``;
 * groups: objects are created in the call's group, reads see the call's group
   (or all the user's groups with ``-1``), a save linking objects of different
-  groups is a ``SecurityViolation`` (the server's graph validation);
-* HQL: ``join fetch`` of a collection without ``distinct`` returns the root
-  once per joined row, as Hibernate does: ``getObjects('Well', opts={'plate':
-  ..., 'load_pixels': True})`` (omero-py gateway _WellWrapper._getQueryString,
-  no distinct) gives each Well once per well sample;
-* Delete2 runs as a command: ``submit`` gives a handle, the command finishes
-  after :attr:`ServerDouble.delete_polls` polls, closing the handle before
-  that cancels it (nothing deleted); an Image that a WellSample still
-  references cannot be deleted ("may not delete Image while WellSample
-  remains", omero-blitz graph-rules/blitz-delete-rules.xml) and the response
-  is an ``omero.cmd.ERR``; deleting a Well deletes its samples and their
-  images; File/Tag/Term annotations are kept unless the request says
-  otherwise (omero-py gateway deleteObjects ``excludeType``).
+  groups is a ``SecurityViolation``; a save under ``-1`` takes the group of
+  the first existing object it links (omero-server OmeroInterceptor.java,
+  throwIfGroupsDontMatch);
+* IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`.
 """
 
 from __future__ import annotations
@@ -34,11 +25,10 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import re
 import secrets
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -68,8 +58,10 @@ from ._common import (
     rstring,
     unwrap,
 )
+from .commands import CommandServices
 from .files import REGISTRY_TIMEOUT, FileServices
 from .pixels import PixelsServices
+from .query import QueryServices
 
 try:
     import Glacier2
@@ -77,7 +69,7 @@ except ImportError:  # pragma: no cover - comes with zeroc-ice
     Glacier2 = None
 
 
-class ServerDouble(PixelsServices, FileServices):
+class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices):
     """The state and services of one OMERO server, in memory.
 
     ``users`` maps user names to passwords; every user is a member of the
@@ -98,6 +90,7 @@ class ServerDouble(PixelsServices, FileServices):
         message_size_max: int = MESSAGE_SIZE_MAX,
         max_plane_size: int = MAX_PLANE_SIZE,
         tile_size: int = PYRAMID_TILE_SIZE,
+        max_plane_float_override: bool = True,
         registry_timeout: float = REGISTRY_TIMEOUT,
         delete_polls: int = 1,
         ready: bool = True,
@@ -111,6 +104,7 @@ class ServerDouble(PixelsServices, FileServices):
         self.message_size_max = message_size_max
         self.max_plane_size = max_plane_size
         self.tile_size = int(tile_size)  # omero.pixeldata.tile_width/tile_height
+        self.max_plane_float_override = max_plane_float_override
         self.counters: collections.Counter[str] = collections.Counter()
         self.up = True
         self.generation = 0
@@ -120,6 +114,7 @@ class ServerDouble(PixelsServices, FileServices):
         self._order: dict[int, int] = {}
         self._pixels: dict[int, np.ndarray] = {}
         self._written: set[int] = set()  # pixels whose file exists (write-once)
+        self._pyramid_pending: set[int] = set()  # imported big images whose pyramid is being built
         self._files: dict[int, bytearray] = {}
         self._tables: dict[int, dict] = {}
         self._services: dict[int, dict] = {}
@@ -166,6 +161,11 @@ class ServerDouble(PixelsServices, FileServices):
         ``Ice.ConnectionLostException``); the server stays up."""
         with self._lock:
             self.generation += 1
+
+    def finish_pyramids(self) -> None:
+        """The server's PixelData service has built every pending pyramid."""
+        with self._lock:
+            self._pyramid_pending.clear()
 
     def reset_counters(self) -> None:
         self.counters.clear()
@@ -214,9 +214,12 @@ class ServerDouble(PixelsServices, FileServices):
         user: Optional[str] = None,
         rows: int = 8,
         columns: int = 12,
+        pyramid_pending: bool = False,
     ) -> int:
         """Create a plate holding ``fields[(well, site)]`` = TZCYX arrays and
-        return its id. Wells are "A01"-style names; sites count from 0."""
+        return its id. Wells are "A01"-style names; sites count from 0.
+        ``pyramid_pending``: big images (see :meth:`requires_pyramid`) have no
+        pyramid yet, as right after an import, until :meth:`finish_pyramids`."""
         from ...components import parse_well
 
         with self._lock:
@@ -253,6 +256,8 @@ class ServerDouble(PixelsServices, FileServices):
                         self._rows[lc_id].name = rstring(names[ci])
                 self._pixels[pix_id][...] = np.transpose(arr, (0, 2, 1, 3, 4))
                 self._written.add(pix_id)  # imported: its pixels are read-only
+                if pyramid_pending and self.requires_pyramid(pix_id):
+                    self._pyramid_pending.add(pix_id)
                 ws = omero.model.WellSampleI()
                 ws.well, ws.image = omero.model.WellI(wells[wname], False), omero.model.ImageI(iid, False)
                 self._save(sess, ws, gid)
@@ -285,8 +290,12 @@ class ServerDouble(PixelsServices, FileServices):
             if len(out) > self.message_size_max:
                 raise Ice.MemoryLimitException(reason=f"reply of {len(out)} bytes exceeds Ice.MessageSizeMax")
             return out
-        except Exception as e:  # every error travels back to the caller
-            return pickle.dumps(("error", type(e).__module__, type(e).__name__, _message(e)))
+        except Exception as e:  # every error travels back to the caller, as itself when it pickles
+            try:
+                same = pickle.dumps(e) if type(e).__module__.split(".")[0] in ("omero", "Ice", "Glacier2") else None
+            except Exception:
+                same = None
+            return pickle.dumps(("error", type(e).__module__, type(e).__name__, _message(e), same))
 
     # -- sessions --------------------------------------------------------------
 
@@ -302,8 +311,11 @@ class ServerDouble(PixelsServices, FileServices):
 
     def _rpc_Session_login(self, user: str, password: str, group: Optional[str]) -> tuple:
         self.counters["login"] += 1
-        if not self.ready:  # SessionManagerI.create before the server is loaded
-            raise Glacier2.CannotCreateSessionException(reason="Server not fully initialized")
+        if not self.ready:  # omero-blitz SessionManagerI.create before the server is loaded
+            import omero_ServerErrors_ice  # noqa: F401
+
+            raise omero.WrappedCreateSessionException(reason="Server not fully initialized", concurrency=True,
+                                                      backOff=1000, type="ApiUsageException")
         u = self._users.get(user or "")
         if u is None or not password or not secrets.compare_digest(str(password), u.password):
             raise Glacier2.PermissionDeniedException(reason="Password check failed")
@@ -374,15 +386,47 @@ class ServerDouble(PixelsServices, FileServices):
         groups = self._users[s.user].groups if g == -1 else [s.group if g is None else g]
         return self._group_of(oid) in groups
 
-    def _write_group(self, s: _Session, ctx: Any) -> int:
+    def _write_group(self, s: _Session, ctx: Any, *objs: Any) -> int:
+        """The group a write lands in: the call context's ``omero.group``, else
+        the session's. With ``-1`` (all groups) the group of the first linked
+        object that exists (omero-server OmeroInterceptor.java, "-1
+        situation": the linked object's group is passed back out; objects of
+        other groups then fail throwIfGroupsDontMatch in :meth:`_save`); a
+        write under ``-1`` that links no existing object has no group and is
+        refused."""
         g = _ctx_group(ctx)
         if g == -1:
-            raise omero.SecurityViolation(
-                message="cannot write with omero.group=-1: set the target object's group in the call context")
-        gid = s.group if g is None else g
+            gid = next((x for x in (self._linked_group(o) for o in objs) if x is not None), None)
+            if gid is None:
+                raise omero.SecurityViolation(
+                    message="omero.group=-1: the object links no existing object to take its group from; "
+                    "set the group in the call context")
+        else:
+            gid = s.group if g is None else g
         if gid not in self._users[s.user].groups:
             raise omero.SecurityViolation(message=f"user {s.user} is not a member of group {gid}")
         return gid
+
+    def _linked_group(self, obj: Any, seen: Optional[set] = None) -> Optional[int]:
+        """The group of the first stored object ``obj`` reaches (itself included)."""
+        seen = set() if seen is None else seen
+        if id(obj) in seen:
+            return None
+        seen.add(id(obj))
+        if obj.id is not None and obj.id.val in self._rows and _cls(obj) not in _GROUPLESS:
+            g = self._group_of(obj.id.val)
+            if g is not None:
+                return g
+        if obj.id is not None and not obj.isLoaded():
+            return None
+        for f in _fields(obj):
+            kids = (getattr(obj, f"_{f}Seq") or []) if _is_coll(obj, f) else [getattr(obj, "_" + f)]
+            for v in kids:
+                if _is_entity(v):
+                    g = self._linked_group(v, seen)
+                    if g is not None:
+                        return g
+        return None
 
     def _children(self, cls: str, fname: str, oid: int) -> list[int]:
         child_cls, fk, ordered = _INVERSE[(cls, fname)]
@@ -400,16 +444,16 @@ class ServerDouble(PixelsServices, FileServices):
         cls = _cls(obj)
         if cls in _ENUMS and obj.id is None:
             v = unwrap(obj._value)
-            if (cls, v) not in self._enum_ids:
+            if (cls, v) not in self._enum_ids:  # enumerations exist by value only (omero-model *.ome.xml enums)
                 raise omero.ValidationException(message=f"no {cls} enumeration {v!r}")
             return self._enum_ids[(cls, v)]
         if obj.id is not None:
             oid = obj.id.val
             row = self._rows.get(oid)
-            if row is None or not isinstance(row, type(obj)):
+            if row is None or not isinstance(row, type(obj)):  # Hibernate: no row with the given identifier
                 raise omero.ValidationException(message=f"{cls}:{oid} does not exist")
             g = self._group_of(oid)
-            if g is not None and cls not in _GROUPLESS and g != gid:
+            if g is not None and cls not in _GROUPLESS and g != gid:  # OmeroInterceptor.throwIfGroupsDontMatch
                 raise omero.SecurityViolation(
                     message=f"{cls}:{oid} is in group {g}, the call writes in group {gid}: "
                     "objects of different groups cannot be linked")
@@ -444,6 +488,7 @@ class ServerDouble(PixelsServices, FileServices):
         for f in _fields(obj):
             info = getattr(type(obj)._field_info, f)
             if not info.nullable and not _is_coll(obj, f) and getattr(new, "_" + f) is None:
+                # a <required> field of omero-model's mappings (omero-py's _field_info.nullable)
                 raise omero.ValidationException(message=f"{cls}.{f} is required")
         if position is not None:
             self._order[oid] = position
@@ -488,140 +533,11 @@ class ServerDouble(PixelsServices, FileServices):
             setattr(out, "_" + f, v)
         return out
 
-    def _exists_path(self, obj: Any, path: tuple) -> bool:
-        if not path:
-            return True
-        f, rest = path[0], path[1:]
-        if _is_coll(obj, f):
-            seq = getattr(obj, f"_{f}Seq") or []
-            return any(self._exists_path(k, rest) for k in seq)
-        v = getattr(obj, "_" + f, None)
-        return v is not None and (not rest or (v.isLoaded() and self._exists_path(v, rest)))
-
-    # -- IQuery: the HQL that BlitzGateway builds --------------------------------
-
-    def _run_query(self, s: _Session, query: str, params: Any, ctx: Any) -> list:
-        q = " ".join(query.split())
-        m = re.match(r"^(?:select (?:distinct )?(\w+) )?from (\w+) (?:as )?(\w+)(.*)$", q)
-        if not m or (m.group(1) and m.group(1) != m.group(3)):
-            raise NotImplementedError(f"the OMERO test double cannot run the query {query!r}")
-        cls, root = m.group(2), m.group(3)
-        rest = m.group(4)
-        where = ""
-        if " where " in f" {rest} ":
-            rest, where = re.split(r"\bwhere\b", rest, maxsplit=1)
-        if re.search(r"\b(order by|group by|select|exists)\b", where):
-            raise NotImplementedError(f"the OMERO test double cannot run the query {query!r}")
-        self.counters[f"query:{cls}"] += 1
-        self.counters["query"] += 1
-        aliases = {root: ()}
-        fetch: set = set()
-        inner: list[tuple] = []
-        toks = rest.split()
-        i = 0
-        while i < len(toks):
-            kind = "inner"
-            if toks[i] == "left":
-                kind, i = "left", i + 1 + (toks[i + 1] == "outer")
-            elif toks[i] == "inner":
-                i += 1
-            if toks[i] != "join":
-                raise NotImplementedError(f"the OMERO test double cannot parse {query!r} at {toks[i]!r}")
-            i += 1
-            is_fetch = toks[i] == "fetch"
-            i += is_fetch
-            src, _, attr = toks[i].partition(".")
-            i += 1
-            alias = None
-            if i < len(toks) and toks[i] == "as":
-                i += 1
-            if i < len(toks) and toks[i] not in ("left", "inner", "join"):
-                alias = toks[i]
-                i += 1
-            if src not in aliases:
-                raise NotImplementedError(f"unknown alias {src!r} in {query!r}")
-            p = aliases[src] + tuple(attr.split("."))
-            if p[0] == "details":
-                continue
-            if alias:
-                aliases[alias] = p
-            if is_fetch:
-                for k in range(1, len(p) + 1):
-                    fetch.add(p[:k])
-            if kind == "inner":
-                inner.append(p)
-        pmap = {k: unwrap(v) for k, v in (params.map.items() if params is not None else ())}
-        preds: list[Callable[[Any], bool]] = []
-        for clause in [c.strip() for c in re.split(r"\band\b", where) if c.strip()]:
-            preds.append(self._predicate(clause, aliases, pmap, query))
-        out = []
-        distinct = bool(re.match(r"^select distinct\b", q))
-        for oid in sorted(k for k, r in self._rows.items() if _is_a(r, cls)):
-            if not self._visible(s, oid, ctx):
-                continue
-            obj = self._load(oid, fetch)
-            if all(p(obj) for p in preds) and all(self._exists_path(obj, p) for p in inner):
-                # Hibernate: one result per joined row unless "distinct"
-                n = 1 if distinct else max(1, _joined_rows(obj, fetch))
-                out.extend(obj if k == 0 else self._load(oid, fetch) for k in range(n))
-        return out
-
-    def _predicate(self, clause: str, aliases: dict, pmap: dict, query: str) -> Callable[[Any], bool]:
-        m = re.match(r"^(\w+)\.([\w.]+)\s*(=|in)\s*(.+)$", clause)
-        if not m or m.group(1) not in aliases or aliases[m.group(1)] != ():
-            raise NotImplementedError(f"the OMERO test double cannot evaluate {clause!r} in {query!r}")
-        attrs, op, rhs = m.group(2).split("."), m.group(3), m.group(4).strip().strip("()")
-        if rhs.startswith(":"):
-            value = pmap[rhs[1:]]
-        else:
-            value = rhs.strip("'")
-        values = set(value) if op == "in" else {value}
-
-        def pred(obj: Any) -> bool:
-            v: Any = obj
-            for a in attrs:
-                if v is None:
-                    return False
-                v = v.id if a == "id" else getattr(v, "_" + a, None)
-            return unwrap(v) in values
-        return pred
-
-    def _rpc_IQuery_findAllByQuery(self, s: _Session, query: str, params: Any = None, ctx: Any = None) -> list:
-        return self._run_query(s, query, params, ctx)
-
-    def _rpc_IQuery_findByQuery(self, s: _Session, query: str, params: Any = None, ctx: Any = None) -> Any:
-        rows = self._run_query(s, query, params, ctx)
-        # Hibernate's uniqueResult: repeated rows of one entity are one result
-        rows = list({r.id.val: r for r in rows}.values())
-        if len(rows) > 1:
-            raise omero.ApiUsageException(message=f"query returned {len(rows)} results, expected one")
-        return rows[0] if rows else None
-
-    def _rpc_IQuery_get(self, s: _Session, klass: str, oid: int, ctx: Any = None) -> Any:
-        klass = klass.split(".")[-1]
-        klass = klass[:-1] if klass.endswith("I") and not hasattr(omero.model, klass + "I") else klass
-        self.counters[f"query:{klass}"] += 1
-        if klass == "ExperimenterGroup" and oid in self._groups.values():
-            g = omero.model.ExperimenterGroupI(oid, True)
-            g.name = rstring(next(n for n, i in self._groups.items() if i == oid))
-            return g
-        if oid not in self._rows or _cls(self._rows[oid]) != klass or not self._visible(s, oid, ctx):
-            raise omero.ValidationException(message=f"no {klass}:{oid}")
-        return self._load(oid, set())
-
-    def _rpc_IContainer_getImages(self, s: _Session, klass: str, ids: list, options: Any = None,
-                                  ctx: Any = None) -> list:
-        self.counters["query:Image"] += 1
-        self.counters["query"] += 1
-        fetch = {("pixels",), ("pixels", "pixelsType")}
-        return [self._load(i, fetch) for i in ids
-                if i in self._rows and _cls(self._rows[i]) == "Image" and self._visible(s, i, ctx)]
-
     # -- IUpdate ----------------------------------------------------------------
 
     def _rpc_IUpdate_saveAndReturnObject(self, s: _Session, obj: Any, ctx: Any = None) -> Any:
         self.counters["update.save"] += 1
-        gid = self._write_group(s, ctx)
+        gid = self._write_group(s, ctx, obj)
         oid = self._save(s, obj, gid)
         return self._load(oid, _paths(obj))
 
@@ -630,7 +546,7 @@ class ServerDouble(PixelsServices, FileServices):
 
     def _rpc_IUpdate_saveAndReturnArray(self, s: _Session, objs: list, ctx: Any = None) -> list:
         self.counters["update.save"] += 1
-        gid = self._write_group(s, ctx)
+        gid = self._write_group(s, ctx, *objs)
         seen: dict = {}
         return [self._load(self._save(s, o, gid, seen), _paths(o)) for o in objs]
 
@@ -673,137 +589,6 @@ class ServerDouble(PixelsServices, FileServices):
         return st
 
 
-    # -- the command service: Delete2 ---------------------------------------------------------
-
-    def _rpc_sf_submit(self, s: _Session, request: Any, ctx: Any = None) -> int:
-        """ServiceFactory.submit: a handle; the command runs when polled (see the module doc)."""
-        if not isinstance(request, omero.cmd.Delete2):
-            raise NotImplementedError(f"the OMERO test double runs Delete2 commands only, not {type(request).__name__}")
-        self.counters["cmd.submit"] += 1
-        return self._open(s, "handle", request=request, polls=self.delete_polls, response=None,
-                          group=_ctx_group(ctx))
-
-    def _rpc_Handle_getResponse(self, s: _Session, sid: int, ctx: Any = None) -> Any:
-        st = self._svc(s, sid, "handle")
-        if st["response"] is None:
-            if st["polls"] > 0:
-                st["polls"] -= 1
-                return None
-            st["response"] = self._delete(s, st["request"])
-        return st["response"]
-
-    def _rpc_Handle_getStatus(self, s: _Session, sid: int, ctx: Any = None) -> Any:
-        st = self._svc(s, sid, "handle")
-        return omero.cmd.Status(steps=1, currentStep=0 if st["response"] is None else 1)
-
-    def _rpc_Handle_cancel(self, s: _Session, sid: int, ctx: Any = None) -> bool:
-        st = self._svc(s, sid, "handle")
-        if st["response"] is None:
-            self.counters["cmd.cancelled"] += 1
-            st["response"] = omero.cmd.ERR(category="cancel", name="cancelled", parameters={})
-            return True
-        return False
-
-    def _rpc_Handle_close(self, s: _Session, sid: int, ctx: Any = None) -> None:
-        st = self._services.get(sid)
-        if st is not None and st["kind"] == "handle" and st["response"] is None:
-            self.counters["cmd.cancelled"] += 1  # closing an unfinished command cancels it
-        self._services.pop(sid, None)
-
-    def _delete(self, s: _Session, req: Any) -> Any:
-        """Run one Delete2: an ``omero.cmd.OK`` (DoAllRsp-like) or ``ERR``, all or nothing."""
-        excluded: set[str] = set()
-        for opt in req.childOptions or []:
-            excluded.update(opt.excludeType or [])
-        doomed: set[int] = set()
-        errors: list[str] = []
-
-        def image(iid: int, via_sample: bool = False) -> None:
-            if iid in doomed:
-                return
-            samples = [ws for ws in self._children("Image", "wellSamples", iid) if ws not in doomed]
-            if samples and not via_sample:  # blitz-delete-rules.xml
-                errors.append(f"may not delete Image[{iid}] while WellSample[{samples[0]}] remains")
-                return
-            doomed.add(iid)
-            for pid in self._children("Image", "pixels", iid):
-                doomed.add(pid)
-                for ch in self._children("Pixels", "channels", pid):
-                    doomed.add(ch)
-                    doomed.add(self._rows[ch].logicalChannel.id.val)
-            for rid in self._children("Image", "rois", iid):
-                roi(rid)
-            links(iid, "Image")
-
-        def roi(rid: int) -> None:
-            doomed.add(rid)
-            doomed.update(self._children("Roi", "shapes", rid))
-            links(rid, "Roi")
-
-        def links(oid: int, kind: str) -> None:
-            for lid in self._children(kind, "annotationLinks", oid):
-                doomed.add(lid)
-                aid = self._rows[lid].child.id.val
-                if _cls(self._rows[aid]) not in excluded:
-                    annotation(aid)
-
-        def annotation(aid: int) -> None:
-            doomed.add(aid)
-            row = self._rows[aid]
-            doomed.update(k for k, r in self._rows.items()
-                          if _cls(r).endswith("AnnotationLink") and r.child.id.val == aid)
-            if _cls(row) == "FileAnnotation" and row.file is not None:
-                doomed.add(row.file.id.val)
-
-        def well(wid: int) -> None:
-            doomed.add(wid)
-            for ws in self._children("Well", "wellSamples", wid):
-                doomed.add(ws)
-                if self._rows[ws].image is not None:
-                    image(self._rows[ws].image.id.val, via_sample=True)
-            links(wid, "Well")
-
-        for spec, ids in (req.targetObjects or {}).items():
-            self.counters[f"delete:{spec}"] += 1
-            for oid in ids:
-                if oid not in self._rows or not self._visible(s, oid, None):
-                    errors.append(f"no {spec}[{oid}] to delete")
-                    continue
-                kind = _cls(self._rows[oid])
-                if spec == "Image":
-                    image(oid)
-                elif spec == "Roi":
-                    roi(oid)
-                elif spec == "OriginalFile":
-                    users = [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
-                             and r.file is not None and r.file.id.val == oid]
-                    if users:  # FileAnnotation.file is required
-                        errors.append(f"may not delete OriginalFile[{oid}] while FileAnnotation[{users[0]}] remains")
-                    doomed.add(oid)
-                elif spec == "Annotation" or kind.endswith("Annotation"):
-                    annotation(oid)
-                elif spec == "Well":
-                    well(oid)
-                elif spec == "Plate":
-                    doomed.add(oid)
-                    for w in self._children("Plate", "wells", oid):
-                        well(w)
-                    links(oid, "Plate")
-                    doomed.update(self._children("Plate", "screenLinks", oid))
-                else:
-                    raise NotImplementedError(f"the OMERO test double cannot delete {spec}")
-        if errors:  # the whole graph operation fails
-            return omero.cmd.ERR(category="graph-fail", name="graph-fail",
-                                 parameters={"message": "; ".join(errors)})
-        for oid in doomed:
-            self._rows.pop(oid, None)
-            self._pixels.pop(oid, None)
-            self._written.discard(oid)
-            self._files.pop(oid, None)
-            self._tables.pop(oid, None)
-            self._order.pop(oid, None)
-        return omero.cmd.OK()
-
     # -- inspection helpers for tests (server-side, no counters) ------------------------------
 
     def objects(self, kind: str) -> list[Any]:
@@ -834,25 +619,6 @@ class ServerDouble(PixelsServices, FileServices):
         with self._lock:
             return {c.name: list(c.values) for c in self._tables[file_id]["columns"] or []}
 
-
-
-def _joined_rows(obj: Any, fetch: set, path: tuple = ()) -> int:
-    """How many SQL rows a fetch-joined object graph is: the product over its
-    joined attributes, a collection counting the sum of its elements' rows
-    (an empty left-joined collection still one row)."""
-    n = 1
-    for f in _fields(obj):
-        p = path + (f,)
-        if p not in fetch:
-            continue
-        if _is_coll(obj, f):
-            kids = getattr(obj, f"_{f}Seq") or []
-            n *= max(1, sum(_joined_rows(k, fetch, p) for k in kids))
-        else:
-            v = getattr(obj, "_" + f)
-            if _is_entity(v) and v.isLoaded():
-                n *= _joined_rows(v, fetch, p)
-    return n
 
 
 class _Endpoint:

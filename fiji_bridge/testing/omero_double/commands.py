@@ -1,0 +1,159 @@
+"""The double's command service: Delete2 as a command with a handle.
+
+``submit`` gives a handle; the command finishes after
+:attr:`~.server.ServerDouble.delete_polls` polls of ``getResponse``, and
+closing the handle before that cancels it (nothing is deleted). An Image
+that a WellSample still references cannot be deleted ("may not delete
+Image while WellSample remains", omero-blitz
+``graph-rules/blitz-delete-rules.xml``) and the response is an
+``omero.cmd.ERR``, the whole request failing; deleting a Well deletes its
+samples and their images; File/Tag/Term annotations are kept unless the
+request says otherwise (omero-py ``omero/gateway/__init__.py``
+deleteObjects ``excludeType``); an OriginalFile a FileAnnotation still holds
+cannot be deleted (``FileAnnotation.file`` is required).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._common import _cls, _ctx_group, _Session, omero
+
+
+class CommandServices:
+    """``sf.submit`` and the command Handle of :class:`~.server.ServerDouble` (a mixin)."""
+
+    _rows: dict
+    delete_polls: int
+
+    # -- the command service: Delete2 ---------------------------------------------------------
+
+    def _rpc_sf_submit(self, s: _Session, request: Any, ctx: Any = None) -> int:
+        """ServiceFactory.submit: a handle; the command runs when polled (see the module doc)."""
+        if not isinstance(request, omero.cmd.Delete2):
+            raise NotImplementedError(f"the OMERO test double runs Delete2 commands only, not {type(request).__name__}")
+        self.counters["cmd.submit"] += 1
+        return self._open(s, "handle", request=request, polls=self.delete_polls, response=None,
+                          group=_ctx_group(ctx))
+
+    def _rpc_Handle_getResponse(self, s: _Session, sid: int, ctx: Any = None) -> Any:
+        st = self._svc(s, sid, "handle")
+        if st["response"] is None:
+            if st["polls"] > 0:
+                st["polls"] -= 1
+                return None
+            st["response"] = self._delete(s, st["request"])
+        return st["response"]
+
+    def _rpc_Handle_getStatus(self, s: _Session, sid: int, ctx: Any = None) -> Any:
+        st = self._svc(s, sid, "handle")
+        return omero.cmd.Status(steps=1, currentStep=0 if st["response"] is None else 1)
+
+    def _rpc_Handle_cancel(self, s: _Session, sid: int, ctx: Any = None) -> bool:
+        st = self._svc(s, sid, "handle")
+        if st["response"] is None:
+            self.counters["cmd.cancelled"] += 1
+            st["response"] = omero.cmd.ERR(category="cancel", name="cancelled", parameters={})
+            return True
+        return False
+
+    def _rpc_Handle_close(self, s: _Session, sid: int, ctx: Any = None) -> None:
+        st = self._services.get(sid)
+        if st is not None and st["kind"] == "handle" and st["response"] is None:
+            self.counters["cmd.cancelled"] += 1  # closing an unfinished command cancels it
+        self._services.pop(sid, None)
+
+    def _delete(self, s: _Session, req: Any) -> Any:
+        """Run one Delete2: an ``omero.cmd.OK`` (DoAllRsp-like) or ``ERR``, all or nothing."""
+        excluded: set[str] = set()
+        for opt in req.childOptions or []:
+            excluded.update(opt.excludeType or [])
+        doomed: set[int] = set()
+        errors: list[str] = []
+
+        def image(iid: int, via_sample: bool = False) -> None:
+            if iid in doomed:
+                return
+            samples = [ws for ws in self._children("Image", "wellSamples", iid) if ws not in doomed]
+            if samples and not via_sample:  # blitz-delete-rules.xml
+                errors.append(f"may not delete Image[{iid}] while WellSample[{samples[0]}] remains")
+                return
+            doomed.add(iid)
+            for pid in self._children("Image", "pixels", iid):
+                doomed.add(pid)
+                for ch in self._children("Pixels", "channels", pid):
+                    doomed.add(ch)
+                    doomed.add(self._rows[ch].logicalChannel.id.val)
+            for rid in self._children("Image", "rois", iid):
+                roi(rid)
+            links(iid, "Image")
+
+        def roi(rid: int) -> None:
+            doomed.add(rid)
+            doomed.update(self._children("Roi", "shapes", rid))
+            links(rid, "Roi")
+
+        def links(oid: int, kind: str) -> None:
+            for lid in self._children(kind, "annotationLinks", oid):
+                doomed.add(lid)
+                aid = self._rows[lid].child.id.val
+                if _cls(self._rows[aid]) not in excluded:
+                    annotation(aid)
+
+        def annotation(aid: int) -> None:
+            doomed.add(aid)
+            row = self._rows[aid]
+            doomed.update(k for k, r in self._rows.items()
+                          if _cls(r).endswith("AnnotationLink") and r.child.id.val == aid)
+            if _cls(row) == "FileAnnotation" and row.file is not None:
+                doomed.add(row.file.id.val)
+
+        def well(wid: int) -> None:
+            doomed.add(wid)
+            for ws in self._children("Well", "wellSamples", wid):
+                doomed.add(ws)
+                if self._rows[ws].image is not None:
+                    image(self._rows[ws].image.id.val, via_sample=True)
+            links(wid, "Well")
+
+        for spec, ids in (req.targetObjects or {}).items():
+            self.counters[f"delete:{spec}"] += 1
+            for oid in ids:
+                if oid not in self._rows or not self._visible(s, oid, None):
+                    errors.append(f"no {spec}[{oid}] to delete")
+                    continue
+                kind = _cls(self._rows[oid])
+                if spec == "Image":
+                    image(oid)
+                elif spec == "Roi":
+                    roi(oid)
+                elif spec == "OriginalFile":
+                    users = [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
+                             and r.file is not None and r.file.id.val == oid]
+                    if users:  # FileAnnotation.file is required
+                        errors.append(f"may not delete OriginalFile[{oid}] while FileAnnotation[{users[0]}] remains")
+                    doomed.add(oid)
+                elif spec == "Annotation" or kind.endswith("Annotation"):
+                    annotation(oid)
+                elif spec == "Well":
+                    well(oid)
+                elif spec == "Plate":
+                    doomed.add(oid)
+                    for w in self._children("Plate", "wells", oid):
+                        well(w)
+                    links(oid, "Plate")
+                    doomed.update(self._children("Plate", "screenLinks", oid))
+                else:
+                    raise NotImplementedError(f"the OMERO test double cannot delete {spec}")
+        if errors:  # the whole graph operation fails
+            return omero.cmd.ERR(category="graph-fail", name="graph-fail",
+                                 parameters={"message": "; ".join(errors)})
+        for oid in doomed:
+            self._rows.pop(oid, None)
+            self._pixels.pop(oid, None)
+            self._written.discard(oid)
+            self._files.pop(oid, None)
+            self._tables.pop(oid, None)
+            self._order.pop(oid, None)
+        return omero.cmd.OK()
+

@@ -594,6 +594,9 @@ def run_batch(
     }
     state: dict[str, Any] = {"plate": dst_id if exists else None, "uploader": None}
     remote = bool(getattr(dst_backend, "is_remote", False))
+    if specs and remote:
+        raise BatchError(f"--labels: label images go to OME-Zarr or OME-TIFF derived plates; "
+                         f"{type(dst_backend).__name__} does not store them yet (use --out zarr:///path/plate.zarr)")
     failures: list[dict] = []
     counts = {"done": 0, "failed": 0}
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")

@@ -34,12 +34,10 @@ def bridge():
         yield c
 
 
-def _batch(data_dir, root, bridge, *, fmt: int, wells: str, labels: str, monkeypatch=None):
+def _batch(data_dir, root, bridge, *, wells: str, labels: str):
     src = f"zarr://{root}/sbs.zarr"
     import_folder(data_dir / "sbs_plate_O01-O04", src)
     out = f"zarr://{root}/sbs_nuclei.zarr"
-    if fmt == 3:
-        monkeypatch.setenv("FIJI_BRIDGE_NGFF_VERSION", "0.5")
     rep = run_batch(src, "nuclei_count", args=ARGS, out_uri=out, wells=wells, ports=[bridge.port], progress=False,
                     labels=labels, timeout=120)
     assert rep.ok, rep.failures
@@ -49,7 +47,7 @@ def _batch(data_dir, root, bridge, *, fmt: int, wells: str, labels: str, monkeyp
 @pytest.fixture(scope="module")
 def v04(data_dir, tmp_path_factory, bridge):
     root = tmp_path_factory.mktemp("ngff04")
-    src, rep = _batch(data_dir, root, bridge, fmt=2, wells="O01,O02", labels="mask=nuclei:objects")
+    src, rep = _batch(data_dir, root, bridge, wells="O01,O02", labels="mask=nuclei:objects")
     return root, src, rep
 
 
@@ -189,10 +187,21 @@ def test_plate_validates_and_napari_lists_the_labels(v04):
 
 
 @pytest.mark.timeout(600)
-def test_ngff_05_binary_mask_stays_binary(data_dir, tmp_path, bridge, monkeypatch):
-    """NGFF 0.5 (zarr v3) on request; a mask without ':objects' stays 0/1."""
-    src, rep = _batch(data_dir, tmp_path, bridge, fmt=3, wells="O03", labels="mask", monkeypatch=monkeypatch)
+def test_ngff_05_binary_mask_stays_binary_from_the_command_line(data_dir, tmp_path, bridge):
+    """``fiji-bridge batch --labels mask --ngff 0.5``: NGFF 0.5 (zarr v3); a
+    mask without ':objects' stays 0/1."""
+    import subprocess
+    import sys
+
+    src = f"zarr://{tmp_path}/sbs.zarr"
+    import_folder(data_dir / "sbs_plate_O01-O04", src)
+    cmd = [sys.executable, "-m", "fiji_bridge.cli", "batch", "--plate", src, "--macro", "nuclei_count",
+           "--out", f"zarr://{tmp_path}/sbs_nuclei.zarr", "--wells", "O03", "--port", str(bridge.port),
+           "--labels", "mask", "--ngff", "0.5"] + [a for k, v in ARGS.items() for a in ("--arg", f"{k}={v}")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (tmp_path / "sbs_nuclei.zarr" / "zarr.json").is_file()
+    assert (tmp_path / "sbs.zarr" / ".zgroup").is_file()  # the source stays as it was
     dirs = _field_dirs(tmp_path)
     assert validate(tmp_path / "sbs_nuclei.zarr", dirs, "v05")["labels"] == {str(d): ["mask"] for d in dirs}
     plate = ngio.open_ome_zarr_plate(str(tmp_path / "sbs_nuclei.zarr"))
@@ -205,6 +214,8 @@ def test_ngff_05_binary_mask_stays_binary(data_dir, tmp_path, bridge, monkeypatc
         assert "mask_features" not in img.list_tables()
         assert {"FOV_ROI_table", "results", "counts"} <= set(img.list_tables())
         assert len(img.get_table("results").dataframe) == int(img.get_table("counts").dataframe["Count"].iloc[0])
+    assert {"results", "counts", "counts_per_well"} <= set(plate.list_tables())
+
 
 
 # --------------------------------------------------------------------------- ROIs from the macro

@@ -107,6 +107,10 @@ def test_ngio_lists_and_reads_labels_and_tables(v04, bridge):
     assert len(res) == len(results) == sum(counts.values())
     assert {"plate", "well", "field"} <= set(res.columns)
     assert sorted(set(res["well"])) == ["O01", "O02"]
+    # ngio's own concatenation of the per-field feature tables has the same rows as our plate table
+    cat = plate.concatenate_image_tables("nuclei_features", max_workers=1).dataframe
+    assert len(cat) == len(res)
+    np.testing.assert_allclose(np.sort(cat["Area"].to_numpy(float)), np.sort(res["Area"].to_numpy(float)))
     pw = plate.get_table("counts_per_well").dataframe
     for _, row in pw.iterrows():
         vals = [v for (w, _), v in counts.items() if w == row["well"]]

@@ -366,9 +366,13 @@ class ZarrPlateStore(LocalPlateStore):
         if _is_letter_run(rows) and _is_number_run(cols):
             wells.sort(key=lambda p: (rows.index(p.split("/")[0]), cols.index(p.split("/")[1])) if p.count("/") == 1 and p.split("/")[0] in rows and p.split("/")[1] in cols else (len(rows), 0))
         field_count = max(meta.get("field_count", 0), site + 1)
-        write_plate_metadata(
-            root, rows, cols, wells, name=str(meta.get("name") or extra.get("name") or d.stem), field_count=field_count
-        )
+        name = str(meta.get("name") or extra.get("name") or d.stem)
+        same = (rows == [str(x["name"]) for x in meta.get("rows", [])]
+                and cols == [str(x["name"]) for x in meta.get("columns", [])]
+                and wells == [str(w["path"]) for w in meta.get("wells", [])]
+                and field_count == meta.get("field_count") and name == meta.get("name"))
+        if not same:  # a new well, row, column or field index: rewrite the plate's metadata
+            write_plate_metadata(root, rows, cols, wells, name=name, field_count=field_count)
 
     def _write_planes(self, plate: str, rel: str, info: FieldInfo, planes: Sequence[tuple[int, int, int, np.ndarray]]) -> None:
         arr, axes = self._image(plate, rel)

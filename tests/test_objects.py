@@ -80,6 +80,15 @@ def test_boxes_match_ngio_and_units_follow_the_calibration(tmp_path):
         np.testing.assert_allclose(theirs[c].to_numpy(float), boxes[c])
 
 
+def test_boxes_of_objects_in_different_frames_are_their_own():
+    lab = np.zeros((2, 1, 20, 20), np.uint32)
+    lab[0, 0, 2:12, 2:12] = 1  # frame 1
+    lab[1, 0, 5:8, 5:9] = 2  # frame 2, over the first one's place
+    b = object_boxes(lab)
+    assert b["label"] == [1, 2]
+    assert (b["x_micrometer"], b["len_x_micrometer"], b["len_y_micrometer"]) == ([2.0, 5.0], [10.0, 4.0], [10.0, 3.0])
+
+
 def test_polygon_mask_is_pixel_centres_inside():
     rect = np.array([[2, 3], [7, 3], [7, 5], [2, 5]], float)  # ImageJ makeRectangle(2, 3, 5, 2)
     m = polygon_mask(rect, (10, 10))

@@ -99,6 +99,8 @@ def test_ngio_lists_and_reads_labels_and_tables(v04, bridge):
         t = theirs.dataframe.sort_index()
         for c in ("x_micrometer", "y_micrometer", "len_x_micrometer", "len_y_micrometer"):
             np.testing.assert_allclose(o[c].to_numpy(float), t[c].to_numpy(float))
+        cnt = img.get_table("counts").dataframe
+        assert list(cnt["Count"]) == [counts[(well, site)]] and list(cnt["well"]) == [well]
         fov = img.get_roi_table("FOV_ROI_table").rois()
         assert len(fov) == 1 and fov[0].get("x").length == 512 and fov[0].get("y").length == 512
     # plate level: the concatenated tables and the per-well summaries
@@ -107,6 +109,8 @@ def test_ngio_lists_and_reads_labels_and_tables(v04, bridge):
     assert len(res) == len(results) == sum(counts.values())
     assert {"plate", "well", "field"} <= set(res.columns)
     assert sorted(set(res["well"])) == ["O01", "O02"]
+    np.testing.assert_allclose(res["Area"].to_numpy(float), [float(r["Area"]) for r in results])
+    assert list(res["field"]) == [int(r["field"]) for r in results]
     # ngio's own concatenation of the per-field feature tables has the same rows as our plate table
     cat = plate.concatenate_image_tables("nuclei_features", max_workers=1).dataframe
     assert len(cat) == len(res)

@@ -205,11 +205,20 @@ def test_ngff_05_binary_mask_stays_binary_from_the_command_line(data_dir, tmp_pa
     import_folder(data_dir / "sbs_plate_O01-O04", src)
     cmd = [sys.executable, "-m", "fiji_bridge.cli", "batch", "--plate", src, "--macro", "nuclei_count",
            "--out", f"zarr://{tmp_path}/sbs_nuclei.zarr", "--wells", "O03", "--port", str(bridge.port),
-           "--labels", "mask", "--ngff", "0.5"] + [a for k, v in ARGS.items() for a in ("--arg", f"{k}={v}")]
+           "--labels", "mask", "--ngff", "0.5", "--labels-to-source"] + [a for k, v in ARGS.items() for a in ("--arg", f"{k}={v}")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (tmp_path / "sbs_nuclei.zarr" / "zarr.json").is_file()
-    assert (tmp_path / "sbs.zarr" / ".zgroup").is_file()  # the source stays as it was
+    assert (tmp_path / "sbs.zarr" / ".zgroup").is_file()  # the source stays NGFF 0.4 ...
+    src_plate = ngio.open_ome_zarr_plate(str(tmp_path / "sbs.zarr"))  # ... with the labels asked for
+    for path, img in src_plate.get_images(max_workers=1).items():
+        if path.startswith("O/3/"):
+            assert img.list_labels() == ["mask"]
+            np.testing.assert_array_equal(np.asarray(img.get_label("mask").get_array()),
+                                          np.asarray(ngio.open_ome_zarr_container(str(tmp_path / "sbs_nuclei.zarr" / path))
+                                                     .get_label("mask").get_array()))
+        else:
+            assert img.list_labels() == []
     dirs = _field_dirs(tmp_path)
     assert validate(tmp_path / "sbs_nuclei.zarr", dirs, "v05")["labels"] == {str(d): ["mask"] for d in dirs}
     plate = ngio.open_ome_zarr_plate(str(tmp_path / "sbs_nuclei.zarr"))

@@ -320,11 +320,13 @@ def _write_ngff(result: Any, backend: Any, plate: str, plate_label: str, well: s
         results = macro_tables.get("Results")
         n = len(boxes["label"])
         if spec.image != ROIS and results and "Results" not in tied and _rows(results) == n and n == int(lab.max()):
-            cols = {"label": list(range(1, n + 1))}
-            cols.update(unit_columns(results, plate=plate, well=well, site=site))
-            for k in ("plate", "well", "field"):
-                cols.pop(k)
-            tables.append(ObjectTable(f"{spec.name}_features", _renamed(cols), kind="feature", label=spec.name))
+            feats: dict[str, list] = {"label": list(range(1, n + 1))}
+            for k, v in results.items():  # ImageJ's columns; one named "label" is kept as "label_"
+                key = k
+                while key in feats:
+                    key = key + "_"
+                feats[key] = np.asarray(v).tolist()
+            tables.append(ObjectTable(f"{spec.name}_features", feats, kind="feature", label=spec.name))
             tied.add("Results")
     for title, columns in macro_tables.items():
         if title not in tied:
@@ -337,17 +339,6 @@ def _write_ngff(result: Any, backend: Any, plate: str, plate_label: str, well: s
 
 def _rows(columns: Mapping[str, Any]) -> int:
     return max((len(v) for v in columns.values()), default=0)
-
-
-def _renamed(cols: dict) -> dict:
-    """A feature table's columns: ImageJ's ``label``-like name clashes kept apart."""
-    out: dict[str, Any] = {}
-    for k, v in cols.items():
-        key = k
-        while key in out:
-            key = key + "_"
-        out[key] = v
-    return out
 
 
 def save_plate_ngff(backend: Any, plate: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]) -> list[str]:

@@ -143,19 +143,20 @@ def bench_zarr_writes(tmp: Path, fields: int, c: int, z: int, size: int) -> list
         # before: what save_field did up to now (write_image, dask), same chunks and compressor
         tczyx = np.ascontiguousarray(field.transpose(0, 2, 1, 3, 4))
         scale, units = _scale_units(cal)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(fields):
             g = zarr.open_group(str(tmp / f"before{fmt}" / str(i)), mode="w", zarr_format=fmt)
             write_image(tczyx, g, scale_factors=[], axes=list("tczyx"), scale=scale, axes_units=units, name="f",
                         storage_options={"chunks": (1, 1, 1, size, size), "compressor": store._compressor()},
                         omero=_omero_meta(tczyx, [f"ch{k}" for k in range(c)], "f"))
-        before = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        before, cpu_before = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         for w in wells:
             store.save_field(pid, w, 0, field, channel_names=[f"ch{k}" for k in range(c)], calibration=cal)
-        now = time.perf_counter() - t0
+        now, cpu_now = time.perf_counter() - t0, time.process_time() - c0
         lines.append(f"zarr {v} save_field : {_rate(nbytes, now)} now; write_image (before) {_rate(nbytes, before)}; "
-                     f"x{before / now:.2f} ({fields} fields of {field.nbytes / 2**20:.0f} MiB)")
+                     f"x{before / now:.2f} ({fields} fields of {field.nbytes / 2**20:.0f} MiB); CPU "
+                     f"{nbytes / 2**20 / cpu_now:.0f} MB per CPU-s now, {nbytes / 2**20 / cpu_before:.0f} before")
         reader = ZarrPlateStore(tmp / f"w{fmt}")
         reader.plate_structure(pid)
         t0 = time.perf_counter()

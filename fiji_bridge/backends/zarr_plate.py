@@ -256,7 +256,7 @@ class ZarrPlateStore(LocalPlateStore):
 
         d = self.plate_dir(plate)  # the zarr format (NGFF version) follows the plate group
         wpath = self._well_path(d, well)
-        tczyx = np.ascontiguousarray(array.transpose(0, 2, 1, 3, 4))
+        tczyx = np.ascontiguousarray(array).transpose(0, 2, 1, 3, 4)  # a view: each (y, x) plane stays contiguous
         tmp_name = f"tmp_{site}_{uuid.uuid4().hex[:12]}"
         wg = zarr.open_group(str(d), mode="r+").require_group(wpath)
         tmp = wg.create_group(tmp_name)

@@ -78,6 +78,13 @@ def _attrs_of(d: Path) -> Optional[dict]:
     return None
 
 
+def _open_group(d: Path) -> Any:
+    """The zarr group at ``d`` for writing, its format read from the files
+    (zarr would otherwise probe v3, v2 and consolidated metadata)."""
+    fmt = 2 if (d / ".zgroup").is_file() else 3
+    return zarr.open_group(str(d), mode="r+", zarr_format=fmt, use_consolidated=False)
+
+
 def _ome(attrs: dict) -> dict:
     """NGFF metadata: under ``ome`` in 0.5, at the top in 0.4."""
     return attrs.get("ome", attrs)
@@ -258,7 +265,7 @@ class ZarrPlateStore(LocalPlateStore):
         wpath = self._well_path(d, well)
         tczyx = np.ascontiguousarray(array).transpose(0, 2, 1, 3, 4)  # a view: each (y, x) plane stays contiguous
         tmp_name = f"tmp_{site}_{uuid.uuid4().hex[:12]}"
-        wg = zarr.open_group(str(d), mode="r+").require_group(wpath)
+        wg = _open_group(d).require_group(wpath)
         tmp = wg.create_group(tmp_name)
         try:
             _write_image(tmp, tczyx, name, channel_names, calibration, self._compressor())
@@ -329,7 +336,7 @@ class ZarrPlateStore(LocalPlateStore):
         (caller holds the plate lock)."""
         from ome_zarr.writer import write_plate_metadata
 
-        root = zarr.open_group(str(d), mode="r+")
+        root = _open_group(d)
         wg = root.require_group(wpath)
         images = _ome(dict(wg.attrs)).get("well", {}).get("images", [])
         paths = {str(im["path"]) for im in images}

@@ -158,6 +158,15 @@ def bench_omero_write(planes: int = 8) -> list[str]:
             b.close(), r.close()
         finally:
             srv.unregister()
+ROUNDS = 3
+
+
+def _keep(best: dict, key: str, wall: float, cpu: float) -> None:
+    """Keep the fastest (wall, cpu) of ``key``."""
+    if key not in best or wall < best[key][0]:
+        best[key] = (wall, cpu)
+
+
 def _rate(n_bytes: int, dt: float) -> str:
     return f"{n_bytes / 2**20 / dt:8.1f} MB/s"
 
@@ -179,34 +188,39 @@ def bench_zarr_writes(tmp: Path, fields: int, c: int, z: int, size: int) -> list
     field = np.stack(planes).reshape(1, z, c, size, size)
     cal = Calibration(0.65, 0.65, 2.0)
     nbytes = fields * field.nbytes
-    wells = [f"B{i + 1:02d}" for i in range(fields)]
+    names = [f"ch{k}" for k in range(c)]
     for fmt in (2, 3):
         v = "0.4" if fmt == 2 else "0.5"
         store = ZarrPlateStore(tmp / f"w{fmt}", zarr_format=fmt)
         store.save_field(store.create_plate("warm"), "A01", 0, field)
         pid = store.create_plate("now")
-        # before: what save_field did up to now (write_image, dask), same chunks and compressor
         tczyx = np.ascontiguousarray(field.transpose(0, 2, 1, 3, 4))
         scale, units = _scale_units(cal)
-        t0 = time.perf_counter()
-        for i in range(fields):
-            g = zarr.open_group(str(tmp / f"before{fmt}" / str(i)), mode="w", zarr_format=fmt)
-            write_image(tczyx, g, scale_factors=[], axes=list("tczyx"), scale=scale, axes_units=units, name="f",
-                        storage_options={"chunks": (1, 1, 1, size, size), "compressor": store._compressor()},
-                        omero=_omero_meta(tczyx, [f"ch{k}" for k in range(c)], "f"))
-        before = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for w in wells:
-            store.save_field(pid, w, 0, field, channel_names=[f"ch{k}" for k in range(c)], calibration=cal)
-        now = time.perf_counter() - t0
+        best: dict[str, tuple[float, float]] = {}
+        for r in range(ROUNDS):  # interleaved rounds, the best of each: the machine is shared
+            # before: what save_field did up to now (write_image, dask), same chunks and compressor
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(fields):
+                g = zarr.open_group(str(tmp / f"before{fmt}" / f"{r}_{i}"), mode="w", zarr_format=fmt)
+                write_image(tczyx, g, scale_factors=[], axes=list("tczyx"), scale=scale, axes_units=units, name="f",
+                            storage_options={"chunks": (1, 1, 1, size, size), "compressor": store._compressor()},
+                            omero=_omero_meta(tczyx, names, "f"))
+            _keep(best, "before", time.perf_counter() - t0, time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(fields):
+                store.save_field(pid, f"{'BCDEFGH'[r]}{i + 1:02d}", 0, field, channel_names=names, calibration=cal)
+            _keep(best, "now", time.perf_counter() - t0, time.process_time() - c0)
+            reader = ZarrPlateStore(tmp / f"w{fmt}")
+            reader.plate_structure(pid)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(fields):
+                reader.load_field(pid, f"{'BCDEFGH'[r]}{i + 1:02d}", 0)
+            _keep(best, "read", time.perf_counter() - t0, time.process_time() - c0)
+        (now, cpu_now), (before, cpu_before), (read, cpu_read) = best["now"], best["before"], best["read"]
         lines.append(f"zarr {v} save_field : {_rate(nbytes, now)} now; write_image (before) {_rate(nbytes, before)}; "
-                     f"x{before / now:.2f} ({fields} fields of {field.nbytes / 2**20:.0f} MiB)")
-        reader = ZarrPlateStore(tmp / f"w{fmt}")
-        reader.plate_structure(pid)
-        t0 = time.perf_counter()
-        for w in wells:
-            reader.load_field(pid, w, 0)
-        lines.append(f"zarr {v} load_field : {_rate(nbytes, time.perf_counter() - t0)}")
+                     f"x{before / now:.2f} (best of {ROUNDS}, {fields} fields of {field.nbytes / 2**20:.0f} MiB); "
+                     f"{nbytes / 2**20 / cpu_now:.0f} MB per CPU-s now, {nbytes / 2**20 / cpu_before:.0f} before")
+        lines.append(f"zarr {v} load_field : {_rate(nbytes, read)}; {nbytes / 2**20 / cpu_read:.0f} MB per CPU-s")
     lines += bench_ngff_outputs(tmp / "ngff")
     return lines
 

@@ -519,6 +519,7 @@ def run_batch(
     spill_dir: Optional[Union[str, os.PathLike]] = None,
     upload_options: Optional[Mapping[str, Any]] = None,
     labels: Any = None,
+    labels_to_source: bool = False,
 ) -> BatchReport:
     """Run ``macro`` over every field of the plate ``plate_uri``.
 
@@ -537,7 +538,8 @@ def run_batch(
     ``labels``: output images stored as NGFF label images
     (``"mask=nuclei:objects"``, see :func:`fiji_bridge.objects.parse_label_specs`;
     default: the macro's ``// Output labels:`` line); the derived field image
-    is then the source field when the macro leaves no other image.
+    is then the source field when the macro leaves no other image;
+    ``labels_to_source``: write them into the source plate's fields too.
     """
     from .backends import BackendError, open_plate
 
@@ -594,6 +596,11 @@ def run_batch(
     }
     state: dict[str, Any] = {"plate": dst_id if exists else None, "uploader": None}
     remote = bool(getattr(dst_backend, "is_remote", False))
+    if labels_to_source and (not specs or getattr(src_backend, "is_remote", False)):
+        raise BatchError("--labels-to-source needs --labels (or the macro's 'Output labels:') and a local source plate")
+    if specs and remote:
+        raise BatchError(f"--labels: label images go to OME-Zarr or OME-TIFF derived plates; "
+                         f"{type(dst_backend).__name__} does not store them yet (use --out zarr:///path/plate.zarr)")
     failures: list[dict] = []
     counts = {"done": 0, "failed": 0}
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
@@ -618,6 +625,7 @@ def run_batch(
             try:
                 written = save_result(o.result, derived_uri, well=o.well, site=o.site, source={"plate": src_id},
                                       backend=dst_backend, plate=pid, plate_label=src_id, uploader=up, labels=specs,
+                                      labels_also_to=[(src_backend, src_id)] if labels_to_source else (),
                                       input=lambda: _Field(src_backend.load_field(src_id, o.well, o.site),
                                                            structure.channel_names, structure.calibration))
                 requires = sorted({key_of(p) for p in written})
@@ -844,6 +852,7 @@ def batch_command(
     timeout: float = 600,
     ports: Optional[Sequence[int]] = None,
     labels: Optional[Sequence[str]] = None,
+    labels_to_source: bool = False,
 ) -> int:
     """``fiji-bridge batch``: exit 0 when every unit succeeded, 1 when some
     failed, 2 when the batch could not start."""
@@ -855,7 +864,7 @@ def batch_command(
     try:
         report = run_batch(plate_uri, macro, args=args, out_uri=out_uri, wells=wells, workers=workers,
                            scheduler=scheduler, resume=resume, timeout=timeout, progress=True,
-                           ports=list(ports) if ports else None, labels=labels)
+                           ports=list(ports) if ports else None, labels=labels, labels_to_source=labels_to_source)
     except (BatchError, BackendError, MacroArgumentError, MacroNotFound, MacroParseError, LabelSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

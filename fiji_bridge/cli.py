@@ -183,8 +183,9 @@ def import_cmd(folder: str, plate_uri: str, pattern: Optional[str], name: Option
 @click.option("--port", "ports", type=int, multiple=True, help="use the bridge on this port (repeatable; spawned if none answers, left running) instead of spawning --workers bridges")
 @click.option("--imagej", default=None, help=_IMAGEJ_HELP + "; for the bridges this batch spawns")
 @click.option("--labels", "labels", multiple=True, help="store output image IMAGE as an NGFF label image: IMAGE[=NAME][:objects] (objects: connected components of a binary mask; 'rois=NAME': the ROI Manager's areas); repeatable")
+@click.option("--labels-to-source", is_flag=True, help="also write the label images into the source plate's fields")
 @click.option("--ngff", "ngff", type=click.Choice(["0.4", "0.5"]), default=None, help="NGFF version of a new OME-Zarr derived plate (default 0.4; 0.5 is zarr v3)")
-def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[str], wells: str, workers: int, scheduler: Optional[str], resume: bool, timeout: float, ports: tuple[int, ...], imagej: Optional[str], labels: tuple[str, ...], ngff: Optional[str]) -> None:
+def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[str], wells: str, workers: int, scheduler: Optional[str], resume: bool, timeout: float, ports: tuple[int, ...], imagej: Optional[str], labels: tuple[str, ...], labels_to_source: bool, ngff: Optional[str]) -> None:
     """Run a macro over every well field of a plate; write a derived plate and a results table."""
     import os
 
@@ -194,7 +195,7 @@ def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[s
     if ngff:
         os.environ["FIJI_BRIDGE_NGFF_VERSION"] = ngff
 
-    sys.exit(batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports, labels=list(labels) or None))
+    sys.exit(batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports, labels=list(labels) or None, labels_to_source=labels_to_source))
 
 
 @main.command()

@@ -181,11 +181,10 @@ def object_boxes(labels: np.ndarray, calibration: Optional[Calibration] = None) 
     px, py, pz = _um(calibration)
     lab = np.asarray(labels)
     cols: dict[str, list] = {"label": [], **_box_columns()}
-    zyx = lab.max(axis=0) if lab.shape[0] > 1 else lab[0]  # one box per object over time
-    for i, sl in enumerate(ndimage.find_objects(zyx), start=1):
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):  # T, Z, Y, X slices of label i
         if sl is None:
             continue
-        z, y, x = sl
+        _, z, y, x = sl
         cols["label"].append(i)
         for k, s, p in (("x", x, px), ("y", y, py), ("z", z, pz)):
             cols[f"{k}_micrometer"].append(s.start * p)

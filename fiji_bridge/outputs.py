@@ -122,6 +122,7 @@ def save_result(
     upload_timeout: Optional[float] = None,
     labels: Any = None,
     input: Any = None,
+    labels_also_to: Sequence[tuple[Any, str]] = (),
 ) -> list[str]:
     """Write a macro's images and tables into the derived plate ``uri`` at
     ``well``/``site``; returns the virtual paths written.
@@ -145,6 +146,8 @@ def save_result(
     the macro ran on (an array TZCYX, or an object with ``.array``,
     ``.channel_names``, ``.calibration``, or a callable returning one: called
     only when needed), the field image when every output image is a label.
+    ``labels_also_to``: more ``(backend, plate)`` whose field ``well``/``site``
+    gets the label images too (the source plate, when the user asks).
     """
     if not well:
         raise OutputError(
@@ -166,7 +169,7 @@ def save_result(
     if specs and getattr(backend, "is_remote", False):
         raise OutputError(f"label images go to OME-Zarr or OME-TIFF plates; {type(backend).__name__} does not store them yet")
     try:
-        written = _write(result, backend, plate, well, site, label, source, uploader, specs, input)
+        written = _write(result, backend, plate, well, site, label, source, uploader, specs, input, labels_also_to)
     except BaseException:
         if own is not None:
             own.finalize(timeout=upload_timeout)
@@ -201,7 +204,7 @@ def _input_image(input: Any) -> Optional[tuple[np.ndarray, list, Any]]:
 
 def _write(result: Any, backend: Any, plate: str, well: str, site: int, label: str,
            source: Optional[Mapping[str, Any]], uploader: Any, specs: Sequence[LabelSpec] = (),
-           input: Any = None) -> list[str]:
+           input: Any = None, also: Sequence[tuple[Any, str]] = ()) -> list[str]:
     written: list[str] = []
     requires: list[str] = []  # a well's tables follow its field (OMERO attaches them to the well)
 
@@ -278,7 +281,8 @@ def _write(result: Any, backend: Any, plate: str, well: str, site: int, label: s
         else:
             written.append(backend.save_rois(plate, well, site, rois))
     if uploader is None and field_shape is not None and (specs or rois) and _has_ngff(backend):
-        written += _write_ngff(result, backend, plate, label, well, site, specs, dict(all_images), field_shape, field_cal, rois)
+        written += _write_ngff(result, backend, plate, label, well, site, specs, dict(all_images), field_shape, field_cal,
+                               rois, also)
     return written
 
 
@@ -290,7 +294,8 @@ def _has_ngff(backend: Any) -> bool:
 
 
 def _write_ngff(result: Any, backend: Any, plate: str, plate_label: str, well: str, site: int, specs: Sequence[LabelSpec],
-                images: Mapping[str, Any], shape: tuple, cal: Any, rois: Sequence[Any]) -> list[str]:
+                images: Mapping[str, Any], shape: tuple, cal: Any, rois: Sequence[Any],
+                also: Sequence[tuple[Any, str]] = ()) -> list[str]:
     """Labels and typed tables of one field (see the module docstring)."""
     from .backends.base import ObjectTable
 
@@ -306,6 +311,8 @@ def _write_ngff(result: Any, backend: Any, plate: str, plate_label: str, well: s
             title = next(t for t in images if spec.matches(t))
             lab = to_labels(np.asarray(images[title]), objects=spec.objects)
         written.append(backend.save_labels(plate, well, site, spec.name, lab))
+        for other, other_plate in also:
+            written.append(other.save_labels(other_plate, well, site, spec.name, lab))
         if not (spec.objects or spec.image == ROIS or lab.dtype != np.uint8):
             continue  # a binary mask: no objects to list
         boxes = object_boxes(lab, cal)
@@ -313,11 +320,13 @@ def _write_ngff(result: Any, backend: Any, plate: str, plate_label: str, well: s
         results = macro_tables.get("Results")
         n = len(boxes["label"])
         if spec.image != ROIS and results and "Results" not in tied and _rows(results) == n and n == int(lab.max()):
-            cols = {"label": list(range(1, n + 1))}
-            cols.update(unit_columns(results, plate=plate, well=well, site=site))
-            for k in ("plate", "well", "field"):
-                cols.pop(k)
-            tables.append(ObjectTable(f"{spec.name}_features", _renamed(cols), kind="feature", label=spec.name))
+            feats: dict[str, list] = {"label": list(range(1, n + 1))}
+            for k, v in results.items():  # ImageJ's columns; one named "label" is kept as "label_"
+                key = k
+                while key in feats:
+                    key = key + "_"
+                feats[key] = np.asarray(v).tolist()
+            tables.append(ObjectTable(f"{spec.name}_features", feats, kind="feature", label=spec.name))
             tied.add("Results")
     for title, columns in macro_tables.items():
         if title not in tied:
@@ -330,17 +339,6 @@ def _write_ngff(result: Any, backend: Any, plate: str, plate_label: str, well: s
 
 def _rows(columns: Mapping[str, Any]) -> int:
     return max((len(v) for v in columns.values()), default=0)
-
-
-def _renamed(cols: dict) -> dict:
-    """A feature table's columns: ImageJ's ``label``-like name clashes kept apart."""
-    out: dict[str, Any] = {}
-    for k, v in cols.items():
-        key = k
-        while key in out:
-            key = key + "_"
-        out[key] = v
-    return out
 
 
 def save_plate_ngff(backend: Any, plate: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]) -> list[str]:

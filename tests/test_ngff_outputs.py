@@ -34,12 +34,10 @@ def bridge():
         yield c
 
 
-def _batch(data_dir, root, bridge, *, fmt: int, wells: str, labels: str, monkeypatch=None):
+def _batch(data_dir, root, bridge, *, wells: str, labels: str):
     src = f"zarr://{root}/sbs.zarr"
     import_folder(data_dir / "sbs_plate_O01-O04", src)
     out = f"zarr://{root}/sbs_nuclei.zarr"
-    if fmt == 3:
-        monkeypatch.setenv("FIJI_BRIDGE_NGFF_VERSION", "0.5")
     rep = run_batch(src, "nuclei_count", args=ARGS, out_uri=out, wells=wells, ports=[bridge.port], progress=False,
                     labels=labels, timeout=120)
     assert rep.ok, rep.failures
@@ -49,7 +47,7 @@ def _batch(data_dir, root, bridge, *, fmt: int, wells: str, labels: str, monkeyp
 @pytest.fixture(scope="module")
 def v04(data_dir, tmp_path_factory, bridge):
     root = tmp_path_factory.mktemp("ngff04")
-    src, rep = _batch(data_dir, root, bridge, fmt=2, wells="O01,O02", labels="mask=nuclei:objects")
+    src, rep = _batch(data_dir, root, bridge, wells="O01,O02", labels="mask=nuclei:objects")
     return root, src, rep
 
 
@@ -101,6 +99,8 @@ def test_ngio_lists_and_reads_labels_and_tables(v04, bridge):
         t = theirs.dataframe.sort_index()
         for c in ("x_micrometer", "y_micrometer", "len_x_micrometer", "len_y_micrometer"):
             np.testing.assert_allclose(o[c].to_numpy(float), t[c].to_numpy(float))
+        cnt = img.get_table("counts").dataframe
+        assert list(cnt["Count"]) == [counts[(well, site)]] and list(cnt["well"]) == [well]
         fov = img.get_roi_table("FOV_ROI_table").rois()
         assert len(fov) == 1 and fov[0].get("x").length == 512 and fov[0].get("y").length == 512
     # plate level: the concatenated tables and the per-well summaries
@@ -109,6 +109,12 @@ def test_ngio_lists_and_reads_labels_and_tables(v04, bridge):
     assert len(res) == len(results) == sum(counts.values())
     assert {"plate", "well", "field"} <= set(res.columns)
     assert sorted(set(res["well"])) == ["O01", "O02"]
+    np.testing.assert_allclose(res["Area"].to_numpy(float), [float(r["Area"]) for r in results])
+    assert list(res["field"]) == [int(r["field"]) for r in results]
+    # ngio's own concatenation of the per-field feature tables has the same rows as our plate table
+    cat = plate.concatenate_image_tables("nuclei_features", max_workers=1).dataframe
+    assert len(cat) == len(res)
+    np.testing.assert_allclose(np.sort(cat["Area"].to_numpy(float)), np.sort(res["Area"].to_numpy(float)))
     pw = plate.get_table("counts_per_well").dataframe
     for _, row in pw.iterrows():
         vals = [v for (w, _), v in counts.items() if w == row["well"]]
@@ -189,10 +195,30 @@ def test_plate_validates_and_napari_lists_the_labels(v04):
 
 
 @pytest.mark.timeout(600)
-def test_ngff_05_binary_mask_stays_binary(data_dir, tmp_path, bridge, monkeypatch):
-    """NGFF 0.5 (zarr v3) on request; a mask without ':objects' stays 0/1."""
-    src, rep = _batch(data_dir, tmp_path, bridge, fmt=3, wells="O03", labels="mask", monkeypatch=monkeypatch)
+def test_ngff_05_binary_mask_stays_binary_from_the_command_line(data_dir, tmp_path, bridge):
+    """``fiji-bridge batch --labels mask --ngff 0.5``: NGFF 0.5 (zarr v3); a
+    mask without ':objects' stays 0/1."""
+    import subprocess
+    import sys
+
+    src = f"zarr://{tmp_path}/sbs.zarr"
+    import_folder(data_dir / "sbs_plate_O01-O04", src)
+    cmd = [sys.executable, "-m", "fiji_bridge.cli", "batch", "--plate", src, "--macro", "nuclei_count",
+           "--out", f"zarr://{tmp_path}/sbs_nuclei.zarr", "--wells", "O03", "--port", str(bridge.port),
+           "--labels", "mask", "--ngff", "0.5", "--labels-to-source"] + [a for k, v in ARGS.items() for a in ("--arg", f"{k}={v}")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (tmp_path / "sbs_nuclei.zarr" / "zarr.json").is_file()
+    assert (tmp_path / "sbs.zarr" / ".zgroup").is_file()  # the source stays NGFF 0.4 ...
+    src_plate = ngio.open_ome_zarr_plate(str(tmp_path / "sbs.zarr"))  # ... with the labels asked for
+    for path, img in src_plate.get_images(max_workers=1).items():
+        if path.startswith("O/3/"):
+            assert img.list_labels() == ["mask"]
+            np.testing.assert_array_equal(np.asarray(img.get_label("mask").get_array()),
+                                          np.asarray(ngio.open_ome_zarr_container(str(tmp_path / "sbs_nuclei.zarr" / path))
+                                                     .get_label("mask").get_array()))
+        else:
+            assert img.list_labels() == []
     dirs = _field_dirs(tmp_path)
     assert validate(tmp_path / "sbs_nuclei.zarr", dirs, "v05")["labels"] == {str(d): ["mask"] for d in dirs}
     plate = ngio.open_ome_zarr_plate(str(tmp_path / "sbs_nuclei.zarr"))
@@ -205,6 +231,8 @@ def test_ngff_05_binary_mask_stays_binary(data_dir, tmp_path, bridge, monkeypatc
         assert "mask_features" not in img.list_tables()
         assert {"FOV_ROI_table", "results", "counts"} <= set(img.list_tables())
         assert len(img.get_table("results").dataframe) == int(img.get_table("counts").dataframe["Count"].iloc[0])
+    assert {"results", "counts", "counts_per_well"} <= set(plate.list_tables())
+
 
 
 # --------------------------------------------------------------------------- ROIs from the macro

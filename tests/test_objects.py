@@ -80,6 +80,15 @@ def test_boxes_match_ngio_and_units_follow_the_calibration(tmp_path):
         np.testing.assert_allclose(theirs[c].to_numpy(float), boxes[c])
 
 
+def test_boxes_of_objects_in_different_frames_are_their_own():
+    lab = np.zeros((2, 1, 20, 20), np.uint32)
+    lab[0, 0, 2:12, 2:12] = 1  # frame 1
+    lab[1, 0, 5:8, 5:9] = 2  # frame 2, over the first one's place
+    b = object_boxes(lab)
+    assert b["label"] == [1, 2]
+    assert (b["x_micrometer"], b["len_x_micrometer"], b["len_y_micrometer"]) == ([2.0, 5.0], [10.0, 4.0], [10.0, 3.0])
+
+
 def test_polygon_mask_is_pixel_centres_inside():
     rect = np.array([[2, 3], [7, 3], [7, 5], [2, 5]], float)  # ImageJ makeRectangle(2, 3, 5, 2)
     m = polygon_mask(rect, (10, 10))
@@ -120,3 +129,42 @@ def test_refusals_say_what_to_do(tmp_path):
         Bare().save_labels("p", "A01", 0, "x", np.zeros((1, 1, 2, 2), np.uint8))
     with pytest.raises(NotImplementedError, match="typed field tables"):
         Bare().save_field_tables("p", "A01", 0, [])
+
+
+def test_the_stores_hold_the_same_tables(tmp_path):
+    """One result into OME-Zarr (read back by ngio), OME-TIFF CSV and OME-TIFF
+    Parquet: the same tables, columns and values."""
+    ngio = pytest.importorskip("ngio")
+    import pandas as pd
+
+    from fiji_bridge.backends.ome_tiff import OmeTiffStore
+
+    m = _blobs(4)[None, None, None]
+    n = int(ndimage.label(m[0, 0, 0] > 0, structure=np.ones((3, 3), bool))[1])
+    res = MacroResult(images={"mask": m}, tables={"Results": {"Area": np.arange(n, dtype=float) + 0.5,
+                                                              "Label": np.array(["f"] * n, dtype=object)}})
+    inp = np.zeros((1, 1, 1, 128, 128), np.uint16)
+    stores = {"zarr": ZarrPlateStore(tmp_path / "z"), "csv": OmeTiffStore(tmp_path / "c"),
+              "parquet": OmeTiffStore(tmp_path / "p", table_format="parquet")}
+    got = {}
+    for kind, st in stores.items():
+        pid = st.create_plate("d")
+        save_result(res, "", well="A01", site=2, backend=st, plate=pid, labels="mask=nuclei:objects", input=inp)
+        for t in ("nuclei_features", "nuclei_ROI_table", "FOV_ROI_table"):
+            if kind == "zarr":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    img = ngio.open_ome_zarr_container(str(tmp_path / "z" / "d.zarr" / "A" / "1" / "2"))
+                    df = img.get_table(t).dataframe.reset_index()
+            elif kind == "csv":
+                df = pd.read_csv(tmp_path / "c" / "d" / "tables" / "A01" / f"{t}_s002.csv")
+            else:
+                df = pd.read_parquet(tmp_path / "p" / "d" / "tables" / "A01" / f"{t}_s002.parquet")
+            got[(kind, t)] = df
+    for t in ("nuclei_features", "nuclei_ROI_table", "FOV_ROI_table"):
+        z = got[("zarr", t)]
+        for kind in ("csv", "parquet"):
+            o = got[(kind, t)]
+            assert sorted(o.columns) == sorted(z.columns), (kind, t)
+            pd.testing.assert_frame_equal(o[sorted(o.columns)], z[sorted(z.columns)], check_dtype=False)
+    assert len(got[("zarr", "nuclei_features")]) == n

@@ -49,7 +49,7 @@ def write_label(image_dir: Path, name: str, labels: np.ndarray) -> None:
     if lab.ndim != 4:
         raise BackendError(f"label {name!r}: expected a TZYX array, got shape {lab.shape}")
     try:
-        container = ngio.open_ome_zarr_container(str(image_dir))
+        container = ngio.open_ome_zarr_container(str(image_dir), cache=True)  # one write: cached metadata
         image = container.get_image()
         dims = dict(zip(image.axes, image.shape))
         t, z, y, x = lab.shape
@@ -124,7 +124,8 @@ def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool 
     if backend not in TABLE_BACKENDS:
         raise BackendError(f"table backend {backend!r} is not one of {', '.join(TABLE_BACKENDS)}")
     try:
-        owner = ngio.open_ome_zarr_plate(str(group_dir)) if plate else ngio.open_ome_zarr_container(str(group_dir))
+        owner = (ngio.open_ome_zarr_plate(str(group_dir), cache=True) if plate
+                 else ngio.open_ome_zarr_container(str(group_dir), cache=True))
         for t in tables:
             owner.add_table(t.name, _ngio_table(t), backend=backend, overwrite=True)
     except BackendError:

@@ -78,6 +78,13 @@ def _attrs_of(d: Path) -> Optional[dict]:
     return None
 
 
+def _open_group(d: Path) -> Any:
+    """The zarr group at ``d`` for writing, its format read from the files
+    (zarr would otherwise probe v3, v2 and consolidated metadata)."""
+    fmt = 2 if (d / ".zgroup").is_file() else 3
+    return zarr.open_group(str(d), mode="r+", zarr_format=fmt, use_consolidated=False)
+
+
 def _ome(attrs: dict) -> dict:
     """NGFF metadata: under ``ome`` in 0.5, at the top in 0.4."""
     return attrs.get("ome", attrs)
@@ -256,9 +263,9 @@ class ZarrPlateStore(LocalPlateStore):
 
         d = self.plate_dir(plate)  # the zarr format (NGFF version) follows the plate group
         wpath = self._well_path(d, well)
-        tczyx = np.ascontiguousarray(array.transpose(0, 2, 1, 3, 4))
+        tczyx = np.ascontiguousarray(array).transpose(0, 2, 1, 3, 4)  # a view: each (y, x) plane stays contiguous
         tmp_name = f"tmp_{site}_{uuid.uuid4().hex[:12]}"
-        wg = zarr.open_group(str(d), mode="r+").require_group(wpath)
+        wg = _open_group(d).require_group(wpath)
         tmp = wg.create_group(tmp_name)
         try:
             _write_image(tmp, tczyx, name, channel_names, calibration, self._compressor())
@@ -329,7 +336,7 @@ class ZarrPlateStore(LocalPlateStore):
         (caller holds the plate lock)."""
         from ome_zarr.writer import write_plate_metadata
 
-        root = zarr.open_group(str(d), mode="r+")
+        root = _open_group(d)
         wg = root.require_group(wpath)
         images = _ome(dict(wg.attrs)).get("well", {}).get("images", [])
         paths = {str(im["path"]) for im in images}
@@ -366,9 +373,13 @@ class ZarrPlateStore(LocalPlateStore):
         if _is_letter_run(rows) and _is_number_run(cols):
             wells.sort(key=lambda p: (rows.index(p.split("/")[0]), cols.index(p.split("/")[1])) if p.count("/") == 1 and p.split("/")[0] in rows and p.split("/")[1] in cols else (len(rows), 0))
         field_count = max(meta.get("field_count", 0), site + 1)
-        write_plate_metadata(
-            root, rows, cols, wells, name=str(meta.get("name") or extra.get("name") or d.stem), field_count=field_count
-        )
+        name = str(meta.get("name") or extra.get("name") or d.stem)
+        same = (rows == [str(x["name"]) for x in meta.get("rows", [])]
+                and cols == [str(x["name"]) for x in meta.get("columns", [])]
+                and wells == [str(w["path"]) for w in meta.get("wells", [])]
+                and field_count == meta.get("field_count") and name == meta.get("name"))
+        if not same:  # a new well, row, column or field index: rewrite the plate's metadata
+            write_plate_metadata(root, rows, cols, wells, name=name, field_count=field_count)
 
     def _write_planes(self, plate: str, rel: str, info: FieldInfo, planes: Sequence[tuple[int, int, int, np.ndarray]]) -> None:
         arr, axes = self._image(plate, rel)

@@ -408,7 +408,7 @@ class BridgeServer:
             "windows": self.live.windows,
             "display_pending": self.live.pending,
             "stacks": stacks,
-            "memory": {"used": self.memory_used(), "pixels": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
+            "memory": {"used": self.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),

@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 
 from .protocol import ArrayDesc, encode, parse_json
+from .transport import owned_segment
 
 try:
     import _posixshmem  # type: ignore[import-not-found]
@@ -183,14 +184,14 @@ def unlink_quietly(name: str) -> None:
 
 
 def reap_prefix(prefix: str) -> list[str]:
-    """Unlink every ``/dev/shm/<prefix>*`` segment (ours: a known, dead owner)."""
+    """Unlink every ``/dev/shm/<prefix>*`` segment of this user (ours: a known, dead owner)."""
     out = []
     try:
         entries = os.listdir("/dev/shm")
     except OSError:
         return out
     for e in entries:
-        if e.startswith(prefix):
+        if e.startswith(prefix) and owned_segment(e):
             unlink_quietly(e)
             out.append(e)
     return out

@@ -60,6 +60,7 @@ from .protocol import (
     encode,
     parse_json,
 )
+from .security import HANDSHAKE_FAILED
 
 __all__ = [
     "BridgeClient",
@@ -150,9 +151,11 @@ class BridgeClient:
             except (SecurityError, OSError) as e:
                 raise BridgeError(f"cannot use this user's bridge secret: {e}", "unauthorized") from None
         self._ctx = zmq.Context()
-        self._ctrl = self._socket(zmq.DEALER, self.ctrl_endpoint)
-        # handshake failures (a wrong secret or keys) surface here, not on _ctrl
-        self._monitor = self._ctrl.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._ctrl = self._socket(zmq.DEALER, None)
+        # handshake failures (a wrong secret or keys) surface here, not on _ctrl;
+        # watched from before the connect (a refused handshake is not retried)
+        self._monitor = self._ctrl.get_monitor_socket(HANDSHAKE_FAILED)
+        self._ctrl.connect(self.ctrl_endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._ctrl, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -168,7 +171,7 @@ class BridgeClient:
 
     # ------------------------------------------------------------------ connecting
 
-    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _socket(self, kind: int, endpoint: Optional[str]) -> zmq.Socket:
         s = self._ctx.socket(kind)
         s.linger = 0
         s.sndhwm = 1000
@@ -180,7 +183,8 @@ class BridgeClient:
             from .security import apply_client_secret
 
             apply_client_secret(s, self._secret or "")
-        s.connect(endpoint)
+        if endpoint is not None:
+            s.connect(endpoint)
         return s
 
     @classmethod
@@ -277,6 +281,7 @@ class BridgeClient:
         try:
             self._ctrl.send_multipart([b""] + encode({"type": type_, "id": rid, **fields}, frames), flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:
+            self._check_handshake()  # no peer left because it refused us? say so
             raise BridgeError(f"cannot send to the bridge at {self.ctrl_endpoint}: {e}") from None
         timeout = self.timeout if wait is None else wait
         start = time.monotonic()
@@ -333,11 +338,11 @@ class BridgeClient:
 
         while self._monitor.poll(0):
             ev = recv_monitor_message(self._monitor)
-            if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 how = f"the CurveZMQ keys in {self.keys}" if self.keys is not None else "this user's secret"
                 raise BridgeError(
-                    f"the bridge at {self.ctrl_endpoint} refused {how}: it belongs to another user (a bridge admits only "
-                    f"clients that present its user's secret, {_secret_hint()}), or it was started with other keys or an older secret (restart it)",
+                    f"the bridge at {self.ctrl_endpoint} refused {how}, or is not ours: it belongs to another user (a bridge admits only "
+                    f"clients that know its user's secret, {_secret_hint()}), or it was started with other keys or an older secret (restart it)",
                     "unauthorized",
                 )
             if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:

@@ -424,11 +424,11 @@ def _as_other_user(uid: int, gid: int, port: int, secret_file: str, marker: str)
             ctx = zmq.Context()
             got = {}
             for what, port_ in (("control", port), ("data", port + 1000)):
-                for mech in ("null", "plain-guess"):
+                for mech in ("null", "curve-guess"):
                     s = ctx.socket(zmq.DEALER)
                     s.linger = 0
-                    if mech == "plain-guess":
-                        s.plain_username, s.plain_password = b"fiji-bridge", secrets.token_hex(32).encode()
+                    if mech == "curve-guess":  # keys from a guessed secret
+                        apply_client_secret(s, secrets.token_hex(32))
                     s.connect(f"tcp://127.0.0.1:{port_}")
                     macro = json.dumps({"type": "run_macro", "id": 1, "code": f'File.saveString("pwned", "{marker}");'}).encode()
                     s.send_multipart([b"", macro] if what == "control" else [b"", plane_header(0), b"\0" * 512])
@@ -483,11 +483,11 @@ def test_a_second_local_user_gets_nothing_without_the_secret(bridge, baseline, t
         shutil.rmtree(theirs, ignore_errors=True)
     assert "crash" not in got, got
     assert got["read_secret"] == "PermissionError"
-    assert got["answers"] == {"control/null": 0, "control/plain-guess": 0, "data/null": 0, "data/plain-guess": 0}
+    assert got["answers"] == {"control/null": 0, "control/curve-guess": 0, "data/null": 0, "data/curve-guess": 0}
     assert got["client"].startswith("unauthorized: ") and "refused" in got["client"]
     assert not marker.exists()  # no macro ran
     with bridge.client() as c:
-        assert c.status()["auth"]["refused"] >= refused_before + 3  # the guessed passwords and its client
+        assert c.status()["auth"]["refused"] >= refused_before + 6  # each of its handshakes, logged
         assert "fuzz-target" not in c.list_stacks()  # its planes never arrived
     record("second local user, no secret", "nothing answered; client: unauthorized", took)
     intact(bridge, baseline)

@@ -23,6 +23,11 @@ stream are unacknowledged, then :meth:`send_plane` waits for the bridge. With
 ``live=True`` a plane that finds no credit is dropped and counted instead
 (:attr:`dropped`; the bridge reports it in ``status()``).
 
+Authentication is automatic: on this host the client derives its keys from
+the account's secret (:func:`fiji_bridge.security.ensure_secret`), beyond it
+it uses ``keys=DIR``; a bridge that refuses them (another user's, or a
+stranger on the port) raises :class:`BridgeError` with code ``unauthorized``.
+
 No call hangs: every wait has a deadline, and long waits (macros) ping the
 bridge so that a dead bridge is reported within seconds as
 :class:`BridgeError`. One client per thread.

@@ -14,8 +14,17 @@ One :class:`BridgeServer` owns
   JVM lives there, never here);
 * optionally, OpenHCS's viewer protocol (``--openhcs-port``).
 
-Everything runs in one thread around a ``zmq.Poller``; SIGTERM/SIGINT and the
-``shutdown`` request stop it cleanly. Live Fiji windows (with a display) are
+Both channels admit only authenticated peers (:mod:`fiji_bridge.security`:
+keys derived from the per-user secret on this host, CurveZMQ key files
+beyond it); a refused handshake is counted and logged, never read. Peers
+that do get in are still validated message by message: bad frames get error
+replies, shared-memory names are opened without blocking and only when they
+are regular files of the bridge's user, ``save_to`` is held to the allowed
+roots, new stacks to the memory cap.
+
+Everything runs in one thread around a ``zmq.Poller``; SIGTERM/SIGINT, the
+``shutdown`` request and (``parent_pid``) the death of the owner stop it
+cleanly. Live Fiji windows (with a display) are
 updated through :class:`~fiji_bridge.live_display.LiveDisplay`.
 """
 

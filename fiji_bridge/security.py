@@ -154,8 +154,12 @@ def ensure_secret(path: Optional[Union[str, Path]] = None) -> str:
         os.link(tmp, p)
     except FileExistsError:
         pass  # another process made it first: use theirs
+    except OSError:  # no hard links here (some network file systems): a rename, unless one exists
+        if not p.exists():
+            os.replace(tmp, p)
     finally:
-        os.unlink(tmp)
+        if tmp.exists():
+            os.unlink(tmp)
     found = _read_secret(p)
     if found is None:
         raise SecurityError(f"the bridge secret {p} vanished while it was being created")

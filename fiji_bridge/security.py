@@ -138,6 +138,13 @@ def ensure_secret(path: Optional[Union[str, Path]] = None) -> str:
     found = _read_secret(p)
     if found is not None:
         return found
+    try:
+        return _create_secret(p)
+    except OSError as e:
+        raise SecurityError(f"cannot create the bridge secret {p}: {e}; set FIJI_BRIDGE_SECRET_FILE to a file in a private, writable folder") from None
+
+
+def _create_secret(p: Path) -> str:
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # others may list the folder, never write to it (they could swap the file)
     # (a sticky folder such as /tmp is fine: others cannot rename or remove our file)

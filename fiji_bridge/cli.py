@@ -76,7 +76,7 @@ def serve(port: int, host: str, ipc: bool, engine: str, display: Optional[bool],
 @click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
 def status(port: int, host: str, as_json: bool) -> None:
     """Show whether a bridge answers on PORT, its engine and its stacks."""
-    from .client import status_command
+    from .commands import status_command
 
     sys.exit(status_command(port=port, host=host, as_json=as_json))
 
@@ -86,7 +86,7 @@ def status(port: int, host: str, as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 def stop(port: int, host: str) -> None:
     """Ask the bridge on PORT to shut down."""
-    from .client import stop_command
+    from .commands import stop_command
 
     sys.exit(stop_command(port=port, host=host))
 
@@ -99,7 +99,7 @@ def stop(port: int, host: str) -> None:
 @click.option("--live", is_flag=True, help="drop planes instead of blocking when the bridge is slow")
 def stream(source: str, port: int, host: str, wells: str, live: bool) -> None:
     """Stream a plate (URI) or a folder of TIFFs into a bridge as hyperstacks."""
-    from .client import stream_command
+    from .commands import stream_command
 
     sys.exit(stream_command(source, port=port, host=host, wells=wells, live=live))
 
@@ -112,7 +112,7 @@ def stream(source: str, port: int, host: str, wells: str, live: bool) -> None:
 @click.option("--montage", is_flag=True, help="a montage of all C/Z planes instead of the composite")
 def snapshot(stack_key: str, output: str, port: int, host: str, montage: bool) -> None:
     """Render a stack as Fiji shows it into a PNG (no screen needed)."""
-    from .client import snapshot_command
+    from .commands import snapshot_command
 
     sys.exit(snapshot_command(stack_key, output, port=port, host=host, montage=montage))
 
@@ -141,7 +141,7 @@ def keys(out_dir: str) -> None:
 @click.option("-o", "--output", "out_dir", default=None, type=click.Path(file_okay=False), help="write images (TIFF) and tables (CSV) here")
 def run(macro: str, stack_key: Optional[str], image_path: Optional[str], args: tuple[str, ...], save_to: Optional[str], port: int, host: str, timeout: float, out_dir: Optional[str]) -> None:
     """Run MACRO (a library name or a .ijm path) through the bridge."""
-    from .client import run_command
+    from .commands import run_command
 
     sys.exit(run_command(macro, stack_key=stack_key, image_path=image_path, args=_parse_args(args), save_to=save_to, port=port, host=host, timeout=timeout, out_dir=out_dir))
 

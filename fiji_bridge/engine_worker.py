@@ -24,14 +24,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import zmq
 
 from .components import Calibration
 from .protocol import FrameSink, encode, encode_macro_result, parse_json
-from .supervisor import SERVER_PREFIX, WORKER_PREFIX, SharedArray, attach_array, reap_prefix
+from .supervisor import EXIT_IMAGEJ_QUIT, SERVER_PREFIX, WORKER_PREFIX, SharedArray, attach_array, reap_prefix
 
 #: result arrays up to this size travel in the reply's frames, not in shared memory
 INLINE_BYTES = 64 << 10
@@ -58,6 +58,20 @@ def _heartbeat(path: str) -> None:
         time.sleep(0.5)
 
 
+def _imagej_quit() -> Optional[bool]:
+    """Whether ImageJ was quit (a macro's ``run("Quit")``): its instance is
+    gone or quitting, and with it the Log (``IJ.getLog()`` answers null
+    from then on, so every later macro would report an empty log). None
+    when this engine has no ImageJ 1 instance to check."""
+    try:
+        from .engine.transfer import J
+
+        inst = J("ij.IJ").getInstance()
+        return inst is None or bool(inst.quitting())
+    except Exception:  # no JVM, no ij.jar: nothing to check
+        return None
+
+
 def _open_engine(kind: str, display: bool) -> Any:
     factory = os.environ.get("FIJI_BRIDGE_ENGINE_FACTORY")  # "module:callable", for custom engines
     if factory:
@@ -73,6 +87,7 @@ class Worker:
         self.sock = sock
         self.engine = engine
         self.parent = parent
+        self._watch_quit = _imagej_quit() is False  # an ImageJ instance is up: watch it
         self._seg = itertools.count()
         self._mapped: list = []
         self._staging: dict[str, tuple[str, np.ndarray, Any]] = {}  # key -> (segment, array, mapping)
@@ -250,6 +265,11 @@ class Worker:
                 self._release()
             frames, self._frames = self._frames.frames, FrameSink()
             self.sock.send_multipart(encode({"op": "reply", "id": m.get("id"), **reply}, frames))
+            if self._watch_quit and _imagej_quit():
+                print(f"ImageJ was quit during {op!r}: leaving, so that the supervisor starts a fresh one", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                time.sleep(0.2)  # let the reply leave (linger)
+                os._exit(EXIT_IMAGEJ_QUIT)
 
 
 def main(argv: list[str] | None = None) -> int:

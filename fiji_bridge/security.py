@@ -6,19 +6,21 @@ channels (control and data) must prove it may do that:
 * **On this host** (127.0.0.1 / ::1 / ipc, the default) a per-user secret:
   32 random bytes (hex) in :func:`secret_path` (``$FIJI_BRIDGE_SECRET_FILE``,
   else ``~/.cache/fiji-bridge/secret`` of the account), a 0600 file in a
-  folder only this user can write to, created on first use by whichever side comes first (bridge or
-  client; atomically, so two never disagree). The bridge's sockets are ZMTP
-  PLAIN servers whose ZAP handler admits username ``fiji-bridge`` with that
-  secret as password (compared in constant time, never logged); clients
-  present it automatically (:func:`apply_client_secret`). A peer without it
-  (another local account, a program that does not know the file) fails the
-  handshake: not one of its messages reaches the bridge.
-  :class:`~fiji_bridge.client.BridgeClient` turns the failure into a
-  ``BridgeError`` with code ``unauthorized``. PLAIN sends the password in
-  the clear, which is fine on loopback and ipc (only root can read those)
-  and is why it is never used beyond this host.
-* **Beyond this host** CurveZMQ (encryption and key authentication), which
-  replaces the secret. ``fiji-bridge keys -o DIR`` makes::
+  folder only this user can write to, created on first use by whichever
+  side comes first (bridge or client; atomically, so two never disagree).
+  The secret itself never travels: both sides derive CurveZMQ key pairs
+  from it (:func:`secret_keys`, BLAKE2b with a per-role personalisation),
+  the bridge is a CURVE server with the derived server key and its ZAP
+  handler admits only the derived client key (compared in constant time).
+  So the handshake authenticates both ends: a peer without the secret (another
+  local account, a program that does not know the file) fails it and not
+  one of its messages reaches the bridge; and a client that meets a
+  *stranger's* server on the port (someone squatting it) fails it too,
+  without giving anything away. :class:`~fiji_bridge.client.BridgeClient`
+  turns a failed handshake into a ``BridgeError`` with code
+  ``unauthorized``.
+* **Beyond this host** CurveZMQ with key files (below), which replace the
+  secret. ``fiji-bridge keys -o DIR`` makes::
 
     DIR/server.key            server public key   (give to clients)
     DIR/server.key_secret     server key pair     (stays with the bridge)
@@ -33,6 +35,7 @@ uses ``client.key_secret`` and ``server.key``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -58,12 +61,14 @@ __all__ = [
     "apply_client_secret",
     "secret_path",
     "ensure_secret",
-    "PLAIN_USER",
+    "secret_keys",
+    "HANDSHAKE_FAILED",
     "SaveRoots",
 ]
 
-#: the PLAIN username every client presents (the password is the secret)
-PLAIN_USER = "fiji-bridge"
+
+#: socket-monitor events of a failed handshake: no secret, other keys, not a bridge of ours
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 class SecurityError(RuntimeError):
@@ -133,6 +138,13 @@ def ensure_secret(path: Optional[Union[str, Path]] = None) -> str:
     found = _read_secret(p)
     if found is not None:
         return found
+    try:
+        return _create_secret(p)
+    except OSError as e:
+        raise SecurityError(f"cannot create the bridge secret {p}: {e}; set FIJI_BRIDGE_SECRET_FILE to a file in a private, writable folder") from None
+
+
+def _create_secret(p: Path) -> str:
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # others may list the folder, never write to it (they could swap the file)
     # (a sticky folder such as /tmp is fine: others cannot rename or remove our file)
@@ -149,18 +161,36 @@ def ensure_secret(path: Optional[Union[str, Path]] = None) -> str:
         os.link(tmp, p)
     except FileExistsError:
         pass  # another process made it first: use theirs
+    except OSError:  # no hard links here (some network file systems): a rename, unless one exists
+        if not p.exists():
+            os.replace(tmp, p)
     finally:
-        os.unlink(tmp)
+        if tmp.exists():
+            os.unlink(tmp)
     found = _read_secret(p)
     if found is None:
         raise SecurityError(f"the bridge secret {p} vanished while it was being created")
     return found
 
 
+def secret_keys(secret: str, role: str) -> tuple[bytes, bytes]:
+    """The CurveZMQ key pair (public, secret; Z85) that ``role`` ("server" or
+    "client") derives from the per-user ``secret``."""
+    from zmq.utils import z85
+
+    raw = hashlib.blake2b(secret.encode(), digest_size=32, person=f"fjb-curve-{role}".encode()[:16]).digest()
+    sec = z85.encode(raw)
+    return zmq.curve_public(sec), sec
+
+
 def apply_client_secret(sock: zmq.Socket, secret: str) -> None:
-    """Make ``sock`` present ``secret`` (ZMTP PLAIN) to a bridge on this host."""
-    sock.plain_username = PLAIN_USER.encode()
-    sock.plain_password = secret.encode()
+    """Make ``sock`` a CURVE client with the keys derived from ``secret``
+    (it will talk only to a bridge that derived its keys from the same one)."""
+    server_public, _ = secret_keys(secret, "server")
+    public, sec = secret_keys(secret, "client")
+    sock.curve_serverkey = server_public
+    sock.curve_publickey = public
+    sock.curve_secretkey = sec
 
 
 def is_loopback(host: str) -> bool:
@@ -241,48 +271,51 @@ def _server_files(d: Path) -> tuple[Path, Path]:
     return sec, auth
 
 
-class ServerAuth:
-    """Authentication on the bridge's sockets, with a ZAP authenticator
-    thread: CURVE admitting only the client keys in ``DIR/authorized`` when
-    ``keys_dir`` is given, else PLAIN admitting only this user's secret.
+class _DerivedClient:
+    """ZAP credentials provider: admits the one client key derived from the secret."""
 
-    ``refused`` counts the handshakes turned away (PLAIN)."""
+    def __init__(self, owner: "ServerAuth", client_public: bytes) -> None:
+        self.owner = owner
+        self.client_public = client_public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = hmac.compare_digest(key, self.client_public)
+        if not ok:
+            self.owner.refused += 1
+        return ok
+
+
+class ServerAuth:
+    """CURVE on the bridge's sockets, with a ZAP authenticator thread that
+    admits only the client keys in ``DIR/authorized`` (``keys_dir``), or else
+    only the client key derived from this user's ``secret``.
+
+    ``refused`` counts the handshakes turned away (see also the bridge's
+    handshake monitor)."""
 
     def __init__(self, ctx: zmq.Context, keys_dir: Optional[Union[str, Path]] = None, secret: Optional[str] = None) -> None:
         from zmq.auth.thread import ThreadAuthenticator
 
-        owner = self
-
-        class _Authenticator(ThreadAuthenticator):
-            def _authenticate_plain(self, domain: str, username: str, password: str) -> tuple[bool, bytes]:
-                # constant time, and never log the password (pyzmq's own logs it at debug level)
-                ok = owner._plain is not None and hmac.compare_digest(username.encode(), PLAIN_USER.encode()) & hmac.compare_digest(password.encode(), owner._plain.encode())
-                if not ok:
-                    owner.refused += 1
-                return (True, b"OK") if ok else (False, b"wrong or missing fiji-bridge secret")
-
         self.mode = "curve" if keys_dir is not None else "secret"
         self.refused = 0
-        self._plain = secret
-        self.public = self.secret = b""
         if keys_dir is not None:
             sec, auth_dir = _server_files(Path(keys_dir))
             self.public, self.secret = zmq.auth.load_certificate(str(sec))
-        elif not secret:
+        elif secret:
+            self.public, self.secret = secret_keys(secret, "server")
+        else:
             raise SecurityError("a bridge needs either CurveZMQ keys or the per-user secret")
-        self.auth = _Authenticator(ctx)
+        self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
         if keys_dir is not None:
             self.auth.configure_curve(domain="*", location=str(auth_dir))
+        else:
+            self.auth.configure_curve_callback(domain="*", credentials_provider=_DerivedClient(self, secret_keys(secret, "client")[0]))
 
     def apply(self, sock: zmq.Socket) -> None:
-        if self.mode == "curve":
-            sock.curve_secretkey = self.secret
-            sock.curve_publickey = self.public
-            sock.curve_server = True
-        else:
-            sock.plain_server = True
-            sock.zap_domain = b"fiji-bridge"
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
 
     def stop(self) -> None:
         self.auth.stop()

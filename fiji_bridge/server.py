@@ -14,8 +14,17 @@ One :class:`BridgeServer` owns
   JVM lives there, never here);
 * optionally, OpenHCS's viewer protocol (``--openhcs-port``).
 
-Everything runs in one thread around a ``zmq.Poller``; SIGTERM/SIGINT and the
-``shutdown`` request stop it cleanly. Live Fiji windows (with a display) are
+Both channels admit only authenticated peers (:mod:`fiji_bridge.security`:
+keys derived from the per-user secret on this host, CurveZMQ key files
+beyond it); a refused handshake is counted and logged, never read. Peers
+that do get in are still validated message by message: bad frames get error
+replies, shared-memory names are opened without blocking and only when they
+are regular files of the bridge's user, ``save_to`` is held to the allowed
+roots, new stacks to the memory cap.
+
+Everything runs in one thread around a ``zmq.Poller``; SIGTERM/SIGINT, the
+``shutdown`` request and (``parent_pid``) the death of the owner stop it
+cleanly. Live Fiji windows (with a display) are
 updated through :class:`~fiji_bridge.live_display.LiveDisplay`.
 """
 
@@ -62,7 +71,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
-from .security import SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
+from .security import HANDSHAKE_FAILED, SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
 from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
 
@@ -76,6 +85,7 @@ REAP_INTERVAL = 5.0
 #: plane index, names, origin, window state: ~2 KB measured, 20,000 stacks of
 #: one 4x4 plane grew the bridge by 38 MB), counted against the memory cap
 STACK_OVERHEAD = 4096
+_EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "bad handshake", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed handshake"}
 #: seconds between checks that the owner (``--parent-pid``) still lives
 PARENT_CHECK_INTERVAL = 0.5
 #: messages handled per socket before the loop looks at the others
@@ -189,6 +199,11 @@ class BridgeServer:
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
         self.poller.register(self.data, zmq.POLLIN)
+        # peers that fail the handshake (no secret, wrong keys) are counted and logged
+        self.refused = 0
+        self._monitors = [s.get_monitor_socket(HANDSHAKE_FAILED) for s in (self.ctrl, self.data)]
+        for m in self._monitors:
+            self.poller.register(m, zmq.POLLIN)
         self.subs: dict[str, tuple[zmq.Socket, Optional[AxisMapping]]] = {}
         self.streams: dict[str, StreamStats] = {}
         self.origins: dict[str, dict] = {}  # stack key -> plate/well/site of its planes
@@ -267,6 +282,9 @@ class BridgeServer:
                         self._drain(sock, lambda fr, m=mapping: self._on_published(fr, m))
                 if self.sup.sock is not None and self.sup.sock in events:
                     self.sup.on_readable()
+                for m in self._monitors:
+                    if m in events:
+                        self._on_refused(m)
                 self._housekeeping()
         finally:
             self.close()
@@ -340,6 +358,12 @@ class BridgeServer:
         for sock, _ in self.subs.values():
             sock.close(0)
         self.subs.clear()
+        for sock, m in zip((self.ctrl, self.data), self._monitors):
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            m.close(0)
         self.ctrl.close(0)
         self.data.close(0)
         self.auth.stop()
@@ -351,6 +375,16 @@ class BridgeServer:
                     os.unlink(ep[len("ipc://"):])
                 except OSError:
                     pass
+
+    def _on_refused(self, monitor: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            ev = recv_monitor_message(monitor)
+            self.refused += 1
+            if self.refused <= 10 or self.refused % 1000 == 0:
+                log.warning("refused a peer that failed the handshake (%s from %s; %d so far): no secret, or other keys",
+                            _EVENT_NAMES.get(ev["event"], ev["event"]), ev.get("endpoint", b"?").decode("utf-8", "replace"), self.refused)
 
     def _swap_worker_socket(self, old: Optional[zmq.Socket], new: Optional[zmq.Socket]) -> None:
         if old is not None:
@@ -414,7 +448,7 @@ class BridgeServer:
             "windows": self.live.windows,
             "display_pending": self.live.pending,
             "stacks": stacks,
-            "memory": {"used": self.memory_used(), "pixels": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
+            "memory": {"used": self.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),
@@ -422,7 +456,7 @@ class BridgeServer:
             "errors": self.errors,
             "secure": True,
             "save_to_roots": self.save_roots.describe(),
-            "auth": {"mode": self.auth.mode, "refused": self.auth.refused, **({"secret_file": str(secret_path())} if self.auth.mode == "secret" else {})},
+            "auth": {"mode": self.auth.mode, "refused": self.refused + self.auth.refused, **({"secret_file": str(secret_path())} if self.auth.mode == "secret" else {})},
         }
 
     def _status(self, env: list, req: Request) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 
 from .protocol import ArrayDesc, encode, parse_json
+from .transport import owned_segment
 
 try:
     import _posixshmem  # type: ignore[import-not-found]
@@ -66,6 +67,8 @@ KILL_GRACE = 2.0
 HEARTBEAT_STALE = 3.0
 #: ... and is killed and restarted when it stays silent this long (a stopped or wedged process)
 HEARTBEAT_KILL = float(os.environ.get("FIJI_BRIDGE_HEARTBEAT_KILL", "60"))
+#: exit code of a worker whose ImageJ a macro quit (``run("Quit")``): restarted at once
+EXIT_IMAGEJ_QUIT = 5
 #: macro timeout when the request gives none
 DEFAULT_MACRO_TIMEOUT = 600.0
 #: request segments kept for reuse: how many, and how many bytes at most
@@ -181,14 +184,14 @@ def unlink_quietly(name: str) -> None:
 
 
 def reap_prefix(prefix: str) -> list[str]:
-    """Unlink every ``/dev/shm/<prefix>*`` segment (ours: a known, dead owner)."""
+    """Unlink every ``/dev/shm/<prefix>*`` segment of this user (ours: a known, dead owner)."""
     out = []
     try:
         entries = os.listdir("/dev/shm")
     except OSError:
         return out
     for e in entries:
-        if e.startswith(prefix):
+        if e.startswith(prefix) and owned_segment(e):
             unlink_quietly(e)
             out.append(e)
     return out
@@ -551,6 +554,17 @@ class EngineSupervisor:
         elif self.silent is not None:
             log.info("the engine worker answers again")
             self.silent = None
+        if code == EXIT_IMAGEJ_QUIT:
+            # the worker left right after replying, before reading anything
+            # else: a job sent meanwhile never ran, so it goes first to the next worker
+            if job is not None:
+                self.current = None
+                for seg in job.segments:
+                    self._recycle(seg)
+                job.segments.clear()
+                self.queue.appendleft(job)
+            self._restart('a macro quit ImageJ (run("Quit")), which loses its Log and windows: a fresh ImageJ was started')
+            return
         if code is not None:
             self._lost(f"the ImageJ engine died (exit code {code})")
             return

@@ -20,7 +20,8 @@ Shared memory, the rules both sides follow:
   killed consumer leaks nothing. :func:`reap_orphans` is the safety net for
   the remaining cases (a producer whose resource tracker died with it, or a
   producer that is a ``multiprocessing`` child sharing its parent's tracker):
-  it unlinks ``fjb_<pid>_*`` segments whose process is gone.
+  it unlinks ``fjb_<pid>_*`` segments whose process is gone, and only its
+  own user's (``/dev/shm`` is shared by every account).
 
 Python's resource tracker and the consumer: on Python < 3.13,
 ``SharedMemory(name)`` registers even a segment it merely *attaches*, so the
@@ -70,6 +71,7 @@ __all__ = [
     "payload_nbytes",
     "read_inline",
     "open_segment",
+    "owned_segment",
     "read_shm",
     "reap_orphans",
     "SegmentTooShort",
@@ -553,6 +555,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def owned_segment(name: str) -> bool:
+    """Whether ``/dev/shm/<name>`` is a regular file of this process's user
+    (not a link, FIFO or folder, not another account's): the only kind a
+    reaper may unlink."""
+    try:
+        st = os.lstat(os.path.join(_SHM_DIR, name))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
 def reap_orphans(prefix: str = SHM_PREFIX) -> list[str]:
     """Unlink ``/dev/shm/<prefix>_<pid>_*`` segments whose process is dead.
 
@@ -577,6 +590,8 @@ def reap_orphans(prefix: str = SHM_PREFIX) -> list[str]:
         m = pattern.match(entry)
         if not m:
             continue
+        if not owned_segment(entry):
+            continue  # another account's (or not a segment at all): never ours to remove
         pid = int(m.group(1))
         if pid not in alive:
             alive[pid] = pid == os.getpid() or _pid_alive(pid)

@@ -185,3 +185,30 @@ def test_save_roots_admit_plates_below_the_roots_only(tmp_path, monkeypatch):
         default.check("/etc/p.zarr")
     with pytest.raises(SecurityError):
         default.check(str(Path.home() / ".ssh" / "p.zarr"))
+
+
+@pytest.mark.timeout(60)
+def test_a_client_tells_a_stranger_squatting_the_port_and_gives_nothing_away():
+    """Someone else listens on the port (NULL, or CURVE with keys of their
+    own): the client's handshake fails (unauthorized) and the stranger
+    receives not one message (the secret never travels)."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        for kind in ("null", "curve"):
+            port = free_port_pair()
+            squat = ctx.socket(zmq.ROUTER)
+            squat.linger = 0
+            if kind == "curve":
+                pub, sec = zmq.curve_keypair()
+                squat.curve_server, squat.curve_publickey, squat.curve_secretkey = True, pub, sec
+            squat.bind(f"tcp://127.0.0.1:{port}")
+            t0 = time.monotonic()
+            with pytest.raises(BridgeError) as ei:
+                BridgeClient.connect(port, timeout=5)
+            assert ei.value.code == "unauthorized" and time.monotonic() - t0 < 4, (kind, ei.value)
+            assert squat.poll(500) == 0, kind
+            squat.close(0)
+    finally:
+        ctx.destroy(linger=0)

@@ -405,3 +405,83 @@ def test_producer_exiting_without_close_leaves_nothing():
     assert info["after_child"] == [True, True]
     assert not [n for n in info["names"] if (SHM / n).exists()]
     assert "leaked" not in err and "resource_tracker" not in err, err
+
+
+# --------------------------------------------------------------------------- hostile segments
+
+
+def _plain_segment(name: str, data: bytes) -> str:
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.write(fd, data)
+    os.close(fd)
+    return name
+
+
+def test_read_shm_refuses_fifos_links_and_folders_without_blocking(tmp_path):
+    base = f"fjbt{os.getpid()}"
+    target = tmp_path / "secret.bin"
+    target.write_bytes(b"S" * 64)
+    made = []
+    try:
+        os.mkfifo(f"/dev/shm/{base}_fifo", 0o600)
+        made.append(f"{base}_fifo")
+        os.symlink(target, f"/dev/shm/{base}_link")
+        made.append(f"{base}_link")
+        os.mkdir(f"/dev/shm/{base}_dir")
+        made.append(f"{base}_dir")
+        for name in made:
+            t = time.monotonic()
+            with pytest.raises(TransportError):
+                read_shm(name, (16,), "uint8")
+            assert time.monotonic() - t < 1.0
+        for bad in (".", "..", "a/b"):
+            with pytest.raises(TransportError, match="bad shared-memory name"):
+                read_shm(bad, (16,), "uint8")
+    finally:
+        for name in made:
+            p = f"/dev/shm/{name}"
+            os.rmdir(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's segment needs root")
+def test_read_shm_refuses_another_users_segment_and_the_reaper_leaves_it():
+    from fiji_bridge.transport import reap_orphans
+
+    name = _plain_segment(f"{SHM_PREFIX}_999999_{os.getpid()}x_0_0", b"\1" * 64)  # pid 999999: "dead"
+    try:
+        os.chown(f"/dev/shm/{name}", 65534, 65534)
+        with pytest.raises(TransportError, match="belongs to uid 65534"):
+            read_shm(name, (16,), "uint8")
+        assert name not in reap_orphans()
+        assert os.path.exists(f"/dev/shm/{name}")
+    finally:
+        os.unlink(f"/dev/shm/{name}")
+
+
+def test_read_shm_of_a_shrinking_segment_is_an_error_not_sigbus():
+    name = f"fjbt{os.getpid()}_shrink"
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    stop = threading.Event()
+
+    def flap():
+        while not stop.is_set():
+            os.ftruncate(fd, 1 << 22)
+            os.ftruncate(fd, 0)
+
+    th = threading.Thread(target=flap, daemon=True)
+    th.start()
+    outcomes = set()
+    try:
+        for _ in range(200):
+            try:
+                a = read_shm(name, (1 << 21,), "uint16")
+                assert not a.any()  # what was there: zeros
+                outcomes.add("ok")
+            except TransportError as e:
+                outcomes.add("too short" if "too short" in str(e) else "shrank" if "shrank" in str(e) else str(e))
+    finally:
+        stop.set()
+        th.join(5)
+        os.close(fd)
+        os.unlink(f"/dev/shm/{name}")
+    assert outcomes <= {"ok", "too short", "shrank"}, outcomes

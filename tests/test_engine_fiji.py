@@ -397,3 +397,59 @@ def test_fiji_batch_gives_the_imagej1_batch_tables(fiji_bridge, data_dir, tmp_pa
     assert len(a["Counts"]) == 12  # 4 wells x 3 fields
     for name in a:
         assert a[name] == b[name], name
+
+
+# -- Bio-Formats -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ome_tiff(tmp_path_factory):
+    """An OME-TIFF with T, Z and C written by the project's own OmeTiffStore."""
+    from fiji_bridge.backends.ome_tiff import OmeTiffStore
+    from fiji_bridge.components import Calibration
+
+    root = tmp_path_factory.mktemp("ome")
+    st = OmeTiffStore(root)
+    pid = st.create_plate("bf")
+    arr = np.random.default_rng(5).integers(0, 4000, (2, 3, 2, 20, 30), dtype=np.uint16)
+    cal = Calibration(pixel_width=0.25, pixel_height=0.3, pixel_depth=1.5, unit="micron")
+    st.save_field(pid, "B02", 0, arr, channel_names=["DNA", "GFP"], calibration=cal)
+    return root / "bf" / "B02_s000.ome.tif", arr
+
+
+def test_bioformats_opens_an_ome_tiff_with_its_dimensions_names_and_pixel_sizes(fiji_engine, ome_tiff):
+    import tifffile
+
+    path, arr = ome_tiff
+    with tifffile.TiffFile(path) as tif:  # the oracle: tifffile's reading of the file
+        want = tif.series[0].asarray()
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert want.shape == arr.shape
+    r = fiji_engine.open_image(path)
+    (title, got), = r.images.items()
+    np.testing.assert_array_equal(got, want)
+    info = r.image_info[title]
+    assert info.channel_names == [c["Name"] for c in pixels["Channel"]] == ["DNA", "GFP"]
+    cal = info.calibration
+    assert (cal.pixel_width, cal.pixel_height, cal.pixel_depth) == pytest.approx(
+        (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"], pixels["PhysicalSizeZ"]))
+    # the same through a macro's own Bio-Formats Importer call
+    m = fiji_engine.run_macro(f'run("Bio-Formats Importer", "open=[{path}] color_mode=Default view=Hyperstack '
+                              'stack_order=XYCZT"); Stack.getDimensions(w, h, c, z, t); print(c + " " + z + " " + t);')
+    assert m.log.split() == ["2", "3", "2"]
+    np.testing.assert_array_equal(next(iter(m.images.values())), want)
+
+
+def test_bioformats_opens_the_real_tiffs(fiji_engine, data_dir):
+    import tifffile
+
+    for f in (data_dir / HELA.format(1), sorted((data_dir / "sbs_plate_O01-O04").glob("*.TIF"))[0]):
+        r = fiji_engine.open_image(f)
+        (title, got), = r.images.items()
+        want = tifffile.imread(f)
+        assert got.shape == (1, 1, 1) + want.shape
+        np.testing.assert_array_equal(got[0, 0, 0], want)
+        assert r.image_info[title].channel_names == []  # these files name no channels
+    with pytest.raises(MacroError, match="not found") as info:
+        fiji_engine.open_image(data_dir / "no_such.tif")
+    assert info.value.kind == "argument"

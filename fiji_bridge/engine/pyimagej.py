@@ -27,6 +27,7 @@ supported with the checks of :mod:`.headless`.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -80,7 +81,10 @@ class PyImageJEngine(ImageJ1Engine):
             raise ValueError(f"unknown start path {start!r}; choose one of {START_PATHS}")
         self.headless = _default_headless() if headless is None else bool(headless)
         if self.headless and display:
-            raise EngineUnavailable("a headless Fiji cannot show live windows: drop display=True or headless=True")
+            import logging
+
+            logging.getLogger(__name__).warning("a headless Fiji cannot show live windows: display=True ignored")
+            display = False
         super().__init__(None, display=display, xvfb=xvfb, java_options=java_options)
         self.endpoint = endpoint or os.environ.get("FIJI_BRIDGE_IMAGEJ")
         self.start_request = start
@@ -245,6 +249,27 @@ class PyImageJEngine(ImageJ1Engine):
                 notes=list(hs.notes) if hs else [], outputs=outputs,
             )
 
+    # -- Bio-Formats -------------------------------------------------------------------------------
+
+    def open_image(self, path: Union[str, Path], series: int = 0, timeout: Optional[float] = 300) -> MacroResult:
+        """Open ``path`` with Bio-Formats (series ``series``, 0-based) as a
+        hyperstack: ``r.images[title]`` (TZCYX) with its dimensions, pixel
+        sizes and the channel names of the file's OME metadata."""
+        p = Path(os.path.expanduser(str(path))).resolve()
+        if not p.is_file():
+            raise MacroError(f"image file not found: {p}", kind="argument")
+        macro = (f'run("Bio-Formats Importer", "open=[{p}] color_mode=Default view=Hyperstack '
+                 f'stack_order=XYCZT series_{int(series) + 1}");')
+        r = self.run_macro(macro, timeout=timeout)
+        names = _bioformats_channel_names(p, series)
+        for title, info in r.image_info.items():
+            C = r.images[title].shape[2]
+            if len(names) == C and any(names):
+                info.channel_names = names
+            elif all(_BF_LABEL.match(n or "") for n in info.channel_names):
+                info.channel_names = []  # Bio-Formats' generic "c:1/2 z:1/3 - file" labels are no names
+        return r
+
     # -- what is running -------------------------------------------------------------------
 
     @property
@@ -265,6 +290,25 @@ class PyImageJEngine(ImageJ1Engine):
             fiji=str(self.install.root) if self.install else self.endpoint,
         )
         return st
+
+
+#: the slice labels Bio-Formats makes when a file names no channels
+_BF_LABEL = re.compile(r"^(c:\d+/\d+ ?)?(z:\d+/\d+ ?)?(t:\d+/\d+ ?)?- ")
+
+
+def _bioformats_channel_names(path: Path, series: int) -> list[str]:
+    """Channel names from a file's OME metadata, through Bio-Formats' reader."""
+    try:
+        meta = J("loci.formats.MetadataTools").createOMEXMLMetadata()
+        reader = J("loci.formats.ImageReader")()
+        reader.setMetadataStore(meta)
+        try:
+            reader.setId(str(path))
+            return [str(meta.getChannelName(series, c) or "") for c in range(int(meta.getChannelCount(series)))]
+        finally:
+            reader.close()
+    except Exception:  # no Bio-Formats, or a file it reads without OME channels
+        return []
 
 
 def _pyimagej_importable() -> bool:

@@ -25,7 +25,7 @@ from fiji_bridge.engine.remote import RemoteEngine
 
 from conftest import FIJI_EXTRA_JARS
 
-pytestmark = [pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.fiji, pytest.mark.timeout(300)]
 
 HELA = "hela_D03/AS_09125_050116030001_D03f00d{}.tif"
 

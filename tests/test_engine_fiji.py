@@ -453,3 +453,9 @@ def test_bioformats_opens_the_real_tiffs(fiji_engine, data_dir):
     with pytest.raises(MacroError, match="not found") as info:
         fiji_engine.open_image(data_dir / "no_such.tif")
     assert info.value.kind == "argument"
+
+
+@pytest.mark.timeout(60)
+def test_remote_engine_hands_start_errors_back(tmp_path):
+    with pytest.raises(EngineUnavailable, match="not a Fiji/ImageJ2 installation"):
+        RemoteEngine("pyimagej", endpoint=str(tmp_path)).start()

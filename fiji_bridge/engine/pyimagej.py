@@ -114,7 +114,7 @@ class PyImageJEngine(ImageJ1Engine):
                 "the Fiji engine needs a Fiji: set FIJI_BRIDGE_IMAGEJ (or --imagej) to a Fiji.app directory "
                 "or Maven coordinates such as sc.fiji:fiji:2.15.0"
             )
-        if not is_path_like(self.endpoint):
+        if ":" in self.endpoint and not is_path_like(self.endpoint):  # group:artifact[:version]
             return self._start_maven()
         install = self.install = find_fiji(self.endpoint)
         java_home = find_java_home(fiji_root=install.root)

@@ -180,9 +180,12 @@ class PyImageJEngine(ImageJ1Engine):
             )
         super()._init_imagej()
         if self.headless:
-            from .headless import HeadlessRunner
+            from .display import LiveDisplay
+            from .headless import HeadlessRunner, HeadlessState
 
             self._runner = HeadlessRunner()
+            self._state = HeadlessState()
+            self._display = LiveDisplay(False, self._state.protected_ids)
 
     def _read_log(self) -> str:
         if self.headless and self._runner is not None:
@@ -193,7 +196,7 @@ class PyImageJEngine(ImageJ1Engine):
         with self._lock:
             started = self._started and not self._closed
         super().close()
-        if started and self.gateway is not None and not self.headless:
+        if started and self.gateway is not None:
             # dispose the context now, not from the JVM's exit hook, where its
             # invokeAndWait on the event thread is interrupted and prints a trace
             try:

@@ -459,3 +459,16 @@ def test_bioformats_opens_the_real_tiffs(fiji_engine, data_dir):
 def test_remote_engine_hands_start_errors_back(tmp_path):
     with pytest.raises(EngineUnavailable, match="not a Fiji/ImageJ2 installation"):
         RemoteEngine("pyimagej", endpoint=str(tmp_path)).start()
+
+
+@pytest.mark.timeout(600)
+def test_demo_on_fiji_counts_the_synthetic_truth(fiji_dir, tmp_path):
+    """`make demo FIJI=DIR` = `fiji-bridge demo --imagej DIR`: exit status 0 means
+    every field's count is within one nucleus of the synthetic plate's truth."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fiji_bridge.cli", "demo", "--imagej", str(fiji_dir), "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=550)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ImageJ2 2.14.0" in proc.stdout and "every field within 1 nucleus" in proc.stdout

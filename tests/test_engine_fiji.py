@@ -446,10 +446,17 @@ def test_bioformats_opens_the_real_tiffs(fiji_engine, data_dir):
     for f in (data_dir / HELA.format(1), sorted((data_dir / "sbs_plate_O01-O04").glob("*.TIF"))[0]):
         r = fiji_engine.open_image(f)
         (title, got), = r.images.items()
-        want = tifffile.imread(f)
+        with tifffile.TiffFile(f) as tif:
+            want = tif.asarray()
+            num, den = tif.pages[0].tags["XResolution"].value
+            unit = tif.pages[0].tags["ResolutionUnit"].value
         assert got.shape == (1, 1, 1) + want.shape
         np.testing.assert_array_equal(got[0, 0, 0], want)
-        assert r.image_info[title].channel_names == []  # these files name no channels
+        info = r.image_info[title]
+        assert info.channel_names == []  # these files name no channels
+        assert unit == 2  # inch: the pixel size is 25400 um / (pixels per inch)
+        assert info.calibration.pixel_width == pytest.approx(25400 / (num / den), rel=1e-6)
+        assert info.calibration.unit in ("micron", "µm", "um")
     with pytest.raises(MacroError, match="not found") as info:
         fiji_engine.open_image(data_dir / "no_such.tif")
     assert info.value.kind == "argument"

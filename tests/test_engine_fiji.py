@@ -185,12 +185,21 @@ def test_colocalization_macro_gives_the_same_results_on_fiji_and_imagej1(fiji_en
     assert a.results["Pearson"][0] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-4)
 
 
-def test_pyimagej_start_path_with_local_imglyb_jars_gives_the_same_fiji(fiji_dir, fiji_engine, hela):
+MAX_MEMORY = 'print(IJ.maxMemory());'  # the JVM's own -Xmx, as ImageJ reports it
+
+
+def _heap_mib(engine) -> float:
+    return float(engine.run_macro(MAX_MEMORY).log.split()[0]) / 2**20
+
+
+def test_pyimagej_start_path_with_local_imglyb_jars_gives_the_same_fiji(fiji_dir, fiji_engine, hela, monkeypatch):
     if not FIJI_EXTRA_JARS.is_dir():
         pytest.skip(f"no imglib2-imglyb jars at {FIJI_EXTRA_JARS}")
+    monkeypatch.setenv("FIJI_BRIDGE_JVM_HEAP", "700m")  # the child inherits it
     with RemoteEngine("pyimagej", endpoint=str(fiji_dir), extra_jars=str(FIJI_EXTRA_JARS)) as eng:
         st = eng.status()
         r = eng.run_macro(AUTO_LOCAL, image=hela[0], dims="YX", title="dna")
+        assert 600 < _heap_mib(eng) <= 700
     assert st["start"] == "pyimagej" and st["pyimagej"] is True  # imagej.init's gateway, with ij.py
     assert st["imagej2"] == fiji_engine.status()["imagej2"]
     same = fiji_engine.run_macro(AUTO_LOCAL, image=hela[0], dims="YX", title="dna")
@@ -200,12 +209,14 @@ def test_pyimagej_start_path_with_local_imglyb_jars_gives_the_same_fiji(fiji_dir
 # -- ImageJ 1 on a Fiji's ij.jar ------------------------------------------------------------------
 
 
-def test_imagej1_on_a_fiji_jar_runs_fiji_ij1_plugins(fiji_dir, ij, hela):
+def test_imagej1_on_a_fiji_jar_runs_fiji_ij1_plugins(fiji_dir, ij, hela, monkeypatch):
     jar = sorted((fiji_dir / "jars").glob("ij-*.jar"))[-1]
     with pytest.raises(MacroError) as info:  # Debian's ImageJ 1 has no Auto Local Threshold
         ij.run_macro(AUTO_LOCAL, image=hela[0], dims="YX")
     assert info.value.kind == "command"
+    monkeypatch.setenv("FIJI_BRIDGE_JVM_HEAP", "700m")
     with RemoteEngine("imagej1", ij_jar=str(jar)) as ij1:
+        assert 600 < _heap_mib(ij1) <= 700  # one heap setting for both engines
         st = ij1.status()
         assert st["engine"] == "imagej1" and st["fiji"] == str(fiji_dir.resolve())
         assert "/" not in st["version"]  # no ImageJ2 here

@@ -368,6 +368,13 @@ def test_bridge_on_fiji_reports_versions_and_runs_scripts_and_macros(fiji_bridge
         with pytest.raises(MacroError) as info:
             c.run_script("x = 1;\ny = nothing_here.call();", language="bsh")
         assert info.value.kind == "exception" and info.value.line == 2
+        # a streamed stack as the script's image input, by key
+        for ch in range(3):
+            assert c.send_plane(hela[ch], plate="hela", well="D03", site=0, channel=ch, channel_name=f"c{ch}")
+        c.flush()
+        s = c.run_script("#@ Dataset ds\n#@ ImagePlus imp\n#@output Long n\n#@output Integer channels\n"
+                         "n = ds.size(); channels = imp.getNChannels();", language="bsh", stack="hela/D03/s000")
+        assert (s.outputs["n"], s.outputs["channels"]) == (hela.size, 3)
         m = c.run_macro(AUTO_LOCAL, array=hela[0], dims="YX", title="dna")
         assert np.mean((m.images["dna"][0, 0, 0] == 255) == _local_mean_threshold(hela[0], 7, 0)) > 0.999
 

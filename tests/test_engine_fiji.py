@@ -497,3 +497,8 @@ def test_demo_on_fiji_counts_the_synthetic_truth(fiji_dir, tmp_path):
                           capture_output=True, text=True, timeout=550)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ImageJ2 2.14.0" in proc.stdout and "every field within 1 nucleus" in proc.stdout
+
+
+def test_fiji_in_a_process_that_already_runs_imagej1_says_to_use_a_fresh_process(fiji_dir, ij):
+    with pytest.raises(EngineUnavailable, match="already runs a JVM.*RemoteEngine"):
+        PyImageJEngine(endpoint=str(fiji_dir)).start()

@@ -36,7 +36,7 @@ from .base import EngineUnavailable, MacroError, MacroResult
 from .collect import read_tables
 from .fiji import FijiInstall, check_java, find_extra_jars, find_fiji, is_path_like
 from .imagej1 import ImageJ1Engine
-from .java import find_java_home, start_jvm
+from .java import find_java_home, heap_option, jvm_started, start_jvm
 from .transfer import J, to_imageplus
 
 __all__ = ["PyImageJEngine", "START_PATHS"]
@@ -117,6 +117,11 @@ class PyImageJEngine(ImageJ1Engine):
         if ":" in self.endpoint and not is_path_like(self.endpoint):  # group:artifact[:version]
             return self._start_maven()
         install = self.install = find_fiji(self.endpoint)
+        if jvm_started() and not _has_class("net.imagej.ImageJ"):
+            raise EngineUnavailable(
+                "this process already runs a JVM without ImageJ2 (a process holds one JVM): start the Fiji "
+                "engine in a fresh process, e.g. fiji_bridge.engine.remote.RemoteEngine('pyimagej', endpoint=...)"
+            )
         java_home = find_java_home(fiji_root=install.root)
         check_java(install, java_home)
         extra = find_extra_jars(self.extra_jars)
@@ -160,7 +165,7 @@ class PyImageJEngine(ImageJ1Engine):
         java_home = find_java_home()
         os.environ["JAVA_HOME"] = str(java_home)
         scyjava.config.set_java_constraints(fetch="auto")  # a JDK is present: nothing is fetched
-        scyjava.config.add_options(list(self.java_options))
+        scyjava.config.add_options([*heap_option(), *self.java_options])
         self._start_display()
         import imagej
 
@@ -312,6 +317,14 @@ def _bioformats_channel_names(path: Path, series: int) -> list[str]:
             reader.close()
     except Exception:  # no Bio-Formats, or a file it reads without OME channels
         return []
+
+
+def _has_class(name: str) -> bool:
+    try:
+        J(name)
+        return True
+    except Exception:
+        return False
 
 
 def _pyimagej_importable() -> bool:

@@ -52,7 +52,7 @@ def main() -> None:
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help=f"control port; data on port+{DATA_PORT_OFFSET}")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (non-loopback needs --keys)")
 @click.option("--ipc", is_flag=True, help="bind ipc:// sockets instead of tcp (Unix)")
-@click.option("--engine", type=click.Choice(["auto", "imagej1", "pyimagej"]), default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "imagej1", "pyimagej", "fiji"]), default="auto", show_default=True)
 @click.option("--display/--no-display", default=None, help="show live Fiji windows (default: when DISPLAY is set)")
 @click.option("--openhcs-port", type=int, default=None, help="also act as OpenHCS's Fiji viewer on this port")
 @click.option("--openhcs-macros", type=click.Choice(["ipc", "any", "off"]), default="ipc", show_default=True, help="where OpenHCS's run_macro is served: ipc (a private socket folder only), any (loopback tcp too: any local account can run code), off")

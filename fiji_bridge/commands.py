@@ -34,7 +34,9 @@ def status_command(port: int = DEFAULT_PORT, host: str = "127.0.0.1", as_json: b
         return 0
     eng = st["engine"]
     print(f"fiji-bridge {st['version']} pid {st['pid']} on {st['control']} (data {st['data']}), up {st['uptime']:.0f} s")
-    print(f"engine: {eng['state']} ({eng['kind']} {eng.get('version') or ''}), worker pid {eng['pid']}, restarts {eng['restarts']}, queued {eng['queued']}")
+    print(f"engine: {eng['state']} ({eng.get('engine') or eng['kind']} {eng.get('version') or ''}), worker pid {eng['pid']}, restarts {eng['restarts']}, queued {eng['queued']}")
+    if eng.get("imagej2"):  # Fiji: ImageJ2 and the ImageJ 1 under its legacy layer
+        print(f"  Fiji {eng.get('fiji')}: ImageJ2 {eng['imagej2']}, ImageJ 1 {eng.get('imagej1')}, started via {eng.get('start')}{', headless' if eng.get('headless') else ''}")
     print(f"display: {'on' if st['display'] else 'off'}{' (' + st['display_error'] + ')' if st.get('display_error') else ''}; memory {st['memory']['used'] / 2**20:.1f} MiB")
     for s in st["stacks"]:
         names = ",".join(n or "?" for n in s["channel_names"])

@@ -142,6 +142,9 @@ def run_demo(out_dir: str | Path = "demo-output", port: Optional[int] = None, *,
         say(f"bridge up after {time.perf_counter() - t0:.1f} s; running {MACRO} over {len(plate.fields)} fields")
         report = run_batch(source, MACRO, args={"channel": 1}, ports=[port], progress=not quiet, timeout=120,
                            labels=LABELS)
+        eng = bridge.status()["engine"]
+        say(f"engine: {eng.get('engine') or eng.get('kind')} {eng.get('version') or ''}"
+            + (f" (Fiji {eng.get('fiji')}: ImageJ2 {eng['imagej2']}, ImageJ 1 {eng.get('imagej1')})" if eng.get("imagej2") else ""))
         backend, pid = open_plate(report.derived)
         counts = _read_counts(backend, pid, report.tables.get("Counts"))
         well, site = WELLS[0], 0

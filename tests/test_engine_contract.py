@@ -393,3 +393,14 @@ odd = (n % 2 == 1);
     with pytest.raises(MacroError, match="missing argument n") as info:
         engine.run_script(code)
     assert info.value.kind == "argument"
+
+
+def test_open_image_reads_a_real_tiff_like_tifffile(engine, data_dir):
+    import tifffile
+
+    f = data_dir / HELA.format(2)
+    r = engine.open_image(f)
+    (title, got), = r.images.items()
+    np.testing.assert_array_equal(got[0, 0, 0], tifffile.imread(f))
+    with pytest.raises(MacroError, match="not found"):
+        engine.open_image(data_dir / "missing.tif")

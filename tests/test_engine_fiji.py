@@ -25,7 +25,7 @@ from fiji_bridge.engine.remote import RemoteEngine
 
 from conftest import FIJI_EXTRA_JARS
 
-pytestmark = [pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.fiji, pytest.mark.timeout(300)]
 
 HELA = "hela_D03/AS_09125_050116030001_D03f00d{}.tif"
 
@@ -185,12 +185,21 @@ def test_colocalization_macro_gives_the_same_results_on_fiji_and_imagej1(fiji_en
     assert a.results["Pearson"][0] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-4)
 
 
-def test_pyimagej_start_path_with_local_imglyb_jars_gives_the_same_fiji(fiji_dir, fiji_engine, hela):
+MAX_MEMORY = 'print(IJ.maxMemory());'  # the JVM's own -Xmx, as ImageJ reports it
+
+
+def _heap_mib(engine) -> float:
+    return float(engine.run_macro(MAX_MEMORY).log.split()[0]) / 2**20
+
+
+def test_pyimagej_start_path_with_local_imglyb_jars_gives_the_same_fiji(fiji_dir, fiji_engine, hela, monkeypatch):
     if not FIJI_EXTRA_JARS.is_dir():
         pytest.skip(f"no imglib2-imglyb jars at {FIJI_EXTRA_JARS}")
+    monkeypatch.setenv("FIJI_BRIDGE_JVM_HEAP", "700m")  # the child inherits it
     with RemoteEngine("pyimagej", endpoint=str(fiji_dir), extra_jars=str(FIJI_EXTRA_JARS)) as eng:
         st = eng.status()
         r = eng.run_macro(AUTO_LOCAL, image=hela[0], dims="YX", title="dna")
+        assert 600 < _heap_mib(eng) <= 700
     assert st["start"] == "pyimagej" and st["pyimagej"] is True  # imagej.init's gateway, with ij.py
     assert st["imagej2"] == fiji_engine.status()["imagej2"]
     same = fiji_engine.run_macro(AUTO_LOCAL, image=hela[0], dims="YX", title="dna")
@@ -200,12 +209,14 @@ def test_pyimagej_start_path_with_local_imglyb_jars_gives_the_same_fiji(fiji_dir
 # -- ImageJ 1 on a Fiji's ij.jar ------------------------------------------------------------------
 
 
-def test_imagej1_on_a_fiji_jar_runs_fiji_ij1_plugins(fiji_dir, ij, hela):
+def test_imagej1_on_a_fiji_jar_runs_fiji_ij1_plugins(fiji_dir, ij, hela, monkeypatch):
     jar = sorted((fiji_dir / "jars").glob("ij-*.jar"))[-1]
     with pytest.raises(MacroError) as info:  # Debian's ImageJ 1 has no Auto Local Threshold
         ij.run_macro(AUTO_LOCAL, image=hela[0], dims="YX")
     assert info.value.kind == "command"
+    monkeypatch.setenv("FIJI_BRIDGE_JVM_HEAP", "700m")
     with RemoteEngine("imagej1", ij_jar=str(jar)) as ij1:
+        assert 600 < _heap_mib(ij1) <= 700  # one heap setting for both engines
         st = ij1.status()
         assert st["engine"] == "imagej1" and st["fiji"] == str(fiji_dir.resolve())
         assert "/" not in st["version"]  # no ImageJ2 here
@@ -357,6 +368,13 @@ def test_bridge_on_fiji_reports_versions_and_runs_scripts_and_macros(fiji_bridge
         with pytest.raises(MacroError) as info:
             c.run_script("x = 1;\ny = nothing_here.call();", language="bsh")
         assert info.value.kind == "exception" and info.value.line == 2
+        # a streamed stack as the script's image input, by key
+        for ch in range(3):
+            assert c.send_plane(hela[ch], plate="hela", well="D03", site=0, channel=ch, channel_name=f"c{ch}")
+        c.flush()
+        s = c.run_script("#@ Dataset ds\n#@ ImagePlus imp\n#@output Long n\n#@output Integer channels\n"
+                         "n = ds.size(); channels = imp.getNChannels();", language="bsh", stack="hela/D03/s000")
+        assert (s.outputs["n"], s.outputs["channels"]) == (hela.size, 3)
         m = c.run_macro(AUTO_LOCAL, array=hela[0], dims="YX", title="dna")
         assert np.mean((m.images["dna"][0, 0, 0] == 255) == _local_mean_threshold(hela[0], 7, 0)) > 0.999
 
@@ -397,3 +415,90 @@ def test_fiji_batch_gives_the_imagej1_batch_tables(fiji_bridge, data_dir, tmp_pa
     assert len(a["Counts"]) == 12  # 4 wells x 3 fields
     for name in a:
         assert a[name] == b[name], name
+
+
+# -- Bio-Formats -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ome_tiff(tmp_path_factory):
+    """An OME-TIFF with T, Z and C written by the project's own OmeTiffStore."""
+    from fiji_bridge.backends.ome_tiff import OmeTiffStore
+    from fiji_bridge.components import Calibration
+
+    root = tmp_path_factory.mktemp("ome")
+    st = OmeTiffStore(root)
+    pid = st.create_plate("bf")
+    arr = np.random.default_rng(5).integers(0, 4000, (2, 3, 2, 20, 30), dtype=np.uint16)
+    cal = Calibration(pixel_width=0.25, pixel_height=0.3, pixel_depth=1.5, unit="micron")
+    st.save_field(pid, "B02", 0, arr, channel_names=["DNA", "GFP"], calibration=cal)
+    return root / "bf" / "B02_s000.ome.tif", arr
+
+
+def test_bioformats_opens_an_ome_tiff_with_its_dimensions_names_and_pixel_sizes(fiji_engine, ome_tiff):
+    import tifffile
+
+    path, arr = ome_tiff
+    with tifffile.TiffFile(path) as tif:  # the oracle: tifffile's reading of the file
+        want = tif.series[0].asarray()
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert want.shape == arr.shape
+    r = fiji_engine.open_image(path)
+    (title, got), = r.images.items()
+    np.testing.assert_array_equal(got, want)
+    info = r.image_info[title]
+    assert info.channel_names == [c["Name"] for c in pixels["Channel"]] == ["DNA", "GFP"]
+    cal = info.calibration
+    assert (cal.pixel_width, cal.pixel_height, cal.pixel_depth) == pytest.approx(
+        (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"], pixels["PhysicalSizeZ"]))
+    # the same through a macro's own Bio-Formats Importer call
+    m = fiji_engine.run_macro(f'run("Bio-Formats Importer", "open=[{path}] color_mode=Default view=Hyperstack '
+                              'stack_order=XYCZT"); Stack.getDimensions(w, h, c, z, t); print(c + " " + z + " " + t);')
+    assert m.log.split() == ["2", "3", "2"]
+    np.testing.assert_array_equal(next(iter(m.images.values())), want)
+
+
+def test_bioformats_opens_the_real_tiffs(fiji_engine, data_dir):
+    import tifffile
+
+    for f in (data_dir / HELA.format(1), sorted((data_dir / "sbs_plate_O01-O04").glob("*.TIF"))[0]):
+        r = fiji_engine.open_image(f)
+        (title, got), = r.images.items()
+        with tifffile.TiffFile(f) as tif:
+            want = tif.asarray()
+            num, den = tif.pages[0].tags["XResolution"].value
+            unit = tif.pages[0].tags["ResolutionUnit"].value
+        assert got.shape == (1, 1, 1) + want.shape
+        np.testing.assert_array_equal(got[0, 0, 0], want)
+        info = r.image_info[title]
+        assert info.channel_names == []  # these files name no channels
+        assert unit == 2  # inch: the pixel size is 25400 um / (pixels per inch)
+        assert info.calibration.pixel_width == pytest.approx(25400 / (num / den), rel=1e-6)
+        assert info.calibration.unit in ("micron", "µm", "um")
+    with pytest.raises(MacroError, match="not found") as info:
+        fiji_engine.open_image(data_dir / "no_such.tif")
+    assert info.value.kind == "argument"
+
+
+@pytest.mark.timeout(60)
+def test_remote_engine_hands_start_errors_back(tmp_path):
+    with pytest.raises(EngineUnavailable, match="not a Fiji/ImageJ2 installation"):
+        RemoteEngine("pyimagej", endpoint=str(tmp_path)).start()
+
+
+@pytest.mark.timeout(600)
+def test_demo_on_fiji_counts_the_synthetic_truth(fiji_dir, tmp_path):
+    """`make demo FIJI=DIR` = `fiji-bridge demo --imagej DIR`: exit status 0 means
+    every field's count is within one nucleus of the synthetic plate's truth."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fiji_bridge.cli", "demo", "--imagej", str(fiji_dir), "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=550)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ImageJ2 2.14.0" in proc.stdout and "every field within 1 nucleus" in proc.stdout
+
+
+def test_fiji_in_a_process_that_already_runs_imagej1_says_to_use_a_fresh_process(fiji_dir, ij):
+    with pytest.raises(EngineUnavailable, match="already runs a JVM.*RemoteEngine"):
+        PyImageJEngine(endpoint=str(fiji_dir)).start()

@@ -1,7 +1,8 @@
 """The ImageJ engines behind one interface.
 
-``open_engine()`` picks one: PyImageJ when FIJI_BRIDGE_IMAGEJ names a Fiji
-(a Fiji.app directory or a Maven endpoint), else ImageJ 1 from an ij.jar::
+``open_engine()`` picks one: Fiji (the ``pyimagej`` engine: ImageJ2 with the
+legacy layer) when FIJI_BRIDGE_IMAGEJ names a Fiji (a Fiji.app directory or a
+Maven endpoint), else ImageJ 1 from an ij.jar::
 
     from fiji_bridge.engine import open_engine, MacroError
 
@@ -42,7 +43,7 @@ __all__ = [
     "open_engine",
 ]
 
-KINDS = ("auto", "imagej1", "pyimagej")
+KINDS = ("auto", "imagej1", "pyimagej", "fiji")  # "fiji" is another name for "pyimagej"
 
 
 def open_engine(kind: str = "auto", **kw: Any) -> Engine:
@@ -51,13 +52,15 @@ def open_engine(kind: str = "auto", **kw: Any) -> Engine:
     ``kind``: ``"auto"`` (PyImageJ when FIJI_BRIDGE_IMAGEJ is set, else
     ImageJ 1), ``"imagej1"`` or ``"pyimagej"``. Keywords go to the engine:
     ``display=True`` shows live stacks as windows; ImageJ 1 takes
-    ``ij_jar=``, PyImageJ ``endpoint=``; both ``xvfb=`` and ``java_options=``.
+    ``ij_jar=``; Fiji ``endpoint=``, ``headless=``, ``start=`` ("auto",
+    "pyimagej", "gateway") and ``extra_jars=``; both ``xvfb=`` and
+    ``java_options=``.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown engine kind {kind!r}; choose one of {KINDS}")
     if kind == "auto":
         kind = "pyimagej" if os.environ.get("FIJI_BRIDGE_IMAGEJ") else "imagej1"
-    if kind == "pyimagej":
+    if kind in ("pyimagej", "fiji"):
         from .pyimagej import PyImageJEngine
 
         return PyImageJEngine(**kw)

@@ -249,6 +249,20 @@ class Engine(abc.ABC):
         before the run.
         """
 
+    def run_script(self, code_or_path: Union[str, Path], language: Optional[str] = None,
+                   inputs: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = 60, **kw: Any) -> MacroResult:
+        """Run a script with ``#@`` inputs; ``result.outputs`` holds its
+        ``#@output`` values (see :mod:`fiji_bridge.engine.scripts`)."""
+        raise NotImplementedError(f"{self.name} engine runs no scripts")
+
+    def open_image(self, path: Union[str, Path], series: int = 0, timeout: Optional[float] = 300) -> MacroResult:
+        """Open an image file as a hyperstack (Bio-Formats on Fiji)."""
+        raise NotImplementedError(f"{self.name} engine opens no files")
+
+    def status(self) -> dict:
+        """Engine kind and versions (``engine``, ``imagej1``, Fiji: ``imagej2``, ``start``)."""
+        return {"engine": self.name, "version": self.version}
+
     # -- live display (a window per stack), used by the bridge -------------
 
     def show_stack(

@@ -26,10 +26,11 @@ import sys
 from typing import Optional
 
 from .base import MacroError
+from .collect import ImageJState
 from .runner import MacroRunner, RunRecord
 from .transfer import J
 
-__all__ = ["HeadlessRunner", "check_headless"]
+__all__ = ["HeadlessRunner", "HeadlessState", "check_headless"]
 
 _STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'')
 _COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
@@ -116,6 +117,18 @@ def _log_lines(out: str) -> list[str]:
             skip = False
         lines.append(ln)
     return lines
+
+
+class HeadlessState(ImageJState):
+    """:class:`ImageJState` whose reset prints nothing: headless, clearing
+    the Log (``IJ.log("\\Clear")``) would print ``\Clear`` to stdout."""
+
+    def reset(self) -> None:
+        cap = _Capture()
+        try:
+            super().reset()
+        finally:
+            cap.stop()
 
 
 class HeadlessRunner(MacroRunner):

@@ -288,6 +288,17 @@ class ImageJ1Engine(Engine):
                     state.end_batch_mode(state.open_images())
             return result
 
+    def open_image(self, path: Union[str, Path], series: int = 0, timeout: Optional[float] = 300) -> MacroResult:
+        """Open ``path`` with ImageJ 1's own readers (``open()``); multi-series
+        and OME dimensions need Fiji's Bio-Formats (the Fiji engine)."""
+        p = Path(os.path.expanduser(str(path))).resolve()
+        if not p.is_file():
+            raise MacroError(f"image file not found: {p}", kind="argument")
+        if series:
+            raise MacroError("series other than the first need Bio-Formats: use the Fiji engine", kind="argument")
+        literal = str(p).replace("\\", "\\\\").replace('"', '\\"')
+        return self.run_macro(f'open("{literal}");', timeout=timeout)
+
     # -- scripts ---------------------------------------------------------------------------------
 
     def run_script(

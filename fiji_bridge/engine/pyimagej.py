@@ -27,6 +27,7 @@ supported with the checks of :mod:`.headless`.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -35,7 +36,7 @@ from .base import EngineUnavailable, MacroError, MacroResult
 from .collect import read_tables
 from .fiji import FijiInstall, check_java, find_extra_jars, find_fiji, is_path_like
 from .imagej1 import ImageJ1Engine
-from .java import find_java_home, start_jvm
+from .java import find_java_home, heap_option, jvm_started, start_jvm
 from .transfer import J, to_imageplus
 
 __all__ = ["PyImageJEngine", "START_PATHS"]
@@ -80,7 +81,10 @@ class PyImageJEngine(ImageJ1Engine):
             raise ValueError(f"unknown start path {start!r}; choose one of {START_PATHS}")
         self.headless = _default_headless() if headless is None else bool(headless)
         if self.headless and display:
-            raise EngineUnavailable("a headless Fiji cannot show live windows: drop display=True or headless=True")
+            import logging
+
+            logging.getLogger(__name__).warning("a headless Fiji cannot show live windows: display=True ignored")
+            display = False
         super().__init__(None, display=display, xvfb=xvfb, java_options=java_options)
         self.endpoint = endpoint or os.environ.get("FIJI_BRIDGE_IMAGEJ")
         self.start_request = start
@@ -110,9 +114,14 @@ class PyImageJEngine(ImageJ1Engine):
                 "the Fiji engine needs a Fiji: set FIJI_BRIDGE_IMAGEJ (or --imagej) to a Fiji.app directory "
                 "or Maven coordinates such as sc.fiji:fiji:2.15.0"
             )
-        if not is_path_like(self.endpoint):
+        if ":" in self.endpoint and not is_path_like(self.endpoint):  # group:artifact[:version]
             return self._start_maven()
         install = self.install = find_fiji(self.endpoint)
+        if jvm_started() and not _has_class("net.imagej.ImageJ"):
+            raise EngineUnavailable(
+                "this process already runs a JVM without ImageJ2 (a process holds one JVM): start the Fiji "
+                "engine in a fresh process, e.g. fiji_bridge.engine.remote.RemoteEngine('pyimagej', endpoint=...)"
+            )
         java_home = find_java_home(fiji_root=install.root)
         check_java(install, java_home)
         extra = find_extra_jars(self.extra_jars)
@@ -156,7 +165,7 @@ class PyImageJEngine(ImageJ1Engine):
         java_home = find_java_home()
         os.environ["JAVA_HOME"] = str(java_home)
         scyjava.config.set_java_constraints(fetch="auto")  # a JDK is present: nothing is fetched
-        scyjava.config.add_options(list(self.java_options))
+        scyjava.config.add_options([*heap_option(), *self.java_options])
         self._start_display()
         import imagej
 
@@ -176,9 +185,12 @@ class PyImageJEngine(ImageJ1Engine):
             )
         super()._init_imagej()
         if self.headless:
-            from .headless import HeadlessRunner
+            from .display import LiveDisplay
+            from .headless import HeadlessRunner, HeadlessState
 
             self._runner = HeadlessRunner()
+            self._state = HeadlessState()
+            self._display = LiveDisplay(False, self._state.protected_ids)
 
     def _read_log(self) -> str:
         if self.headless and self._runner is not None:
@@ -189,7 +201,7 @@ class PyImageJEngine(ImageJ1Engine):
         with self._lock:
             started = self._started and not self._closed
         super().close()
-        if started and self.gateway is not None and not self.headless:
+        if started and self.gateway is not None:
             # dispose the context now, not from the JVM's exit hook, where its
             # invokeAndWait on the event thread is interrupted and prints a trace
             try:
@@ -245,6 +257,27 @@ class PyImageJEngine(ImageJ1Engine):
                 notes=list(hs.notes) if hs else [], outputs=outputs,
             )
 
+    # -- Bio-Formats -------------------------------------------------------------------------------
+
+    def open_image(self, path: Union[str, Path], series: int = 0, timeout: Optional[float] = 300) -> MacroResult:
+        """Open ``path`` with Bio-Formats (series ``series``, 0-based) as a
+        hyperstack: ``r.images[title]`` (TZCYX) with its dimensions, pixel
+        sizes and the channel names of the file's OME metadata."""
+        p = Path(os.path.expanduser(str(path))).resolve()
+        if not p.is_file():
+            raise MacroError(f"image file not found: {p}", kind="argument")
+        macro = (f'run("Bio-Formats Importer", "open=[{p}] color_mode=Default view=Hyperstack '
+                 f'stack_order=XYCZT series_{int(series) + 1}");')
+        r = self.run_macro(macro, timeout=timeout)
+        names = _bioformats_channel_names(p, series)
+        for title, info in r.image_info.items():
+            C = r.images[title].shape[2]
+            if len(names) == C and any(names):
+                info.channel_names = names
+            elif all(_BF_LABEL.match(n or "") for n in info.channel_names):
+                info.channel_names = []  # Bio-Formats' generic "c:1/2 z:1/3 - file" labels are no names
+        return r
+
     # -- what is running -------------------------------------------------------------------
 
     @property
@@ -265,6 +298,33 @@ class PyImageJEngine(ImageJ1Engine):
             fiji=str(self.install.root) if self.install else self.endpoint,
         )
         return st
+
+
+#: the slice labels Bio-Formats makes when a file names no channels
+_BF_LABEL = re.compile(r"^(c:\d+/\d+ ?)?(z:\d+/\d+ ?)?(t:\d+/\d+ ?)?- ")
+
+
+def _bioformats_channel_names(path: Path, series: int) -> list[str]:
+    """Channel names from a file's OME metadata, through Bio-Formats' reader."""
+    try:
+        meta = J("loci.formats.MetadataTools").createOMEXMLMetadata()
+        reader = J("loci.formats.ImageReader")()
+        reader.setMetadataStore(meta)
+        try:
+            reader.setId(str(path))
+            return [str(meta.getChannelName(series, c) or "") for c in range(int(meta.getChannelCount(series)))]
+        finally:
+            reader.close()
+    except Exception:  # no Bio-Formats, or a file it reads without OME channels
+        return []
+
+
+def _has_class(name: str) -> bool:
+    try:
+        J(name)
+        return True
+    except Exception:
+        return False
 
 
 def _pyimagej_importable() -> bool:

@@ -35,12 +35,30 @@ def _serve(conn: Any, kind: str, kw: dict) -> None:  # in the child
         engine = open_engine(kind, **kw).start()
     except BaseException as e:  # noqa: BLE001 - the parent gets it
         conn.send(("err", _portable(e)))
-        return
+        conn.close()
+        import os
+
+        os._exit(1)
     conn.send(("ok", engine.name))
+    try:
+        _loop(conn, engine)
+    finally:
+        try:
+            engine.close()
+        finally:
+            import os
+            import sys
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # the JVM may keep non-daemon threads: leave now
+
+
+def _loop(conn: Any, engine: Any) -> None:
     while True:
         try:
             op, name, args, kwargs = conn.recv()
-        except EOFError:
+        except EOFError:  # the parent went away
             break
         try:
             if op == "close":

@@ -178,6 +178,29 @@ def test_no_orphan_images_on_replace_or_failure(server, monkeypatch):
     assert _backend().plate_structure(pid).fields == {"A01": 2}
 
 
+def test_fields_arriving_out_of_order_keep_their_numbers(server):
+    """Parallel workers finish fields in any order: a field is the field it was
+    saved as, and the well's samples end in field order (OMERO lists them by index)."""
+    b = _backend()
+    pid = b.create_plate("order")
+    a = {s: _distinct_field((1, 1, 1, 8, 8)) + 100 * s for s in range(3)}
+    for s in (2, 0, 1):
+        b.save_field(pid, "A01", s, a[s])
+        np.testing.assert_array_equal(_backend().load_field(pid, "A01", s), a[s])
+    r = _backend()
+    assert r.plate_structure(pid).fields == {"A01": 3}
+    for s in range(3):
+        np.testing.assert_array_equal(r.load_field(pid, "A01", s), a[s])
+    wid = server.objects("Well")[0].id.val
+    images = [server._rows[ws].image.id.val for ws in server.children("Well", "wellSamples", wid)]
+    # in index order, the images hold fields 0, 1, 2 (oracle: the pixels the server stores)
+    pix = [server.children("Image", "pixels", i)[0] for i in images]
+    for s, p in enumerate(pix):
+        np.testing.assert_array_equal(server.pixels_of(p), a[s])
+    b.save_field(pid, "A01", 1, a[0])  # replacing keeps the others in place
+    np.testing.assert_array_equal(_backend().load_field(pid, "A01", 2), a[2])
+
+
 def test_tables_are_annotations_in_namespace_linked_to_their_target(server):
     b = _backend()
     pid = b.create_plate("tables")

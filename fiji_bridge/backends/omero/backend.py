@@ -25,6 +25,19 @@ _FIELD_TABLE = re.compile(r"^(?P<table>.+)_s(?P<site>\d{3})\.csv$")
 _ROI_DOC = re.compile(r"^rois_s(?P<site>\d{3})\.json$")
 #: the batch's per-unit marker (fiji_bridge.batch.MARKER)
 _MARKER = re.compile(r"^fiji_bridge_unit_s(?P<site>\d{3})\.json$")
+#: the description save_field gives a field's image: its field number survives any sample order
+_FIELD_DESC = re.compile(r"^fiji-bridge field: plate=\S+ well=\S+ site=(?P<site>\d+)$")
+
+
+def _sample_site(ws: Any, index: int) -> int:
+    """The field number of a well sample: the one fiji-bridge recorded on its
+    image, else its index in the well (as omero-cli-zarr numbers fields)."""
+    img = ws.getImage()
+    if img is not None and img.isLoaded() and img.getDescription() is not None:
+        m = _FIELD_DESC.match(img.getDescription().getValue() or "")
+        if m:
+            return int(m.group("site"))
+    return index
 
 
 class _PlateIndex:
@@ -161,7 +174,10 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
             max_r, max_c = max(max_r, int(w.row)), max(max_c, int(w.column))
             by_name[name] = w.getId()
             wss = w._obj.copyWellSamples() if w._obj.isWellSamplesLoaded() else []
-            for site, ws in enumerate(wss):
+            sites = [_sample_site(ws, i) for i, ws in enumerate(wss)]
+            if len(set(sites)) != len(sites):  # not ours, or inconsistent: the index decides
+                sites = list(range(len(wss)))
+            for site, ws in zip(sites, wss):
                 img = ws.getImage()
                 if img is None or not img.isLoaded() or not img.isPixelsLoaded() or not img.sizeOfPixels():
                     continue
@@ -482,22 +498,27 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
             ws.image = ImageI(iid, False)
             w.addWellSample(ws)
             conn.getUpdateService().saveObject(w, ctx)
-            if site != 0:
-                log.info("field %s of new well %s saved before fields 0..%s: stored at index 0 for now",
-                         site, well, site - 1)
             return None
         found = {w.getId(): w for w in conn.getObjects("Well", ids=[wid], opts={"load_images": True})}
         w = found[wid]._obj
         self.metadata_reads += 1
         samples = list(w.copyWellSamples())
-        if site < len(samples):
-            old = samples[site].image.id.val if samples[site].image is not None else None
-            samples[site].image = ImageI(iid, False)
+        sites = [_sample_site(ws, i) for i, ws in enumerate(samples)]
+        if len(set(sites)) != len(sites):
+            sites = list(range(len(samples)))
+        if site in sites:
+            ws = samples[sites.index(site)]
+            old = ws.image.id.val if ws.image is not None else None
+            ws.image = ImageI(iid, False)
             conn.getUpdateService().saveObject(w, ctx)
             return old
+        # fields may arrive in any order (parallel workers): the samples stay in field order
         ws = WellSampleI()
         ws.image = ImageI(iid, False)
-        w.addWellSample(ws)
+        order = sorted(zip(sites + [site], range(len(samples) + 1), samples + [ws]), key=lambda x: (x[0], x[1]))
+        w.clearWellSamples()
+        for _s, _i, sample in order:
+            w.addWellSample(sample)
         conn.getUpdateService().saveObject(w, ctx)
         return None
 

@@ -730,7 +730,7 @@ def test_an_owned_bridge_dies_with_its_killed_owner(tmp_path):
     tree = sorted(set([int(v) for v in line] + descendants(int(line[0])))) if len(line) == 2 else []
     took = _kill_owner(p, tree)
     assert len(line) == 2, line
-    record("owner of connect_or_spawn(own=True) SIGKILLed", f"bridge, worker, Xvfb gone ({len(tree)} processes)", took)
+    record("owner of connect_or_spawn(own=True) SIGKILLed", f"bridge and all its processes gone ({len(tree)})", took)
 
 
 BATCH_MACRO = textwrap.dedent("""\

@@ -110,6 +110,8 @@ def test_refusals_say_what_to_do(tmp_path):
     pid = st.create_plate("p")
     with pytest.raises(NotFound):
         st.save_labels(pid, "A01", 0, "x", np.zeros((1, 1, 8, 8), np.uint8))
+    with pytest.raises(BackendError, match="no fields yet"):
+        st.save_plate_tables(pid, [ObjectTable("t", {"a": [1]})])
     st.save_field(pid, "A01", 0, np.zeros((1, 1, 1, 8, 8), np.uint8))
     with pytest.raises(BackendError, match="does not fit"):
         st.save_labels(pid, "A01", 0, "x", np.zeros((1, 1, 8, 9), np.uint8))

@@ -314,6 +314,9 @@ class ZarrPlateStore(LocalPlateStore):
         if not tables:
             return []
         d = self._existing_plate_dir(plate)
+        if "plate" not in _ome(_attrs_of(d) or {}):
+            raise BackendError(f"cannot write plate tables {[t.name for t in tables]}: plate {plate!r} has no fields yet "
+                               f"(NGFF plate metadata comes with its first field)")
         with plate_lock(d):
             write_tables(d, tables, plate=True, backend=self.table_backend)
         return [f"/{self.scheme}/plate_{plate}/tables/{t.name}" for t in tables]

@@ -67,20 +67,15 @@ def _to8(img: np.ndarray) -> np.ndarray:
     return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-#: java.awt.Color's constants, the colours of ImageJ's channel LUTs (LUT.createLutFromColor)
-AWT_RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "gray": (128, 128, 128),
-           "cyan": (0, 255, 255), "magenta": (255, 0, 255), "yellow": (255, 255, 0)}
-
-
 def channel_tints(channel_names: Sequence[str], n: int) -> list[tuple[float, float, float]]:
     """Each channel's colour as ImageJ draws it (the bridge's one rule,
-    :func:`fiji_bridge.engine.transfer.channel_colours`), as RGB fractions;
+    :func:`fiji_bridge.colours.channel_colours`), as RGB fractions;
     a single channel is grey-scale (white)."""
-    from .engine.transfer import channel_colours
+    from .colours import RGB, channel_colours
 
     if n == 1:
         return [(1.0, 1.0, 1.0)]
-    return [tuple(v / 255 for v in AWT_RGB[c]) for c in channel_colours(list(channel_names), n)]  # type: ignore[misc]
+    return [tuple(v / 255 for v in RGB[c]) for c in channel_colours(list(channel_names), n)]  # type: ignore[misc]
 
 
 def montage(field: np.ndarray, mask: np.ndarray, gap: int = 4, channel_names: Sequence[str] = ()) -> np.ndarray:

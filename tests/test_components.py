@@ -147,3 +147,25 @@ def test_calibration_round_trip():
     assert Calibration.from_dict(c.to_dict()) == c
     assert Calibration.from_dict(None) == Calibration() and not Calibration().is_set
     assert Calibration.from_dict({"pixel_width": 2.0, "extra": 1}).pixel_width == 2.0
+
+
+def test_store_colours_are_the_colours_fiji_draws(tmp_path):
+    """One rule for channel colours: the OME-Zarr ``omero`` metadata holds
+    the LUT colour the engine gives each channel (oracle: java.awt.Color's
+    RGB of the colour the rule names, and the rule's name hints)."""
+    import numpy as np
+
+    from fiji_bridge.backends.zarr_plate import ZarrPlateStore
+    from fiji_bridge.colours import RGB, channel_colours
+
+    assert channel_colours(["DAPI", "GFP"], 2) == ["blue", "green"]
+    assert channel_colours(["Cy5", "x", "y"], 3) == ["magenta", "red", "green"]
+    assert channel_colours(["DNA"], 1) == ["gray"]
+    store = ZarrPlateStore(tmp_path / "z")
+    pid = store.create_plate("p")
+    store.save_field(pid, "A01", 0, np.zeros((1, 1, 2, 8, 8), np.uint16), channel_names=["DNA", "GFP"])
+    import json
+
+    attrs = json.loads((store.plate_dir(pid) / "A" / "1" / "0" / ".zattrs").read_text())
+    got = [ch["color"] for ch in attrs["omero"]["channels"]]
+    assert got == ["%02X%02X%02X" % RGB["blue"], "%02X%02X%02X" % RGB["green"]] == ["0000FF", "00FF00"]

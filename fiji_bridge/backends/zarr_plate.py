@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import zarr
 
+from ..colours import channel_hex
 from ..components import Calibration, format_well, normalize_well, parse_well
 from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells
 from .base import BackendError, NotFound, ObjectTable, PlateStructure
@@ -61,8 +62,6 @@ _TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "ms": "millis
 _IJ_SPACE = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm",
              "meter": "m", "inch": "inch"}
 _IJ_TIME = {"second": "s", "millisecond": "ms", "minute": "min", "hour": "h"}
-#: default channel colours (ImageJ composite order)
-COLORS = ("FF0000", "00FF00", "0000FF", "FFFFFF", "00FFFF", "FF00FF", "FFFF00")
 
 
 def _attrs_of(d: Path) -> Optional[dict]:
@@ -402,8 +401,10 @@ class ZarrPlateStore(LocalPlateStore):
             ome = _ome(attrs)
             chans = ome.get("omero", {}).get("channels")
             if chans is not None and len(chans) < want["c"]:
+                names = [ch.get("label", "") for ch in chans]
+                colours = channel_hex(names, want["c"])
                 for i in range(len(chans), want["c"]):
-                    chans.append(_channel(f"Channel {i}", i, want["c"], np.dtype(info.dtype), 0, 0))
+                    chans.append(_channel(f"Channel {i}", colours[i], np.dtype(info.dtype), 0, 0))
                 if "ome" in attrs:
                     g.attrs["ome"] = ome
                 else:
@@ -576,7 +577,7 @@ def _calibration(multiscale: dict) -> Calibration:
     )
 
 
-def _channel(label: str, i: int, n: int, dtype: np.dtype, lo: float, hi: float) -> dict:
+def _channel(label: str, colour: str, dtype: np.dtype, lo: float, hi: float) -> dict:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         dmin, dmax = float(info.min), float(info.max)
@@ -584,7 +585,7 @@ def _channel(label: str, i: int, n: int, dtype: np.dtype, lo: float, hi: float) 
         dmin, dmax = float(min(lo, 0.0)), float(max(hi, 1.0))
     return {
         "label": label,
-        "color": "FFFFFF" if n == 1 else COLORS[i % len(COLORS)],
+        "color": colour,
         "active": True,
         "window": {"min": dmin, "max": dmax, "start": float(lo), "end": float(hi if hi > lo else dmax)},
     }
@@ -592,9 +593,11 @@ def _channel(label: str, i: int, n: int, dtype: np.dtype, lo: float, hi: float) 
 
 def _omero_meta(tczyx: np.ndarray, names: Sequence[str], name: str) -> dict:
     n = tczyx.shape[1]
+    labels = [names[i] if i < len(names) else f"Channel {i}" for i in range(n)]
+    colours = channel_hex(list(names), n)  # as Fiji draws them
     chans = []
     for i in range(n):
         plane = tczyx[:, i]
         lo, hi = (float(plane.min()), float(plane.max())) if plane.size else (0.0, 0.0)
-        chans.append(_channel(names[i] if i < len(names) else f"Channel {i}", i, n, tczyx.dtype, lo, hi))
+        chans.append(_channel(labels[i], colours[i], tczyx.dtype, lo, hi))
     return {"name": name, "channels": chans, "rdefs": {"model": "color" if n > 1 else "greyscale", "defaultT": 0, "defaultZ": tczyx.shape[2] // 2}}

@@ -14,7 +14,7 @@ its ImagePlus; the window is redrawn once per batch. Display ranges only
 widen as data arrives (a live view does not flicker).
 
 Channel colours follow the channel metadata, the names
-(:func:`~fiji_bridge.engine.transfer.channel_colours`: DAPI/DNA -> blue,
+(:func:`~fiji_bridge.colours.channel_colours`: DAPI/DNA -> blue,
 GFP -> green, ..., else ImageJ's order), in the window and in every
 snapshot. Names often arrive after a window was born (a stream's first
 planes, placeholder names): when they change, a channel's LUT is set anew

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..colours import channel_colours
 from ..components import Calibration
 from .base import DIMS, ImageInfo, MacroError
 
@@ -207,30 +208,6 @@ def plane_to_numpy(jarr: Any, depth: int, height: int, width: int) -> np.ndarray
 
 
 # -- ImagePlus --------------------------------------------------------------------
-
-#: default LUT colour by channel name fragment (case-insensitive), else ImageJ's order
-_NAME_COLOURS = [
-    (("dapi", "hoechst", "dna", "nuc", "405"), "blue"),
-    (("gfp", "fitc", "488", "green", "alexa488"), "green"),
-    (("rfp", "tritc", "cy3", "mcherry", "555", "561", "568", "red"), "red"),
-    (("cy5", "far", "640", "647", "magenta"), "magenta"),
-]
-_DEFAULT_COLOURS = ["red", "green", "blue", "gray", "cyan", "magenta", "yellow"]
-
-
-def channel_colours(names: Sequence[str], n: int) -> list[str]:
-    """A sensible colour per channel: by name (DAPI -> blue ...), else ImageJ's order."""
-    if n == 1:
-        return ["gray"]
-    colours: list[str] = []
-    for i in range(n):
-        name = names[i].lower() if i < len(names) else ""
-        pick = next((c for keys, c in _NAME_COLOURS if any(k in name for k in keys)), None)
-        if pick is None or pick in colours:
-            pick = next((c for c in _DEFAULT_COLOURS if c not in colours), "gray")
-        colours.append(pick)
-    return colours
-
 
 def set_calibration(imp: Any, cal: Calibration) -> None:
     c = imp.getCalibration()

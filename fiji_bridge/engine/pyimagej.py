@@ -117,11 +117,6 @@ class PyImageJEngine(ImageJ1Engine):
         if ":" in self.endpoint and not is_path_like(self.endpoint):  # group:artifact[:version]
             return self._start_maven()
         install = self.install = find_fiji(self.endpoint)
-        if jvm_started() and not _has_class("net.imagej.ImageJ"):
-            raise EngineUnavailable(
-                "this process already runs a JVM without ImageJ2 (a process holds one JVM): start the Fiji "
-                "engine in a fresh process, e.g. fiji_bridge.engine.remote.RemoteEngine('pyimagej', endpoint=...)"
-            )
         java_home = find_java_home(fiji_root=install.root)
         check_java(install, java_home)
         extra = find_extra_jars(self.extra_jars)
@@ -136,6 +131,13 @@ class PyImageJEngine(ImageJ1Engine):
                     "imglib2-unsafe jars, which a stock Fiji does not ship; give their folder with "
                     "FIJI_BRIDGE_EXTRA_JARS (or extra_jars=), or use start='gateway'"
                 )
+        # what is wrong with the request first, then what is wrong with this process
+        if jvm_started() and not _has_class("net.imagej.ImageJ"):
+            raise EngineUnavailable(
+                "this process already runs a JVM without ImageJ2 (a process holds one JVM): start the Fiji "
+                "engine in a fresh process, e.g. fiji_bridge.engine.remote.RemoteEngine('pyimagej', endpoint=...)"
+            )
+        if path == "pyimagej":
             _import_pyimagej()  # before the JVM: imglyb registers its start-up hooks
         self._start_display()
         options = [

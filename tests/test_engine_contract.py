@@ -404,6 +404,8 @@ def test_open_image_reads_a_real_tiff_like_tifffile(engine, data_dir):
     np.testing.assert_array_equal(got[0, 0, 0], tifffile.imread(f))
     with pytest.raises(MacroError, match="not found"):
         engine.open_image(data_dir / "missing.tif")
+
+
 def test_results_do_not_leak_between_runs_while_the_results_window_is_kept(engine):
     """The Results window stays open between runs (emptied, not rebuilt):
     each run sees only its own measurements, a run that measures nothing

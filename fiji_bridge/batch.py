@@ -16,7 +16,8 @@ interrupted batch resumes (``resume=True``) by skipping units whose marker
 says done, and the plate tables are assembled at the end from the per-unit
 tables the markers list: no unit is counted twice.
 
-Where the macro runs:
+Where the macro runs (:mod:`fiji_bridge.batch_workers`; the markers and the
+plate tables are :mod:`fiji_bridge.batch_tables`):
 
 * ``workers=N``: N bridges on this machine (spawned on free ports, or the
   ``ports`` given), each running one unit at a time while the next unit is
@@ -40,53 +41,31 @@ the server is back. Local stores are written directly.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
-import queue
-import socket
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import __version__
+from .batch_tables import MARKER, assemble, marker_path, read_marker
+from .batch_workers import BatchError, UnitOutcome, _error_dict, run_dask, run_local, run_unit, unit_title
+from .client import free_port_pair
 from .components import Calibration, normalize_well
 from .macros import Macro, resolve
 from .objects import declared_labels, parse_label_specs
-from .outputs import save_plate_ngff, save_result, slug, table_file_name
+from .outputs import save_result, slug, table_file_name
 from .upload import key_of
 
-__all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "batch_command"]
+__all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "run_unit", "batch_command", "print_report",
+           "free_port_pair", "unit_title", "MARKER"]
 
 log = logging.getLogger("fiji_bridge.batch")
-
-MARKER = "fiji_bridge_unit"
-
-
-class BatchError(RuntimeError):
-    """The batch cannot start (bad plate, wells, derived plate in the way)."""
-
-
-@dataclass
-class UnitOutcome:
-    """What running the macro on one unit gave (before writing)."""
-
-    well: str
-    site: int
-    ok: bool
-    result: Any = None  # MacroResult when ok
-    error: Optional[dict] = None  # {"kind", "message", "line"} when not
-    elapsed: float = 0.0
-    worker: str = ""
-    imagej: str = ""
 
 
 @dataclass
@@ -129,48 +108,6 @@ class BatchReport:
 
 # --------------------------------------------------------------------------- helpers
 
-from .client import free_port_pair  # noqa: E402  (re-exported: batch users start bridges)
-
-
-def _error_dict(e: BaseException) -> dict:
-    kind = getattr(e, "kind", None) or type(e).__name__
-    return {
-        "kind": str(kind),
-        "message": str(getattr(e, "message", None) or e),
-        "line": getattr(e, "line", None),
-    }
-
-
-def unit_title(plate: str, well: str, site: int) -> str:
-    """The title the input image gets in ImageJ: ``<plate>_<well>_s<site>``."""
-    return f"{plate}_{well}_s{site:03d}"
-
-
-def _marker_path(scheme: str, plate: str, well: str, site: int) -> str:
-    return f"/{scheme}/plate_{plate}/{well}/{MARKER}_s{site:03d}.json"
-
-
-def _csv_rows(text: str) -> tuple[list[str], list[list[str]]]:
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows:
-        return [], []
-    return rows[0], rows[1:]
-
-
-def _to_float(v: str) -> Optional[float]:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
 
 def _default_derived_uri(plate_uri: str, src_id: str, macro: Macro) -> tuple[Any, str]:
     from .backends import PlateURI
@@ -189,276 +126,6 @@ def _resolve_out(plate_uri: str, src_id: str, macro: Macro, out_uri: Optional[st
     if not o.plate:
         return str(o.with_plate(default_name))
     return str(o)
-
-
-# --------------------------------------------------------------------------- running units
-
-
-class _BridgeWorker:
-    """One bridge (connected or spawned) that runs units one at a time."""
-
-    def __init__(self, port: int, own: bool, log_dir: Optional[str] = None) -> None:
-        from .client import BridgeClient
-
-        self.port = port
-        self.client = BridgeClient.connect_or_spawn(port=port, timeout=180, own=own, log_dir=log_dir)
-        self.imagej = _imagej_version(self.client)
-
-    def reconnect(self) -> None:
-        from .client import BridgeClient
-
-        try:
-            self.client.close()
-        except Exception:  # pragma: no cover - best effort
-            pass
-        self.client = BridgeClient.connect_or_spawn(port=self.port, timeout=180, own=True)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def _imagej_version(client: Any) -> str:
-    try:
-        r = client.run_macro('print("IJVERSION=" + getVersion());', timeout=60)
-        for line in r.log.splitlines():
-            if line.startswith("IJVERSION="):
-                return line.split("=", 1)[1].strip()
-    except Exception as e:  # pragma: no cover - reported, not fatal
-        return f"unknown ({e})"
-    return "unknown"
-
-
-def run_unit(
-    client: Any,
-    code: str,
-    array: np.ndarray,
-    *,
-    title: str,
-    timeout: float,
-    channel_names: Sequence[str] = (),
-    calibration: Optional[Calibration] = None,
-) -> Any:
-    """Run the bound macro on one unit's TZCYX array; returns the MacroResult."""
-    names = list(channel_names) if channel_names and len(channel_names) == array.shape[2] else None
-    return client.run_macro(
-        code,
-        array=array,
-        dims="TZCYX",
-        timeout=timeout,
-        title=title,
-        channel_names=names,
-        calibration=calibration if calibration is not None and calibration.is_set else None,
-    )
-
-
-def _run_local(
-    units: Sequence[tuple[str, int]],
-    load: Callable[[str, int], np.ndarray],
-    code: str,
-    plate_label: str,
-    timeout: float,
-    structure: Any,
-    ports: Sequence[int],
-    own: bool,
-    emit: Callable[[UnitOutcome], None],
-) -> str:
-    """Run ``units`` on one bridge per port; ``emit`` gets every outcome in the
-    calling thread (the single writer). Returns a description of the workers."""
-    workers: list[_BridgeWorker] = []
-    errors: list[BaseException] = []
-
-    def start(port: int) -> None:
-        try:
-            workers.append(_BridgeWorker(port, own))
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(p,), daemon=True) for p in ports]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for w in workers:
-            w.close()
-        raise BatchError(f"could not start a bridge: {errors[0]}") from errors[0]
-
-    pending = list(units)
-    lock = threading.Lock()
-    outq: "queue.Queue[Optional[UnitOutcome]]" = queue.Queue()
-    loader = ThreadPoolExecutor(max_workers=max(2, len(workers)), thread_name_prefix="fiji-bridge-load")
-
-    def take() -> Optional[tuple[tuple[str, int], Any]]:
-        with lock:
-            if not pending:
-                return None
-            u = pending.pop(0)
-        return u, loader.submit(load, *u)
-
-    def loop(w: _BridgeWorker) -> None:
-        nxt = take()
-        while nxt is not None:
-            (well, site), fut = nxt
-            nxt = take()  # the next unit loads while this one runs
-            t0 = time.perf_counter()
-            try:
-                arr = fut.result()
-            except Exception as e:
-                outq.put(UnitOutcome(well, site, False, error={**_error_dict(e), "kind": "load"}, worker=str(w.port)))
-                continue
-            try:
-                r = run_unit(w.client, code, arr, title=unit_title(plate_label, well, site), timeout=timeout,
-                             channel_names=structure.channel_names, calibration=structure.calibration)
-                outq.put(UnitOutcome(well, site, True, result=r, elapsed=time.perf_counter() - t0, worker=str(w.port), imagej=w.imagej))
-            except Exception as e:
-                from .client import BridgeError
-
-                outq.put(UnitOutcome(well, site, False, error=_error_dict(e), elapsed=time.perf_counter() - t0, worker=str(w.port), imagej=w.imagej))
-                if isinstance(e, BridgeError):  # the bridge itself is in trouble: reconnect (or respawn) once
-                    try:
-                        w.reconnect()
-                    except Exception as e2:  # pragma: no cover - the remaining units fail with this
-                        log.error("bridge on port %s is gone: %s", w.port, e2)
-        outq.put(None)
-
-    runners = [threading.Thread(target=loop, args=(w,), daemon=True, name=f"fiji-bridge-worker-{w.port}") for w in workers]
-    for t in runners:
-        t.start()
-    try:
-        finished = 0
-        while finished < len(runners):
-            o = outq.get()
-            if o is None:
-                finished += 1
-                continue
-            emit(o)
-    finally:
-        for t in runners:
-            t.join(timeout=5)
-        loader.shutdown(wait=False, cancel_futures=True)
-        for w in workers:
-            try:
-                w.close()
-            except Exception:  # pragma: no cover
-                pass
-    return f"{len(workers)} local bridge(s) on port(s) {', '.join(str(w.port) for w in workers)}"
-
-
-# -- Dask: one bridge per worker process ------------------------------------------
-
-_PROCESS: dict[str, Any] = {}  # per worker process: the bridge worker and opened plates
-_PROCESS_LOCK = threading.Lock()
-
-
-def _process_bridge() -> _BridgeWorker:
-    with _PROCESS_LOCK:
-        w = _PROCESS.get("bridge")
-        if w is None:
-            w = _BridgeWorker(free_port_pair(), own=True)
-            _PROCESS["bridge"] = w
-        return w
-
-
-def _process_plate(uri: str) -> tuple[Any, str]:
-    from .backends import open_plate
-
-    with _PROCESS_LOCK:
-        key = f"plate:{uri}"
-        if key not in _PROCESS:
-            _PROCESS[key] = open_plate(uri)
-        return _PROCESS[key]
-
-
-def _close_process_bridge() -> None:
-    with _PROCESS_LOCK:
-        w = _PROCESS.pop("bridge", None)
-    if w is not None:
-        w.close()
-
-
-def _dask_plugin() -> Any:
-    from distributed.diagnostics.plugin import WorkerPlugin
-
-    class BridgePlugin(WorkerPlugin):
-        """Starts this worker process's bridge once; shuts it down with the worker."""
-
-        name = "fiji-bridge"
-
-        def setup(self, worker: Any) -> None:
-            _process_bridge()
-
-        def teardown(self, worker: Any) -> None:
-            _close_process_bridge()
-
-    return BridgePlugin()
-
-
-def _dask_unit(source_uri: str, well: str, site: int, code: str, plate_label: str, timeout: float,
-               channel_names: Sequence[str], calibration: Optional[dict]) -> UnitOutcome:
-    """The Dask task: load one unit in the worker and run it on the worker's bridge."""
-    t0 = time.perf_counter()
-    w = _process_bridge()
-    try:
-        backend, pid = _process_plate(source_uri)
-        arr = backend.load_field(pid, well, site)
-    except Exception as e:
-        return UnitOutcome(well, site, False, error={**_error_dict(e), "kind": "load"}, worker=socket.gethostname())
-    try:
-        r = run_unit(w.client, code, arr, title=unit_title(plate_label, well, site), timeout=timeout,
-                     channel_names=channel_names, calibration=Calibration.from_dict(calibration))
-        return UnitOutcome(well, site, True, result=r, elapsed=time.perf_counter() - t0,
-                           worker=f"{socket.gethostname()}:{w.port}", imagej=w.imagej)
-    except Exception as e:
-        return UnitOutcome(well, site, False, error=_error_dict(e), elapsed=time.perf_counter() - t0,
-                           worker=f"{socket.gethostname()}:{w.port}", imagej=w.imagej)
-
-
-def _run_dask(
-    units: Sequence[tuple[str, int]],
-    source_uri: str,
-    code: str,
-    plate_label: str,
-    timeout: float,
-    structure: Any,
-    scheduler: Any,
-    emit: Callable[[UnitOutcome], None],
-) -> str:
-    from distributed import Client, as_completed
-
-    own_client = False
-    if isinstance(scheduler, Client):
-        client = scheduler
-    elif isinstance(scheduler, str):
-        client = Client(scheduler, timeout=60)
-        own_client = True
-    else:  # a cluster object (LocalCluster, SLURMCluster...)
-        client = Client(scheduler)
-        own_client = True
-    try:
-        client.register_plugin(_dask_plugin(), name="fiji-bridge")
-        cal = structure.calibration.to_dict() if structure.calibration.is_set else None
-        futures = [
-            client.submit(_dask_unit, source_uri, w, s, code, plate_label, timeout, list(structure.channel_names), cal,
-                          pure=False, key=f"fiji-bridge-unit-{w}-{s}-{os.urandom(4).hex()}")
-            for w, s in units
-        ]
-        for fut in as_completed(futures):
-            try:
-                o = fut.result()
-            except Exception as e:  # the task itself died (worker lost...)
-                w, s = _unit_of_key(fut.key)
-                o = UnitOutcome(w, s, False, error={**_error_dict(e), "kind": "worker"})
-            emit(o)
-        n = len(client.scheduler_info().get("workers", {}))
-        return f"Dask cluster {client.scheduler.address} with {n} worker(s)"
-    finally:
-        if own_client:
-            client.close()
-
-
-def _unit_of_key(key: str) -> tuple[str, int]:
-    parts = str(key).split("-")
-    return parts[3], int(parts[4])
 
 
 # --------------------------------------------------------------------------- the batch
@@ -578,7 +245,7 @@ def run_batch(
     done_before: set[tuple[str, int]] = set()
     if exists:
         for w, s in units:
-            marker = _read_marker(dst_backend, dst_id, w, s)
+            marker = read_marker(dst_backend, dst_id, w, s)
             if marker and marker.get("status") == "done":
                 done_before.add((w, s))
     pending = [u for u in units if u not in done_before]
@@ -638,7 +305,7 @@ def run_batch(
         if not o.ok:
             marker.update(status="failed", error=o.error)
             failures.append({"well": o.well, "field": o.site, **(o.error or {})})
-        path = _marker_path(dst_backend.scheme, pid, o.well, o.site)
+        path = marker_path(dst_backend.scheme, pid, o.well, o.site)
         try:
             if up is not None:  # after the unit's outputs, and only if they arrived
                 up.submit(marker, path, key=f"{path}#{marker['status']}", requires=requires)
@@ -652,14 +319,14 @@ def run_batch(
     try:
         if pending:
             if scheduler is not None:
-                where = _run_dask(pending, plate_uri, code, src_id, timeout, structure, scheduler, emit)
+                where = run_dask(pending, plate_uri, code, src_id, timeout, structure, scheduler, emit)
             else:
                 own = ports is None
                 n_workers = max(1, min(int(workers), len(pending)))  # no idle JVMs
                 use = list(ports) if ports else [free_port_pair() for _ in range(n_workers)]
                 if own:  # distinct ports even if the OS hands one out twice
                     use = list(dict.fromkeys(use))
-                where = _run_local(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
+                where = run_local(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
                                    timeout, structure, use, own, emit)
         else:
             where = "nothing to run"
@@ -672,7 +339,7 @@ def run_batch(
         derived_uri = str(PlateURI.parse(derived_uri).with_plate(pid))
     up = state["uploader"]
     if up is None:
-        tables = _assemble(dst_backend, pid, units, well_order, failures)
+        tables = assemble(dst_backend, pid, units, well_order, failures)
         report = _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before, failures, tables,
                          t_start, where)
         try:
@@ -720,14 +387,14 @@ def _finish_remote(up: Any, backend: Any, pid: str, units: Sequence[tuple[str, i
     sent = up.report()
     if sent.fallback or sent.left:
         # the server plate lacks some units: the plate tables are those of the fallback plate
-        tables = _assemble(fallback, pid, units, well_order, failures)
+        tables = assemble(fallback, pid, units, well_order, failures)
         fallback.save(make_report(tables).to_dict(), f"/{fallback.scheme}/plate_{pid}/batch.json")
     else:
         def save_table(plate: str, name: str, text: str) -> str:
             up.submit_table(plate, name, text)
             return f"/{backend.scheme}/plate_{plate}/{name}.csv"
 
-        tables = _assemble(backend, pid, units, well_order, failures, save_table=save_table)
+        tables = assemble(backend, pid, units, well_order, failures, save_table=save_table)
         up.wait()
         interim = make_report(tables)
         interim.upload = dict(up.counters)
@@ -750,91 +417,6 @@ class _Field:
     array: np.ndarray
     channel_names: Sequence[str]
     calibration: Calibration
-
-
-def _read_marker(backend: Any, plate: str, well: str, site: int) -> Optional[dict]:
-    path = _marker_path(backend.scheme, plate, well, site)
-    try:
-        if not backend.exists(path):
-            return None
-        data = backend.load(path)
-    except Exception:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_order: Mapping[str, int],
-              failures: list[dict], save_table: Optional[Callable[[str, str, str], str]] = None) -> dict[str, str]:
-    """Plate tables from the per-unit tables of every done unit (in plate
-    order: well, field, row), per-well summaries, and the failures table.
-    ``save_table(plate, name, text) -> path`` writes them (default: the backend's)."""
-    save_table = save_table or backend.save_table
-    per_table: dict[str, list[tuple[tuple[int, int], list[str], list[list[str]]]]] = {}
-    failed: list[dict] = []
-    for w, s in sorted(units, key=lambda u: (well_order.get(u[0], 1 << 30), u[1])):
-        marker = _read_marker(backend, plate, w, s)
-        if not marker:
-            continue
-        if marker.get("status") != "done":
-            failed.append({"well": w, "field": s, **(marker.get("error") or {})})
-            continue
-        for title, path in (marker.get("tables") or {}).items():
-            text = backend.load(f"/{backend.scheme}/{path.lstrip('/').split('/', 1)[1]}")  # a fallback plate too
-            header, rows = _csv_rows(text if isinstance(text, str) else str(text))
-            per_table.setdefault(title, []).append(((well_order.get(w, 0), s), header, rows))
-    written: dict[str, str] = {}
-    ngff: dict[str, tuple[list[str], list[list[str]]]] = {}  # the same tables for the NGFF tools
-    for title, parts in per_table.items():
-        header: list[str] = []
-        for _, h, _ in parts:
-            header += [c for c in h if c not in header]
-        rows = []
-        for _, h, rs in parts:
-            idx = [h.index(c) if c in h else None for c in header]
-            rows += [[r[i] if i is not None and i < len(r) else "" for i in idx] for r in rs]
-        name = slug(title)
-        written[title] = save_table(plate, name, _csv_text(header, rows))
-        per_well = _per_well(header, rows)
-        written[f"{title} per well"] = save_table(plate, f"{name}_per_well", per_well)
-        ngff[name] = (header, rows)
-        ngff[f"{name}_per_well"] = _csv_rows(per_well)
-    try:
-        save_plate_ngff(backend, plate, ngff)
-    except Exception as e:  # the CSV tables are written: say so, keep the batch's result
-        log.error("could not write the plate tables for the NGFF tools: %s", e)
-    # failures from this run first, then units still failed from earlier runs
-    seen = {(f["well"], f["field"]) for f in failures}
-    failures.extend(f for f in failed if (f["well"], f["field"]) not in seen)
-    if failures:
-        fails = sorted(failures, key=lambda f: (well_order.get(f["well"], 1 << 30), f["field"]))
-        failures[:] = fails
-        written["failures"] = save_table(
-            plate, "failures",
-            _csv_text(["well", "field", "kind", "message", "line"],
-                      [[f["well"], f["field"], f.get("kind", ""), f.get("message", ""), f.get("line") or ""] for f in fails]))
-    return written
-
-
-def _per_well(header: list[str], rows: list[list[str]]) -> str:
-    """Rows per well, fields per well, and the mean of every numeric column."""
-    skip = {"plate", "well", "field"}
-    numeric = [c for i, c in enumerate(header) if c not in skip and rows
-               and all(_to_float(r[i]) is not None for r in rows if r[i] != "")
-               and any(r[i] != "" for r in rows)]
-    iw, ifd = header.index("well"), header.index("field")
-    ip = header.index("plate") if "plate" in header else None
-    groups: dict[str, list[list[str]]] = {}
-    for r in rows:
-        groups.setdefault(r[iw], []).append(r)
-    out = []
-    for w, rs in groups.items():
-        line: list[Any] = [rs[0][ip] if ip is not None else "", w, len(rs), len({r[ifd] for r in rs})]
-        for c in numeric:
-            i = header.index(c)
-            vals = [v for v in (_to_float(r[i]) for r in rs) if v is not None]
-            line.append(repr(float(np.mean(vals))) if vals else "")
-        out.append(line)
-    return _csv_text(["plate", "well", "rows", "fields"] + [f"mean_{c}" for c in numeric], out)
 
 
 # --------------------------------------------------------------------------- CLI

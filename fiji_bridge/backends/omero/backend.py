@@ -23,7 +23,7 @@ log = logging.getLogger("fiji_bridge.backends.omero")
 _FIELD_TABLE = re.compile(r"^(?P<table>.+)_s(?P<site>\d{3})\.csv$")
 #: the ROI document of a field as fiji_bridge.outputs writes it
 _ROI_DOC = re.compile(r"^rois_s(?P<site>\d{3})\.json$")
-#: the batch's per-unit marker (fiji_bridge.batch.MARKER)
+#: the batch's per-unit marker (fiji_bridge.batch_tables.MARKER)
 _MARKER = re.compile(r"^fiji_bridge_unit_s(?P<site>\d{3})\.json$")
 #: the description save_field gives a field's image: its field number survives any sample order
 _FIELD_DESC = re.compile(r"^fiji-bridge field: plate=\S+ well=\S+ site=(?P<site>\d+)$")

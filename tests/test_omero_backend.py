@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
 
+import omero  # noqa: E402
+
 from backend_contract import *  # noqa: E402,F401,F403  (the contract tests and their fixtures)
 
 from fiji_bridge.backends.base import BackendError, StoreUnavailable  # noqa: E402
@@ -270,6 +272,33 @@ def test_rule6_a_failing_table_leaves_the_csv_and_no_table_file(server, monkeypa
     assert names == ["results.csv"]
     assert [f for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == []
     assert _backend().load(f"/omero/plate_{pid}/results.csv") == "a,b\n1,3\n"
+
+
+def test_a_failed_table_deletes_no_other_objects_table(server, monkeypatch):
+    """Deleting an OriginalFile deletes the FileAnnotations holding it (blitz-delete-rules.xml),
+    so the cleanup after a failed table may delete only the file this attempt created."""
+    b = _backend()
+    pid = b.create_plate("p")
+    other = b.create_plate("q")
+    for well in ("A01", "A02"):
+        b.save_field(pid, well, 0, _distinct_field((1, 1, 1, 8, 8)))
+    b.save_table(pid, "results", "a,b\n1,2\n", well="A01")
+    b.save_table(other, "results", "a,b\n5,6\n")
+    tables = lambda: sorted(f.id.val for f in server.objects("OriginalFile")  # noqa: E731
+                            if f.mimetype.val == "OMERO.tables")
+    before = tables()
+    assert len(before) == 2
+
+    def broken(self, s, sid, columns, ctx=None):
+        raise omero.ValidationException(message="addData failed")
+    monkeypatch.setattr(ServerDouble, "_rpc_Table_addData", broken)
+    b.save_table(pid, "results", "a,b\n3,4\n", well="A02")
+    monkeypatch.undo()
+    assert tables() == before  # A01's and the other plate's tables, and only they
+    held = {a.file.id.val for a in server.objects("FileAnnotation")}
+    assert set(before) <= held
+    assert _backend().load(f"/omero/plate_{pid}/A01/results.csv") == "a,b\n1,2\n"
+    assert _backend().load(f"/omero/plate_{pid}/A02/results.csv") == "a,b\n3,4\n"
 
 
 def test_annotation_linked_in_the_objects_group(server):

@@ -315,6 +315,22 @@ def test_delete_is_a_command_with_graph_rules(server, conn):
                          failontimeout=True, closehandle=True)
 
 
+def test_deleting_an_original_file_deletes_the_file_annotations_holding_it(server, conn):
+    # blitz-delete-rules.xml: A:FileAnnotation[E].file = [D] -> A:[D]/n, and the links go with it
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    f = conn.createOriginalFileFromFileObj(io.BytesIO(b"a,b\n1,2\n"), "x/", "t.csv", 8, mimetype="text/csv")
+    ann = omero.model.FileAnnotationI()
+    ann.file = omero.model.OriginalFileI(f.getId(), False)
+    link = omero.model.PlateAnnotationLinkI()
+    link.parent, link.child = omero.model.PlateI(pid, False), ann
+    conn.getUpdateService().saveAndReturnObject(link)
+    assert len(server.objects("FileAnnotation")) == 1
+    conn.deleteObjects("OriginalFile", [f.getId()], wait=True)
+    assert server.objects("FileAnnotation") == [] and server.objects("PlateAnnotationLink") == []
+    assert f.getId() not in [o.id.val for o in server.objects("OriginalFile")]
+    assert [p.id.val for p in server.objects("Plate")] == [pid]
+
+
 def test_tables_service_rules():
     # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
     srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)

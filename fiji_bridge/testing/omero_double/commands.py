@@ -9,8 +9,9 @@ Image while WellSample remains", omero-blitz
 ``omero.cmd.ERR``, the whole request failing; deleting a Well deletes its
 samples and their images; File/Tag/Term annotations are kept unless the
 request says otherwise (omero-py ``omero/gateway/__init__.py``
-deleteObjects ``excludeType``); an OriginalFile a FileAnnotation still holds
-cannot be deleted (``FileAnnotation.file`` is required).
+deleteObjects ``excludeType``); deleting an OriginalFile deletes the
+FileAnnotations that hold it and their links, whoever owns them
+(blitz-delete-rules.xml ``A:FileAnnotation[E].file = [D]`` -> ``A:[D]/n``).
 """
 
 from __future__ import annotations
@@ -128,11 +129,13 @@ class CommandServices:
                 elif spec == "Roi":
                     roi(oid)
                 elif spec == "OriginalFile":
-                    users = [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
-                             and r.file is not None and r.file.id.val == oid]
-                    if users:  # FileAnnotation.file is required
-                        errors.append(f"may not delete OriginalFile[{oid}] while FileAnnotation[{users[0]}] remains")
                     doomed.add(oid)
+                    # blitz-delete-rules.xml "If an original file is deleted then also delete the
+                    # corresponding file annotation regardless of permissions":
+                    # A:FileAnnotation[E].file = [D] -> A:[D]/n (and with it its links)
+                    for k in [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
+                              and r.file is not None and r.file.id.val == oid]:
+                        annotation(k)
                 elif spec == "Annotation" or kind.endswith("Annotation"):
                     annotation(oid)
                 elif spec == "Well":

@@ -301,6 +301,59 @@ def test_a_failed_table_deletes_no_other_objects_table(server, monkeypatch):
     assert _backend().load(f"/omero/plate_{pid}/A02/results.csv") == "a,b\n3,4\n"
 
 
+def test_two_workers_writing_fields_of_one_new_well_both_succeed(server):
+    """Well (plate, column, row) and WellSample (well, well_index) are unique (psql-footer.vm,
+    SemanticTypeProcessor.java): workers that indexed the plate before either wrote must not make a second
+    well, nor lose a field to an index collision."""
+    b1, b2 = _backend(), _backend()
+    pid = b1.create_plate("derived")
+    b1.plate_structure(pid)
+    b2.plate_structure(pid)  # both indexed the empty plate
+    fields = {s: _distinct_field((1, 1, 1, 8, 8)) + s for s in range(4)}
+    b1.save_field(pid, "B01", 0, fields[0])
+    b2.save_field(pid, "B01", 1, fields[1])  # b2 still believes B01 does not exist
+    assert len(server.objects("Well")) == 1
+    b3, b4 = _backend(), _backend()
+    b3.plate_structure(pid)
+    b4.plate_structure(pid)  # both saw two samples
+    b3.save_field(pid, "B01", 2, fields[2])
+    b4.save_field(pid, "B01", 3, fields[3])
+    # a race between reading the well and saving it: another worker appends a sample in between
+    fields[4], fields[5] = _distinct_field((1, 1, 1, 8, 8)) + 4, _distinct_field((1, 1, 1, 8, 8)) + 5
+    real_save, raced = ServerDouble._rpc_IUpdate_saveObject, []
+
+    def save_after_a_rival(self, s, obj, ctx=None):
+        if type(obj).__name__ == "WellI" and not raced:
+            raced.append(True)
+            _backend().save_field(pid, "B01", 5, fields[5])
+        return real_save(self, s, obj, ctx)
+    ServerDouble._rpc_IUpdate_saveObject = save_after_a_rival
+    try:
+        b4.save_field(pid, "B01", 4, fields[4])
+    finally:
+        ServerDouble._rpc_IUpdate_saveObject = real_save
+    assert raced
+    fresh = _backend()
+    assert dict(fresh.plate_structure(pid).fields) == {"B01": 6}
+    for s, a in fields.items():
+        np.testing.assert_array_equal(fresh.load_field(pid, "B01", s), a)
+
+
+def test_calibrations_of_zero_or_less_are_not_stored(server, caplog):
+    """Pixels.physicalSize* are of the positive_float domain (psql-footer.vm): a zero or negative
+    calibration is skipped with a log line; the field is written."""
+    b = _backend()
+    pid = b.create_plate("p")
+    a = _distinct_field((1, 1, 1, 8, 8))
+    with caplog.at_level(logging.INFO, logger="fiji_bridge.backends.omero"):
+        b.save_field(pid, "A01", 0, a, calibration=Calibration(pixel_width=0.0, pixel_height=-1.0,
+                                                             pixel_depth=2.0, unit="micron"))
+    np.testing.assert_array_equal(_backend().load_field(pid, "A01", 0), a)
+    pix = server.objects("Pixels")[0]
+    assert pix.physicalSizeX is None and pix.physicalSizeY is None and pix.physicalSizeZ.getValue() == 2.0
+    assert "not > 0" in caplog.text
+
+
 def test_annotation_linked_in_the_objects_group(server):
     fields = {("A01", 0): _distinct_field((1, 1, 1, 8, 8))}
     pid = server.seed_plate("in-other-group", fields, group="other", user="alice")

@@ -331,6 +331,78 @@ def test_deleting_an_original_file_deletes_the_file_annotations_holding_it(serve
     assert [p.id.val for p in server.objects("Plate")] == [pid]
 
 
+def test_database_unique_and_domain_constraints_are_validation_exceptions(server, conn):
+    """psql-footer.vm well_col_row; SemanticTypeProcessor.java UNIQUE (parent, child, owner) on links and
+    (coll, coll_index) on ordered collections; psql-header.vm positive_int/positive_float: ValidationException,
+    nothing of the failed save stored."""
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    upd = conn.getUpdateService()
+    n_wells = len(server.objects("Well"))
+
+    def well(row, col):
+        w = omero.model.WellI()
+        w.row, w.column, w.plate = rint(row), rint(col), omero.model.PlateI(pid, False)
+        return w
+    with pytest.raises(omero.ValidationException):
+        upd.saveObject(well(0, 0))  # A01 exists
+    with pytest.raises(omero.ValidationException):
+        upd.saveArray([well(1, 1), well(1, 1)])  # two B02s in one save
+    assert len(server.objects("Well")) == n_wells
+    upd.saveObject(well(1, 1))
+    # a sample saved on its own is appended to its well: a new index
+    wid = server.objects("Well")[0].id.val
+    n_samples = len(server.objects("WellSample"))
+    img = conn.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), "x").getId()
+    ws = omero.model.WellSampleI()
+    ws.well, ws.image = omero.model.WellI(wid, False), omero.model.ImageI(img, False)
+    upd.saveObject(ws)
+    assert len(server.objects("WellSample")) == n_samples + 1
+    # two links of one parent and child by the same owner
+    tag = omero.model.TagAnnotationI()
+    tag.textValue = rstring("t")
+    tag = upd.saveAndReturnObject(tag)
+    for attempt in range(2):
+        link = omero.model.PlateAnnotationLinkI()
+        link.parent, link.child = omero.model.PlateI(pid, False), omero.model.TagAnnotationI(tag.id.val, False)
+        if attempt == 0:
+            upd.saveObject(link)
+        else:
+            with pytest.raises(omero.ValidationException):
+                upd.saveObject(link)
+    assert len(server.objects("PlateAnnotationLink")) == 1
+    # domains: sizes and physical sizes > 0
+    pix_id = server.objects("Pixels")[0].id.val
+    pix = conn.getQueryService().get("Pixels", pix_id)
+    pix.setPhysicalSizeX(omero.model.LengthI(0.0, omero.model.enums.UnitsLength.MICROMETER))
+    with pytest.raises(omero.ValidationException):
+        upd.saveObject(pix)
+    pix.setPhysicalSizeX(omero.model.LengthI(-1.0, omero.model.enums.UnitsLength.MICROMETER))
+    with pytest.raises(omero.ValidationException):
+        upd.saveObject(pix)
+    assert server.objects("Pixels")[0].physicalSizeX is None
+    pix.setPhysicalSizeX(omero.model.LengthI(0.5, omero.model.enums.UnitsLength.MICROMETER))
+    upd.saveObject(pix)
+    assert server.objects("Pixels")[0].physicalSizeX.getValue() == 0.5
+
+
+def test_ordered_collection_index_is_unique(server, conn):
+    """SemanticTypeProcessor.java: UNIQUE (well, well_index); two writers saving a Well they loaded
+    with one sample, each adding a second one at index 1: the second save is refused."""
+    server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    wid = server.objects("Well")[0].id.val
+    a, b = (conn.getObjects("Well", ids=[wid], opts={"load_images": True}) for _ in range(2))
+    wa, wb = next(iter(a))._obj, next(iter(b))._obj
+    for w, name in ((wa, "first"), (wb, "second")):
+        img = conn.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), name).getId()
+        ws = omero.model.WellSampleI()
+        ws.image = omero.model.ImageI(img, False)
+        w.addWellSample(ws)
+    conn.getUpdateService().saveObject(wa)
+    with pytest.raises(omero.ValidationException):
+        conn.getUpdateService().saveObject(wb)
+    assert len(server.children("Well", "wellSamples", wid)) == 2
+
+
 def test_tables_service_rules():
     # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
     srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)

@@ -17,7 +17,8 @@ Rules, each from the source:
   groups is a ``SecurityViolation``; a save under ``-1`` takes the group of
   the first existing object it links (omero-server OmeroInterceptor.java,
   throwIfGroupsDontMatch);
-* IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`.
+* IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`, the
+  database's unique and domain constraints in :mod:`.constraints`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from ._common import (
     unwrap,
 )
 from .commands import CommandServices
+from .constraints import Constraints, check_domains
 from .files import REGISTRY_TIMEOUT, FileServices
 from .pixels import PixelsServices
 from .query import QueryServices
@@ -69,7 +71,7 @@ except ImportError:  # pragma: no cover - comes with zeroc-ice
     Glacier2 = None
 
 
-class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices):
+class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices, Constraints):
     """The state and services of one OMERO server, in memory.
 
     ``users`` maps user names to passwords; every user is a member of the
@@ -435,10 +437,14 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                 and getattr(row, "_" + fk).id.val == oid]
         return sorted(kids, key=lambda k: (self._order.get(k, 0), k)) if ordered else sorted(kids)
 
-    def _save(self, s: _Session, obj: Any, gid: int, seen: Optional[dict] = None,
-              position: Optional[int] = None) -> int:
-        """Store ``obj`` and everything loaded it reaches; return its id."""
-        seen = {} if seen is None else seen
+    def _save(self, s: _Session, obj: Any, gid: int) -> int:
+        """Store ``obj`` and everything loaded it reaches, all or nothing
+        (the database constraints of :mod:`.constraints`); return its id."""
+        with self._transaction() as seen:
+            return self._store(s, obj, gid, seen)
+
+    def _store(self, s: _Session, obj: Any, gid: int, seen: dict, position: Optional[int] = None) -> int:
+        """One object of a save (see :meth:`_save`)."""
         if id(obj) in seen:
             return seen[id(obj)]
         cls = _cls(obj)
@@ -483,13 +489,14 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                 continue
             v = getattr(obj, "_" + f)
             if _is_entity(v):
-                v = type(v)(self._save(s, v, gid, seen), False)
+                v = type(v)(self._store(s, v, gid, seen), False)
             setattr(new, "_" + f, v)
         for f in _fields(obj):
             info = getattr(type(obj)._field_info, f)
             if not info.nullable and not _is_coll(obj, f) and getattr(new, "_" + f) is None:
                 # a <required> field of omero-model's mappings (omero-py's _field_info.nullable)
                 raise omero.ValidationException(message=f"{cls}.{f} is required")
+        check_domains(cls, new)
         if position is not None:
             self._order[oid] = position
         elif oid not in self._order:
@@ -503,7 +510,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
             for i, kid in enumerate(kids):
                 if getattr(kid, "_" + fk) is None:
                     setattr(kid, "_" + fk, obj)
-                self._save(s, kid, gid, seen, position=i if ordered else None)
+                self._store(s, kid, gid, seen, position=i if ordered else None)
         return oid
 
     def _load(self, oid: int, fetch: set, path: tuple = ()) -> Any:
@@ -547,8 +554,9 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
     def _rpc_IUpdate_saveAndReturnArray(self, s: _Session, objs: list, ctx: Any = None) -> list:
         self.counters["update.save"] += 1
         gid = self._write_group(s, ctx, *objs)
-        seen: dict = {}
-        return [self._load(self._save(s, o, gid, seen), _paths(o)) for o in objs]
+        with self._transaction() as seen:
+            ids = [self._store(s, o, gid, seen) for o in objs]
+        return [self._load(i, _paths(o)) for i, o in zip(ids, objs)]
 
     def _rpc_IUpdate_saveArray(self, s: _Session, objs: list, ctx: Any = None) -> None:
         self._rpc_IUpdate_saveAndReturnArray(s, objs, ctx)

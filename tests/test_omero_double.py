@@ -253,6 +253,56 @@ def test_strict_surface_admits_only_what_omero_py_has(server, conn):
     assert omero.gateway.BlitzGateway.keepAlive is GatewayDouble.keepAlive  # omero-py's own code
 
 
+def test_every_call_is_marshalled_by_the_real_ice_proxy_first(server, conn):
+    """IcePy refuses what does not fit the Slice types before sending (wire.py): the double
+    raises the same ValueError/TypeError, on every path (services, tables, the session
+    factory, handles, the gateway's RawFileStore)."""
+    server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    n_rois = len(server.objects("Roi"))
+    q = conn.getQueryService()
+    with pytest.raises(TypeError):
+        q.findAllByQuery("from Image as i")  # IQueryPrx.findAllByQuery needs params
+    roi = RoiI()
+    roi.image = omero.model.ImageI(server.objects("Image")[0].id.val, False)
+    rect = RectangleI()
+    rect.x, rect.y, rect.width, rect.height = rdouble(0), rdouble(0), rdouble(1), rdouble(1)
+    rect.theZ = 3  # an int where the model has an RInt
+    roi.addShape(rect)
+    with pytest.raises(ValueError, match="theZ"):
+        conn.getUpdateService().saveObject(roi)
+    rect.theZ = rdouble(1)  # an RDouble where the model has an RInt
+    with pytest.raises(ValueError, match="theZ"):
+        conn.getUpdateService().saveObject(roi)
+    assert len(server.objects("Roi")) == n_rois
+    resources = conn.c.sf.sharedResources()
+    with pytest.raises(ValueError):
+        resources.newTable(1, 5)  # the path is a string
+    with pytest.raises(ValueError):
+        resources.openTable("results.h5")
+    assert server.counters["tables.newTable"] == 0
+    with pytest.raises(ValueError):
+        conn.c.sf.submit("delete everything")
+    with pytest.raises(ValueError):
+        conn.c.sf.setSecurityContext(server.group_id("other"))  # an ExperimenterGroup, not an id
+    with pytest.raises(ValueError):
+        conn.createRawFileStore().setFileId("1")
+    handle = conn.deleteObjects("Roi", [1])
+    with pytest.raises(ValueError):
+        handle.getResponse(["not", "a", "context"])
+    rect.theZ = rint(0)
+    conn.getUpdateService().saveObject(roi)  # well typed: stored
+    assert len(server.objects("Roi")) == n_rois + 1
+
+
+def test_strict_checks_modules_named_like_omero_but_not_in_it(server, conn):
+    """Only the omero package and its submodules are omero-py's own code; omero_rois or
+    omero2pandas are callers like any other."""
+    for module in ("omero_rois", "omero2pandas", "omeroweb_tool"):
+        code = compile("conn._transport", f"<{module}>", "exec")  # the double's, not BlitzGateway's
+        with pytest.raises(StrictAttributeError):
+            exec(code, {"__name__": module, "conn": conn})
+
+
 def test_the_double_itself_invents_no_methods():
     """Every public name the double's client classes define exists on the real class."""
     from fiji_bridge.testing.omero_double import client, real_attributes

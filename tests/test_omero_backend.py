@@ -354,6 +354,15 @@ def test_calibrations_of_zero_or_less_are_not_stored(server, caplog):
     assert "not > 0" in caplog.text
 
 
+def test_a_table_of_non_ascii_strings_fits_its_byte_sized_columns(server):
+    """StringColumn sizes are UTF-8 bytes (omero-py columns.py StringColumnI.arrays)."""
+    b = _backend()
+    pid = b.create_plate("p")
+    b.save_table(pid, "labels", "unit,name\n\u00b5m,na\u00efve\nnm,x\n")
+    f = next(f for f in server.objects("OriginalFile") if f.name.val == "labels.csv.h5")
+    assert server.table_columns(f.id.val) == {"unit": ["\u00b5m", "nm"], "name": ["na\u00efve", "x"]}
+
+
 def test_annotation_linked_in_the_objects_group(server):
     fields = {("A01", 0): _distinct_field((1, 1, 1, 8, 8))}
     pid = server.seed_plate("in-other-group", fields, group="other", user="alice")

@@ -489,6 +489,28 @@ def test_tables_service_rules():
         srv.unregister()
 
 
+def test_string_and_array_column_sizes(server, conn):
+    """omero-py columns.py: StringColumn size >= 1 at initialize (ApiUsageException); at addData a value longer
+    in UTF-8 bytes than the table's size is a ValidationException; array columns likewise."""
+    res = conn.c.sf.sharedResources()
+    repo = res.repositories().descriptions[0].id.val
+    for col in (omero.grid.StringColumn("s", "", 0, []), omero.grid.LongArrayColumn("a", "", 0, [])):
+        t = res.newTable(repo, "t.h5")
+        with pytest.raises(omero.ApiUsageException, match="must be > 0"):
+            t.initialize([col])
+        t.close()
+    t = res.newTable(repo, "s.h5")
+    t.initialize([omero.grid.StringColumn("s", "", 2, []), omero.grid.LongArrayColumn("a", "", 2, [])])
+    with pytest.raises(omero.ValidationException, match="byte"):  # "µm" is 3 bytes
+        t.addData([omero.grid.StringColumn("s", "", 3, ["\u00b5m"]), omero.grid.LongArrayColumn("a", "", 2, [[1, 2]])])
+    with pytest.raises(omero.ValidationException, match="arrays of length 2"):
+        t.addData([omero.grid.StringColumn("s", "", 2, ["um"]), omero.grid.LongArrayColumn("a", "", 2, [[1]])])
+    assert t.getNumberOfRows() == 0
+    t.addData([omero.grid.StringColumn("s", "", 2, ["um"]), omero.grid.LongArrayColumn("a", "", 2, [[1, 2]])])
+    assert t.getNumberOfRows() == 1
+    t.close()
+
+
 def test_annotation_must_be_linked_in_the_objects_group(server, conn):
     pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)}, group="other")
     # the naive way: the file is saved in the session's group ("lab"), linked to a plate in "other"

@@ -21,7 +21,8 @@ import omero  # noqa: E402
 from backend_contract import *  # noqa: E402,F401,F403  (the contract tests and their fixtures)
 
 from fiji_bridge.backends.base import BackendError, StoreUnavailable  # noqa: E402
-from fiji_bridge.backends.omero import NS_PROVENANCE, NS_RESULTS, NS_TABLE, OmeroBackend  # noqa: E402
+from fiji_bridge.backends.omero import NS_PROVENANCE, NS_RESULTS, NS_TABLE, OmeroBackend
+from fiji_bridge.backends.omero.annotations import NS_SUMMARY  # noqa: E402
 from fiji_bridge.components import Calibration  # noqa: E402
 from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble  # noqa: E402
 
@@ -361,6 +362,34 @@ def test_a_table_of_non_ascii_strings_fits_its_byte_sized_columns(server):
     b.save_table(pid, "labels", "unit,name\n\u00b5m,na\u00efve\nnm,x\n")
     f = next(f for f in server.objects("OriginalFile") if f.name.val == "labels.csv.h5")
     assert server.table_columns(f.id.val) == {"unit": ["\u00b5m", "nm"], "name": ["na\u00efve", "x"]}
+
+
+def test_a_summary_another_user_owns_is_not_edited_a_new_one_is_made(server):
+    """BasicACLVoter: editing or deleting another user's annotation needs WRITE, which a read-annotate
+    group (rwra--) does not give: the backend writes its own summary next to theirs."""
+    import omero.model as om
+    from omero.rtypes import rstring
+
+    srv = ServerDouble(users={"alice": PASSWORD, "bob": "bob-pw"}, groups={"lab": ["alice", "bob"]},
+                       permissions={"lab": "rwra--"}).register("ra.test", 4064)
+    try:
+        bob = _backend(host="ra.test", user="bob", password="bob-pw")
+        pid = bob.create_plate("bob's")
+        bob.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)))
+        image = bob._field(pid, "A01", 0).image
+        alice = _backend(host="ra.test")
+        with alice._call("alice annotates bob's image") as conn:  # rwra--: she may annotate it
+            ann = om.MapAnnotationI()
+            ann.ns = rstring(NS_SUMMARY)
+            ann.setMapValue([om.NamedValue("note", "alice was here")])
+            alice._link_annotation(conn, "Image", image, srv.group_id("lab"), ann)
+        bob.save_rois(pid, "A01", 0, [])  # each re-summarizes the image
+        bob.save_table(pid, "field_A01_s000_results", "n\n1\n", well="A01")
+        alice_anns = [a for a in srv.objects("MapAnnotation") if a.details.owner.id.val != srv._users["bob"].uid]
+        assert [nv.value for a in alice_anns for nv in a.getMapValue()] == ["alice was here"]
+        assert bob.image_summary(pid, "A01", 0)["ROIs"] == "0"
+    finally:
+        srv.unregister()
 
 
 def test_annotation_linked_in_the_objects_group(server):

@@ -453,6 +453,77 @@ def test_ordered_collection_index_is_unique(server, conn):
     assert len(server.children("Well", "wellSamples", wid)) == 2
 
 
+def _two_users(perms):
+    srv = ServerDouble(users={"alice": "pw", "bob": "pw"}, groups={"lab": ["alice", "bob"]},
+                       permissions={"lab": perms}).register(f"perm-{perms}.test", 4064)
+    pid = srv.seed_plate("alice's", {("A01", 0): _stack(1, 1, 1, 2, 2)}, user="alice")
+    bob = GatewayDouble("bob", "pw", host=f"perm-{perms}.test", port=4064)
+    assert bob.connect()
+    return srv, pid, bob
+
+
+def _tag_link(conn, kind, oid):
+    tag = omero.model.TagAnnotationI()
+    tag.textValue = rstring("bob's")
+    link = getattr(omero.model, f"{kind}AnnotationLinkI")()
+    link.parent, link.child = getattr(omero.model, f"{kind}I")(oid, False), tag
+    return conn.getUpdateService().saveAndReturnObject(link)
+
+
+def _roi_on(conn, iid):
+    roi = RoiI()
+    roi.image = omero.model.ImageI(iid, False)
+    pt = omero.model.PointI()
+    pt.x, pt.y = rdouble(0), rdouble(0)
+    roi.addShape(pt)
+    return conn.getUpdateService().saveAndReturnObject(roi)
+
+
+@pytest.mark.parametrize("perms", ["rw----", "rwr---", "rwra--", "rwrw--"])
+def test_group_permissions_govern_reads_links_edits_and_deletes(perms):
+    """Permissions.java parseString; OmeroInterceptor neededRight (WRITE, ANNOTATE for annotation links and
+    Roi->Image) / throwIfNotGranted; BasicACLVoter allowLoad/allowUpdate/allowDelete; canAnnotate() etc."""
+    srv, pid, bob = _two_users(perms)
+    try:
+        iid = srv.objects("Image")[0].id.val
+        readable, annotate, write = perms[2] == "r", perms[3] in "aw", perms[3] == "w"
+        seen = list(bob.getObjects("Plate", ids=[pid]))
+        assert bool(seen) == readable
+        if not readable:
+            with pytest.raises((omero.ValidationException, omero.SecurityViolation)):  # not found or "Cannot read"
+                bob.getQueryService().get("Image", iid)
+            return
+        img = bob.getObject("Image", iid)
+        assert img.canAnnotate() == annotate and img.canEdit() == write and img.canDelete() == write
+        if annotate:
+            _tag_link(bob, "Image", iid)
+            _roi_on(bob, iid)
+        else:
+            with pytest.raises(omero.SecurityViolation, match=f"Group is {perms}"):
+                _tag_link(bob, "Image", iid)
+            with pytest.raises(omero.SecurityViolation):
+                _roi_on(bob, iid)
+        ws = omero.model.WellSampleI()  # an ordinary link needs WRITE
+        ws.well = omero.model.WellI(srv.objects("Well")[0].id.val, False)
+        ws.image = omero.model.ImageI(iid, False)
+        plate = bob.getQueryService().get("Plate", pid)  # an update of another's object needs WRITE
+        plate.name = rstring("renamed by bob")
+        for obj in (ws, plate):
+            if write:
+                bob.getUpdateService().saveObject(obj)
+            else:
+                with pytest.raises(omero.SecurityViolation):
+                    bob.getUpdateService().saveObject(obj)
+        assert (srv.objects("Plate")[0].name.val == "renamed by bob") == write
+        if not write:
+            with pytest.raises(omero.CmdError):
+                bob.deleteObjects("Plate", [pid], wait=True)
+            assert [p.id.val for p in srv.objects("Plate")] == [pid]
+    finally:
+        bob.close()
+        srv.unregister()
+
+
 def test_tables_service_rules():
     # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
     srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)

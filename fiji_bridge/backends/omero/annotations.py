@@ -15,6 +15,9 @@ Rules followed:
 * an annotation is created in the object's group (omero.group in the call
   context), or linking fails with a SecurityViolation;
 * of duplicate annotations (two writers raced), the newest wins;
+* another user's annotation is left alone unless the server says we may edit
+  (``canEdit()``) or delete (``canDelete()``) it: a summary then gets an
+  annotation of our own beside theirs (omero-server BasicACLVoter);
 * units: ImageJ's "micron", "um", "µm"/"μm", "nm", "mm", "cm", "m", "inch"
   map to ``omero.model.enums.UnitsLength``; "pixel" is no physical length
   and is not stored; a stored PIXEL/REFERENCEFRAME length reads as unknown
@@ -126,6 +129,15 @@ def grid_columns(cols: Sequence[tuple[str, str, list]]) -> list:
         else:
             out.append(getattr(grid, f"{kind}Column")(name, "", list(vals)))
     return out
+
+
+def permitted(obj: Any, check: str) -> bool:
+    """``obj.details.permissions.<check>()`` of a model object read from the
+    server (``canEdit``, ``canDelete``, ``canAnnotate``...): what the server's
+    restrictions for this user allow; True when it carries no permissions."""
+    details = obj.getDetails()
+    perms = details.getPermissions() if details is not None else None
+    return True if perms is None else bool(getattr(perms, check)())
 
 
 class OmeroAnnotations:
@@ -326,7 +338,10 @@ class OmeroAnnotations:
         import omero.model as om
         from omero.rtypes import rstring
 
-        olds = self._annotations(kind, oid, ns=ns, types="MapAnnotation").get("", [])
+        # another user's annotation is theirs: kept as it is, unless the group lets us edit it
+        # (BasicACLVoter.allowUpdate; omero-py PermissionsI.canEdit from the server's restrictions)
+        olds = [a for a in self._annotations(kind, oid, ns=ns, types="MapAnnotation").get("", [])
+                if permitted(a, "canEdit")]
         merged: dict[str, str] = {}
         if merge:
             for a in olds:
@@ -343,5 +358,6 @@ class OmeroAnnotations:
             ann.ns = rstring(ns)
             ann.setMapValue(pairs)
             self._link_annotation(conn, kind, oid, group, ann)
-            if olds:  # two writers raced: one merged annotation replaces theirs
-                self._delete(conn, "Annotation", [a.id.val for a in olds])
+            doomed = [a.id.val for a in olds if permitted(a, "canDelete")]
+            if doomed:  # two writers raced: one merged annotation replaces theirs
+                self._delete(conn, "Annotation", doomed)

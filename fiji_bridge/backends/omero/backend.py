@@ -483,7 +483,11 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
                         rps.close()
                     except Exception:
                         pass
-                self._delete(conn, "Image", [old])
+                try:
+                    self._delete(conn, "Image", [old])
+                except BackendError as e:  # e.g. another user's image the group does not let us delete
+                    log.warning("%s field %s of plate %s: the new image is linked; the image it replaced (%s) "
+                                "could not be deleted and is left unlinked: %s", well, site, plate, old, e)
         self._plates.pop(str(plate), None)
         if self.summaries:
             self._summarize_image(plate, iid, idx.group, well, site, {"image": label})

@@ -124,6 +124,9 @@ class CommandServices:
                     errors.append(f"no {spec}[{oid}] to delete")
                     continue
                 kind = _cls(self._rows[oid])
+                if not self._may_delete(s, self._rows[oid]):  # BasicACLVoter.allowDelete
+                    errors.append(f"may not delete {spec}[{oid}]: not permitted by the group's permissions")
+                    continue
                 if spec == "Image":
                     image(oid)
                 elif spec == "Roi":

@@ -17,6 +17,8 @@ Rules, each from the source:
   groups is a ``SecurityViolation``; a save under ``-1`` takes the group of
   the first existing object it links (omero-server OmeroInterceptor.java,
   throwIfGroupsDontMatch);
+* group permissions (reads, links, edits, deletes of others' objects) live
+  in :mod:`.permissions`;
 * IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`, the
   database's unique and domain constraints in :mod:`.constraints`.
 """
@@ -61,6 +63,7 @@ from ._common import (
 )
 from .commands import CommandServices
 from .constraints import Constraints, check_domains
+from .permissions import DEFAULT_PERMISSIONS, GroupPermissions, parse_permissions
 from .files import REGISTRY_TIMEOUT, FileServices
 from .pixels import PixelsServices
 from .query import QueryServices
@@ -71,12 +74,14 @@ except ImportError:  # pragma: no cover - comes with zeroc-ice
     Glacier2 = None
 
 
-class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices, Constraints):
+class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices, Constraints, GroupPermissions):
     """The state and services of one OMERO server, in memory.
 
     ``users`` maps user names to passwords; every user is a member of the
     groups named in ``groups`` (default ``{"lab": [all users]}``), the first
-    one being their default group. ``tables=False`` runs the server without
+    one being their default group. ``permissions`` maps group names to
+    permission strings (default ``rw----``, private, see
+    :mod:`.permissions`). ``tables=False`` runs the server without
     the OMERO.tables service. ``session_timeout`` is OMERO's idle timeout.
     ``delete_polls``: how many polls of its handle a Delete2 takes to finish.
     ``ready=False`` models a server still starting (sessions refused).
@@ -87,6 +92,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
         users: Optional[dict[str, str]] = None,
         *,
         groups: Optional[dict[str, list[str]]] = None,
+        permissions: Optional[dict[str, str]] = None,
         tables: bool = True,
         session_timeout: float = 600.0,
         message_size_max: int = MESSAGE_SIZE_MAX,
@@ -135,8 +141,13 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
                 self._enum_ids[(kind, v)] = oid
         users = dict(users or {"root": "omero-double"})
         groups = groups or {"lab": list(users)}
+        self._group_perms: dict[int, str] = {}
+        self._caller: Optional[_Session] = None  # the session of the call being answered
         for gname in groups:
             self._groups[gname] = self._new_id()
+            perms = (permissions or {}).get(gname, DEFAULT_PERMISSIONS)
+            parse_permissions(perms)
+            self._group_perms[self._groups[gname]] = perms
         for uname, pw in users.items():
             member = [self._groups[g] for g, us in groups.items() if uname in us]
             self._users[uname] = _User(uname, pw, self._new_id(), member or [self._groups[next(iter(groups))]])
@@ -287,7 +298,11 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
                 if service == "Session":
                     result = fn(*args)
                 else:
-                    result = fn(self._session(key), *args)
+                    self._caller = self._session(key)
+                    try:
+                        result = fn(self._caller, *args)
+                    finally:
+                        self._caller = None
             out = pickle.dumps(("ok", result))
             if len(out) > self.message_size_max:
                 raise Ice.MemoryLimitException(reason=f"reply of {len(out)} bytes exceeds Ice.MessageSizeMax")
@@ -386,7 +401,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
             return True
         g = _ctx_group(ctx)
         groups = self._users[s.user].groups if g == -1 else [s.group if g is None else g]
-        return self._group_of(oid) in groups
+        return self._group_of(oid) in groups and self._may_read(s, row)
 
     def _write_group(self, s: _Session, ctx: Any, *objs: Any) -> int:
         """The group a write lands in: the call context's ``omero.group``, else
@@ -465,6 +480,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
                     "objects of different groups cannot be linked")
             if not obj.isLoaded():
                 return oid
+            self._check_edit(s, row)
             seen[id(obj)] = oid
             details = row._details
         else:
@@ -489,6 +505,8 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
                 continue
             v = getattr(obj, "_" + f)
             if _is_entity(v):
+                if v.id is not None and v.id.val in self._rows:
+                    self._check_link(s, cls, self._rows[v.id.val])
                 v = type(v)(self._store(s, v, gid, seen), False)
             setattr(new, "_" + f, v)
         for f in _fields(obj):
@@ -519,7 +537,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
         cls = _cls(row)
         out = type(row)()
         out._id = rlong(oid)
-        out._details = row._details
+        out._details = self._details_for(self._caller, row)
         for f in _fields(row):
             p = path + (f,)
             if _is_coll(row, f):

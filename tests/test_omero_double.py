@@ -524,6 +524,39 @@ def test_group_permissions_govern_reads_links_edits_and_deletes(perms):
         srv.unregister()
 
 
+def test_delete_keeps_annotations_still_linked_elsewhere_and_others_files():
+    """blitz-delete-rules.xml: an annotation of a deleted object that remains linked to another object is kept;
+    a file annotation of a deleted object is considered only when the object's owner owns it (X =/o A)."""
+    srv, pid, bob = _two_users("rwra--")
+    try:
+        alice = GatewayDouble("alice", "pw", host="perm-rwra--.test", port=4064)
+        assert alice.connect()
+        a, b = (alice.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), n).getId() for n in "ab")
+        shared = omero.model.MapAnnotationI()
+        shared.setMapValue([omero.model.NamedValue("k", "v")])
+        shared = alice.getUpdateService().saveAndReturnObject(shared)
+        for iid in (a, b):
+            link = omero.model.ImageAnnotationLinkI()
+            link.parent, link.child = omero.model.ImageI(iid, False), omero.model.MapAnnotationI(shared.id.val, False)
+            alice.getUpdateService().saveObject(link)
+        f = bob.createOriginalFileFromFileObj(io.BytesIO(b"bob"), "x/", "bob.txt", 3, mimetype="text/plain")
+        fa = omero.model.FileAnnotationI()
+        fa.file = omero.model.OriginalFileI(f.getId(), False)
+        link = omero.model.ImageAnnotationLinkI()
+        link.parent, link.child = omero.model.ImageI(a, False), fa
+        bob.getUpdateService().saveObject(link)  # rwra--: bob may annotate alice's image
+        alice.deleteObjects("Image", [a], deleteAnns=True, wait=True)
+        assert [m.id.val for m in srv.objects("MapAnnotation")] == [shared.id.val]  # still on b
+        assert len(srv.objects("FileAnnotation")) == 1  # bob's, on alice's deleted image: kept
+        assert [lk.parent.id.val for lk in srv.objects("ImageAnnotationLink")] == [b]
+        alice.deleteObjects("Image", [b], deleteAnns=True, wait=True)
+        assert srv.objects("MapAnnotation") == [] and srv.objects("ImageAnnotationLink") == []
+        alice.close()
+    finally:
+        bob.close()
+        srv.unregister()
+
+
 def test_tables_service_rules():
     # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
     srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)

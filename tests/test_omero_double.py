@@ -557,6 +557,19 @@ def test_delete_keeps_annotations_still_linked_elsewhere_and_others_files():
         srv.unregister()
 
 
+def test_deleting_a_plate_without_its_children_keeps_the_images(server, conn):
+    """omero-py deleteObjects('Plate', deleteChildren=False) excludes Image (with the annotation types, when
+    more than one type is excluded): the wells and samples go, the images stay."""
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    iid = server.objects("Image")[0].id.val
+    conn.deleteObjects("Plate", [pid], wait=True)
+    assert server.objects("Plate") == [] and server.objects("WellSample") == []
+    assert [i.id.val for i in server.objects("Image")] == [iid]
+    pid = server.seed_plate("q", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    conn.deleteObjects("Plate", [pid], deleteChildren=True, wait=True)
+    assert [i.id.val for i in server.objects("Image")] == [iid]
+
+
 def test_tables_service_rules():
     # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
     srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)

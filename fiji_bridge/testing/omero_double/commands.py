@@ -9,7 +9,8 @@ Image while WellSample remains", omero-blitz
 ``omero.cmd.ERR``, the whole request failing; deleting a Well deletes its
 samples and their images; File/Tag/Term annotations are kept unless the
 request says otherwise (omero-py ``omero/gateway/__init__.py``
-deleteObjects ``excludeType``); the annotations of a deleted object are
+deleteObjects ``excludeType``, which for a Plate without ``deleteChildren``
+excludes Image too: the images stay, unlinked); the annotations of a deleted object are
 considered for deletion — basic and comment ones regardless of
 permissions, file and tag ones only when the object's owner owns them
 (``X =/o A``), the others when the user may delete them (``/d``) — and an
@@ -139,7 +140,7 @@ class CommandServices:
             doomed.add(wid)
             for ws in self._children("Well", "wellSamples", wid):
                 doomed.add(ws)
-                if self._rows[ws].image is not None:
+                if self._rows[ws].image is not None and "Image" not in excluded:  # ChildOption.excludeType
                     image(self._rows[ws].image.id.val, via_sample=True)
             links(wid, "Well")
 

@@ -195,6 +195,38 @@ def test_pyramid_takes_tiles_in_sequence_only():
         srv.unregister()
 
 
+def test_a_read_ends_pyramid_writing_and_any_romio_access_creates_the_file():
+    """BfPyramidPixelBuffer.delegate() closes the writer on a read; RomioPixelBuffer.getFileChannel()
+    creates the file on any access (then read-only), and reading what was never written is past its end."""
+    srv = ServerDouble(users={"a": "b"}, max_plane_size=8, tile_size=4).register("pyr2.test", 4064)
+    try:
+        c = GatewayDouble("a", "b", host="pyr2.test", port=4064)
+        assert c.connect()
+        rps = _rps(c, _new_pixels(srv, c, (1, 1, 1, 7, 10)))
+        assert rps.requiresPixelsPyramid() and rps.getTileSize() == [4, 4]  # both safe while writing
+        rps.setTile(b"\0" * 32, 0, 0, 0, 0, 0, 4, 4)
+        assert rps.getByteWidth() == 2  # ends the writing
+        with pytest.raises(omero.ApiUsageException, match="In read-only mode"):
+            rps.setTile(b"\0" * 32, 0, 0, 0, 4, 0, 4, 4)
+        # ROMIO: two planes; reading the unwritten second one is past the end of the file
+        pid = _new_pixels(srv, c, (1, 1, 2, 3, 4))
+        rps = _rps(c, pid)
+        rps.setPlane(np.arange(12, dtype=">u2").tobytes(), 0, 0, 0)
+        assert np.frombuffer(rps.getPlane(0, 0, 0), ">u2").tolist() == list(range(12))
+        with pytest.raises(omero.ResourceError):
+            rps.getPlane(0, 1, 0)
+        # one read through a fresh writable store creates the file: every later store is read-only
+        pid = _new_pixels(srv, c, (1, 1, 1, 3, 4))
+        rps = _rps(c, pid)
+        with pytest.raises(omero.ResourceError):
+            rps.getTile(0, 0, 0, 0, 0, 4, 1)
+        rps.close()
+        with pytest.raises(omero.ApiUsageException, match="Write-method not permitted"):
+            _rps(c, pid).setPlane(b"\0" * 24, 0, 0, 0)
+    finally:
+        srv.unregister()
+
+
 def test_sessions_logins_and_a_dead_server(server):
     # omero/gateway/__init__.py BlitzGateway.connect: False (not a raise) for a refused login
     bad = GatewayDouble("alice", "wrong", host="double.test", port=4064)

@@ -191,5 +191,6 @@ class CommandServices:
             self._files.pop(oid, None)
             self._tables.pop(oid, None)
             self._order.pop(oid, None)
+            self._extent.pop(oid, None)
         return omero.cmd.OK()
 

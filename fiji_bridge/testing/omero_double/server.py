@@ -111,7 +111,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
         self.session_timeout = session_timeout
         self.message_size_max = message_size_max
         self.max_plane_size = max_plane_size
-        self.tile_size = int(tile_size)  # omero.pixeldata.tile_width/tile_height
+        self.tile_size = int(tile_size)  # the pyramid writer's fixed 256 (a test knob: see .pixels)
         self.max_plane_float_override = max_plane_float_override
         self.counters: collections.Counter[str] = collections.Counter()
         self.up = True
@@ -122,6 +122,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
         self._order: dict[int, int] = {}
         self._pixels: dict[int, np.ndarray] = {}
         self._written: set[int] = set()  # pixels whose file exists (write-once)
+        self._extent: dict[int, int] = {}  # bytes of a ROMIO pixels file written so far
         self._pyramid_pending: set[int] = set()  # imported big images whose pyramid is being built
         self._files: dict[int, bytearray] = {}
         self._tables: dict[int, dict] = {}
@@ -269,6 +270,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices,
                         self._rows[lc_id].name = rstring(names[ci])
                 self._pixels[pix_id][...] = np.transpose(arr, (0, 2, 1, 3, 4))
                 self._written.add(pix_id)  # imported: its pixels are read-only
+                self._extent[pix_id] = self._pixels[pix_id].nbytes
                 if pyramid_pending and self.requires_pyramid(pix_id):
                     self._pyramid_pending.add(pix_id)
                 ws = omero.model.WellSampleI()

@@ -302,6 +302,23 @@ def test_a_failed_table_deletes_no_other_objects_table(server, monkeypatch):
     assert _backend().load(f"/omero/plate_{pid}/A02/results.csv") == "a,b\n3,4\n"
 
 
+def test_a_failed_new_table_deletes_only_the_file_it_saved(server, monkeypatch):
+    """SharedResourcesI.newTable saves the file before it looks for a tables service: when that
+    fails, the file left behind (this user's, new since the attempt, held by no annotation) is
+    deleted, and no other object's table of the same name."""
+    b = _backend()
+    pid = b.create_plate("p")
+    b.save_table(pid, "results", "a,b\n1,2\n")
+    kept = [f.id.val for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"]
+    other = b.create_plate("q")
+    monkeypatch.setattr(server, "tables", False)  # the service went away after areTablesEnabled said yes
+    monkeypatch.setattr(ServerDouble, "_rpc_SharedResources_areTablesEnabled", lambda self, s, ctx=None: True)
+    b.save_table(other, "results", "a,b\n3,4\n")
+    assert server.counters["tables.newTable"] == 2
+    assert [f.id.val for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == kept
+    assert _backend().load(f"/omero/plate_{other}/results.csv") == "a,b\n3,4\n"
+
+
 def test_two_workers_writing_fields_of_one_new_well_both_succeed(server):
     """Well (plate, column, row) and WellSample (well, well_index) are unique (psql-footer.vm,
     SemanticTypeProcessor.java): workers that indexed the plate before either wrote must not make a second

@@ -16,10 +16,13 @@ import pytest
 
 pytest.importorskip("omero", reason="omero-py is not installed (pip install fiji-bridge[omero])")
 
+import omero  # noqa: E402
+
 from backend_contract import *  # noqa: E402,F401,F403  (the contract tests and their fixtures)
 
 from fiji_bridge.backends.base import BackendError, StoreUnavailable  # noqa: E402
-from fiji_bridge.backends.omero import NS_PROVENANCE, NS_RESULTS, NS_TABLE, OmeroBackend  # noqa: E402
+from fiji_bridge.backends.omero import NS_PROVENANCE, NS_RESULTS, NS_TABLE, OmeroBackend
+from fiji_bridge.backends.omero.annotations import NS_SUMMARY  # noqa: E402
 from fiji_bridge.components import Calibration  # noqa: E402
 from fiji_bridge.testing.omero_double import GatewayDouble, ServerDouble  # noqa: E402
 
@@ -270,6 +273,140 @@ def test_rule6_a_failing_table_leaves_the_csv_and_no_table_file(server, monkeypa
     assert names == ["results.csv"]
     assert [f for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == []
     assert _backend().load(f"/omero/plate_{pid}/results.csv") == "a,b\n1,3\n"
+
+
+def test_a_failed_table_deletes_no_other_objects_table(server, monkeypatch):
+    """Deleting an OriginalFile deletes the FileAnnotations holding it (blitz-delete-rules.xml),
+    so the cleanup after a failed table may delete only the file this attempt created."""
+    b = _backend()
+    pid = b.create_plate("p")
+    other = b.create_plate("q")
+    for well in ("A01", "A02"):
+        b.save_field(pid, well, 0, _distinct_field((1, 1, 1, 8, 8)))
+    b.save_table(pid, "results", "a,b\n1,2\n", well="A01")
+    b.save_table(other, "results", "a,b\n5,6\n")
+    tables = lambda: sorted(f.id.val for f in server.objects("OriginalFile")  # noqa: E731
+                            if f.mimetype.val == "OMERO.tables")
+    before = tables()
+    assert len(before) == 2
+
+    def broken(self, s, sid, columns, ctx=None):
+        raise omero.ValidationException(message="addData failed")
+    monkeypatch.setattr(ServerDouble, "_rpc_Table_addData", broken)
+    b.save_table(pid, "results", "a,b\n3,4\n", well="A02")
+    monkeypatch.undo()
+    assert tables() == before  # A01's and the other plate's tables, and only they
+    held = {a.file.id.val for a in server.objects("FileAnnotation")}
+    assert set(before) <= held
+    assert _backend().load(f"/omero/plate_{pid}/A01/results.csv") == "a,b\n1,2\n"
+    assert _backend().load(f"/omero/plate_{pid}/A02/results.csv") == "a,b\n3,4\n"
+
+
+def test_a_failed_new_table_deletes_only_the_file_it_saved(server, monkeypatch):
+    """SharedResourcesI.newTable saves the file before it looks for a tables service: when that
+    fails, the file left behind (this user's, new since the attempt, held by no annotation) is
+    deleted, and no other object's table of the same name."""
+    b = _backend()
+    pid = b.create_plate("p")
+    b.save_table(pid, "results", "a,b\n1,2\n")
+    kept = [f.id.val for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"]
+    other = b.create_plate("q")
+    monkeypatch.setattr(server, "tables", False)  # the service went away after areTablesEnabled said yes
+    monkeypatch.setattr(ServerDouble, "_rpc_SharedResources_areTablesEnabled", lambda self, s, ctx=None: True)
+    b.save_table(other, "results", "a,b\n3,4\n")
+    assert server.counters["tables.newTable"] == 2
+    assert [f.id.val for f in server.objects("OriginalFile") if f.mimetype.val == "OMERO.tables"] == kept
+    assert _backend().load(f"/omero/plate_{other}/results.csv") == "a,b\n3,4\n"
+
+
+def test_two_workers_writing_fields_of_one_new_well_both_succeed(server):
+    """Well (plate, column, row) and WellSample (well, well_index) are unique (psql-footer.vm,
+    SemanticTypeProcessor.java): workers that indexed the plate before either wrote must not make a second
+    well, nor lose a field to an index collision."""
+    b1, b2 = _backend(), _backend()
+    pid = b1.create_plate("derived")
+    b1.plate_structure(pid)
+    b2.plate_structure(pid)  # both indexed the empty plate
+    fields = {s: _distinct_field((1, 1, 1, 8, 8)) + s for s in range(4)}
+    b1.save_field(pid, "B01", 0, fields[0])
+    b2.save_field(pid, "B01", 1, fields[1])  # b2 still believes B01 does not exist
+    assert len(server.objects("Well")) == 1
+    b3, b4 = _backend(), _backend()
+    b3.plate_structure(pid)
+    b4.plate_structure(pid)  # both saw two samples
+    b3.save_field(pid, "B01", 2, fields[2])
+    b4.save_field(pid, "B01", 3, fields[3])
+    # a race between reading the well and saving it: another worker appends a sample in between
+    fields[4], fields[5] = _distinct_field((1, 1, 1, 8, 8)) + 4, _distinct_field((1, 1, 1, 8, 8)) + 5
+    real_save, raced = ServerDouble._rpc_IUpdate_saveObject, []
+
+    def save_after_a_rival(self, s, obj, ctx=None):
+        if type(obj).__name__ == "WellI" and not raced:
+            raced.append(True)
+            _backend().save_field(pid, "B01", 5, fields[5])
+        return real_save(self, s, obj, ctx)
+    ServerDouble._rpc_IUpdate_saveObject = save_after_a_rival
+    try:
+        b4.save_field(pid, "B01", 4, fields[4])
+    finally:
+        ServerDouble._rpc_IUpdate_saveObject = real_save
+    assert raced
+    fresh = _backend()
+    assert dict(fresh.plate_structure(pid).fields) == {"B01": 6}
+    for s, a in fields.items():
+        np.testing.assert_array_equal(fresh.load_field(pid, "B01", s), a)
+
+
+def test_calibrations_of_zero_or_less_are_not_stored(server, caplog):
+    """Pixels.physicalSize* are of the positive_float domain (psql-footer.vm): a zero or negative
+    calibration is skipped with a log line; the field is written."""
+    b = _backend()
+    pid = b.create_plate("p")
+    a = _distinct_field((1, 1, 1, 8, 8))
+    with caplog.at_level(logging.INFO, logger="fiji_bridge.backends.omero"):
+        b.save_field(pid, "A01", 0, a, calibration=Calibration(pixel_width=0.0, pixel_height=-1.0,
+                                                             pixel_depth=2.0, unit="micron"))
+    np.testing.assert_array_equal(_backend().load_field(pid, "A01", 0), a)
+    pix = server.objects("Pixels")[0]
+    assert pix.physicalSizeX is None and pix.physicalSizeY is None and pix.physicalSizeZ.getValue() == 2.0
+    assert "not > 0" in caplog.text
+
+
+def test_a_table_of_non_ascii_strings_fits_its_byte_sized_columns(server):
+    """StringColumn sizes are UTF-8 bytes (omero-py columns.py StringColumnI.arrays)."""
+    b = _backend()
+    pid = b.create_plate("p")
+    b.save_table(pid, "labels", "unit,name\n\u00b5m,na\u00efve\nnm,x\n")
+    f = next(f for f in server.objects("OriginalFile") if f.name.val == "labels.csv.h5")
+    assert server.table_columns(f.id.val) == {"unit": ["\u00b5m", "nm"], "name": ["na\u00efve", "x"]}
+
+
+def test_a_summary_another_user_owns_is_not_edited_a_new_one_is_made(server):
+    """BasicACLVoter: editing or deleting another user's annotation needs WRITE, which a read-annotate
+    group (rwra--) does not give: the backend writes its own summary next to theirs."""
+    import omero.model as om
+    from omero.rtypes import rstring
+
+    srv = ServerDouble(users={"alice": PASSWORD, "bob": "bob-pw"}, groups={"lab": ["alice", "bob"]},
+                       permissions={"lab": "rwra--"}).register("ra.test", 4064)
+    try:
+        bob = _backend(host="ra.test", user="bob", password="bob-pw")
+        pid = bob.create_plate("bob's")
+        bob.save_field(pid, "A01", 0, _distinct_field((1, 1, 1, 8, 8)))
+        image = bob._field(pid, "A01", 0).image
+        alice = _backend(host="ra.test")
+        with alice._call("alice annotates bob's image") as conn:  # rwra--: she may annotate it
+            ann = om.MapAnnotationI()
+            ann.ns = rstring(NS_SUMMARY)
+            ann.setMapValue([om.NamedValue("note", "alice was here")])
+            alice._link_annotation(conn, "Image", image, srv.group_id("lab"), ann)
+        bob.save_rois(pid, "A01", 0, [])  # each re-summarizes the image
+        bob.save_table(pid, "field_A01_s000_results", "n\n1\n", well="A01")
+        alice_anns = [a for a in srv.objects("MapAnnotation") if a.details.owner.id.val != srv._users["bob"].uid]
+        assert [nv.value for a in alice_anns for nv in a.getMapValue()] == ["alice was here"]
+        assert bob.image_summary(pid, "A01", 0)["ROIs"] == "0"
+    finally:
+        srv.unregister()
 
 
 def test_annotation_linked_in_the_objects_group(server):

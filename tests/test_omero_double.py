@@ -195,6 +195,38 @@ def test_pyramid_takes_tiles_in_sequence_only():
         srv.unregister()
 
 
+def test_a_read_ends_pyramid_writing_and_any_romio_access_creates_the_file():
+    """BfPyramidPixelBuffer.delegate() closes the writer on a read; RomioPixelBuffer.getFileChannel()
+    creates the file on any access (then read-only), and reading what was never written is past its end."""
+    srv = ServerDouble(users={"a": "b"}, max_plane_size=8, tile_size=4).register("pyr2.test", 4064)
+    try:
+        c = GatewayDouble("a", "b", host="pyr2.test", port=4064)
+        assert c.connect()
+        rps = _rps(c, _new_pixels(srv, c, (1, 1, 1, 7, 10)))
+        assert rps.requiresPixelsPyramid() and rps.getTileSize() == [4, 4]  # both safe while writing
+        rps.setTile(b"\0" * 32, 0, 0, 0, 0, 0, 4, 4)
+        assert rps.getByteWidth() == 2  # ends the writing
+        with pytest.raises(omero.ApiUsageException, match="In read-only mode"):
+            rps.setTile(b"\0" * 32, 0, 0, 0, 4, 0, 4, 4)
+        # ROMIO: two planes; reading the unwritten second one is past the end of the file
+        pid = _new_pixels(srv, c, (1, 1, 2, 3, 4))
+        rps = _rps(c, pid)
+        rps.setPlane(np.arange(12, dtype=">u2").tobytes(), 0, 0, 0)
+        assert np.frombuffer(rps.getPlane(0, 0, 0), ">u2").tolist() == list(range(12))
+        with pytest.raises(omero.ResourceError):
+            rps.getPlane(0, 1, 0)
+        # one read through a fresh writable store creates the file: every later store is read-only
+        pid = _new_pixels(srv, c, (1, 1, 1, 3, 4))
+        rps = _rps(c, pid)
+        with pytest.raises(omero.ResourceError):
+            rps.getTile(0, 0, 0, 0, 0, 4, 1)
+        rps.close()
+        with pytest.raises(omero.ApiUsageException, match="Write-method not permitted"):
+            _rps(c, pid).setPlane(b"\0" * 24, 0, 0, 0)
+    finally:
+        srv.unregister()
+
+
 def test_sessions_logins_and_a_dead_server(server):
     # omero/gateway/__init__.py BlitzGateway.connect: False (not a raise) for a refused login
     bad = GatewayDouble("alice", "wrong", host="double.test", port=4064)
@@ -251,6 +283,56 @@ def test_strict_surface_admits_only_what_omero_py_has(server, conn):
     with pytest.raises(StrictAttributeError, match="ServiceFactoryPrx"):
         conn.c.sf.newTable(1, "x")
     assert omero.gateway.BlitzGateway.keepAlive is GatewayDouble.keepAlive  # omero-py's own code
+
+
+def test_every_call_is_marshalled_by_the_real_ice_proxy_first(server, conn):
+    """IcePy refuses what does not fit the Slice types before sending (wire.py): the double
+    raises the same ValueError/TypeError, on every path (services, tables, the session
+    factory, handles, the gateway's RawFileStore)."""
+    server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    n_rois = len(server.objects("Roi"))
+    q = conn.getQueryService()
+    with pytest.raises(TypeError):
+        q.findAllByQuery("from Image as i")  # IQueryPrx.findAllByQuery needs params
+    roi = RoiI()
+    roi.image = omero.model.ImageI(server.objects("Image")[0].id.val, False)
+    rect = RectangleI()
+    rect.x, rect.y, rect.width, rect.height = rdouble(0), rdouble(0), rdouble(1), rdouble(1)
+    rect.theZ = 3  # an int where the model has an RInt
+    roi.addShape(rect)
+    with pytest.raises(ValueError, match="theZ"):
+        conn.getUpdateService().saveObject(roi)
+    rect.theZ = rdouble(1)  # an RDouble where the model has an RInt
+    with pytest.raises(ValueError, match="theZ"):
+        conn.getUpdateService().saveObject(roi)
+    assert len(server.objects("Roi")) == n_rois
+    resources = conn.c.sf.sharedResources()
+    with pytest.raises(ValueError):
+        resources.newTable(1, 5)  # the path is a string
+    with pytest.raises(ValueError):
+        resources.openTable("results.h5")
+    assert server.counters["tables.newTable"] == 0
+    with pytest.raises(ValueError):
+        conn.c.sf.submit("delete everything")
+    with pytest.raises(ValueError):
+        conn.c.sf.setSecurityContext(server.group_id("other"))  # an ExperimenterGroup, not an id
+    with pytest.raises(ValueError):
+        conn.createRawFileStore().setFileId("1")
+    handle = conn.deleteObjects("Roi", [1])
+    with pytest.raises(ValueError):
+        handle.getResponse(["not", "a", "context"])
+    rect.theZ = rint(0)
+    conn.getUpdateService().saveObject(roi)  # well typed: stored
+    assert len(server.objects("Roi")) == n_rois + 1
+
+
+def test_strict_checks_modules_named_like_omero_but_not_in_it(server, conn):
+    """Only the omero package and its submodules are omero-py's own code; omero_rois or
+    omero2pandas are callers like any other."""
+    for module in ("omero_rois", "omero2pandas", "omeroweb_tool"):
+        code = compile("conn._transport", f"<{module}>", "exec")  # the double's, not BlitzGateway's
+        with pytest.raises(StrictAttributeError):
+            exec(code, {"__name__": module, "conn": conn})
 
 
 def test_the_double_itself_invents_no_methods():
@@ -315,6 +397,211 @@ def test_delete_is_a_command_with_graph_rules(server, conn):
                          failontimeout=True, closehandle=True)
 
 
+def test_deleting_an_original_file_deletes_the_file_annotations_holding_it(server, conn):
+    # blitz-delete-rules.xml: A:FileAnnotation[E].file = [D] -> A:[D]/n, and the links go with it
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    f = conn.createOriginalFileFromFileObj(io.BytesIO(b"a,b\n1,2\n"), "x/", "t.csv", 8, mimetype="text/csv")
+    ann = omero.model.FileAnnotationI()
+    ann.file = omero.model.OriginalFileI(f.getId(), False)
+    link = omero.model.PlateAnnotationLinkI()
+    link.parent, link.child = omero.model.PlateI(pid, False), ann
+    conn.getUpdateService().saveAndReturnObject(link)
+    assert len(server.objects("FileAnnotation")) == 1
+    conn.deleteObjects("OriginalFile", [f.getId()], wait=True)
+    assert server.objects("FileAnnotation") == [] and server.objects("PlateAnnotationLink") == []
+    assert f.getId() not in [o.id.val for o in server.objects("OriginalFile")]
+    assert [p.id.val for p in server.objects("Plate")] == [pid]
+
+
+def test_database_unique_and_domain_constraints_are_validation_exceptions(server, conn):
+    """psql-footer.vm well_col_row; SemanticTypeProcessor.java UNIQUE (parent, child, owner) on links and
+    (coll, coll_index) on ordered collections; psql-header.vm positive_int/positive_float: ValidationException,
+    nothing of the failed save stored."""
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    upd = conn.getUpdateService()
+    n_wells = len(server.objects("Well"))
+
+    def well(row, col):
+        w = omero.model.WellI()
+        w.row, w.column, w.plate = rint(row), rint(col), omero.model.PlateI(pid, False)
+        return w
+    with pytest.raises(omero.ValidationException):
+        upd.saveObject(well(0, 0))  # A01 exists
+    with pytest.raises(omero.ValidationException):
+        upd.saveArray([well(1, 1), well(1, 1)])  # two B02s in one save
+    assert len(server.objects("Well")) == n_wells
+    upd.saveObject(well(1, 1))
+    # a sample saved on its own is appended to its well: a new index
+    wid = server.objects("Well")[0].id.val
+    n_samples = len(server.objects("WellSample"))
+    img = conn.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), "x").getId()
+    ws = omero.model.WellSampleI()
+    ws.well, ws.image = omero.model.WellI(wid, False), omero.model.ImageI(img, False)
+    upd.saveObject(ws)
+    assert len(server.objects("WellSample")) == n_samples + 1
+    # two links of one parent and child by the same owner
+    tag = omero.model.TagAnnotationI()
+    tag.textValue = rstring("t")
+    tag = upd.saveAndReturnObject(tag)
+    for attempt in range(2):
+        link = omero.model.PlateAnnotationLinkI()
+        link.parent, link.child = omero.model.PlateI(pid, False), omero.model.TagAnnotationI(tag.id.val, False)
+        if attempt == 0:
+            upd.saveObject(link)
+        else:
+            with pytest.raises(omero.ValidationException):
+                upd.saveObject(link)
+    assert len(server.objects("PlateAnnotationLink")) == 1
+    # domains: sizes and physical sizes > 0
+    pix_id = server.objects("Pixels")[0].id.val
+    pix = conn.getQueryService().get("Pixels", pix_id)
+    pix.setPhysicalSizeX(omero.model.LengthI(0.0, omero.model.enums.UnitsLength.MICROMETER))
+    with pytest.raises(omero.ValidationException):
+        upd.saveObject(pix)
+    pix.setPhysicalSizeX(omero.model.LengthI(-1.0, omero.model.enums.UnitsLength.MICROMETER))
+    with pytest.raises(omero.ValidationException):
+        upd.saveObject(pix)
+    assert server.objects("Pixels")[0].physicalSizeX is None
+    pix.setPhysicalSizeX(omero.model.LengthI(0.5, omero.model.enums.UnitsLength.MICROMETER))
+    upd.saveObject(pix)
+    assert server.objects("Pixels")[0].physicalSizeX.getValue() == 0.5
+
+
+def test_ordered_collection_index_is_unique(server, conn):
+    """SemanticTypeProcessor.java: UNIQUE (well, well_index); two writers saving a Well they loaded
+    with one sample, each adding a second one at index 1: the second save is refused."""
+    server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    wid = server.objects("Well")[0].id.val
+    a, b = (conn.getObjects("Well", ids=[wid], opts={"load_images": True}) for _ in range(2))
+    wa, wb = next(iter(a))._obj, next(iter(b))._obj
+    for w, name in ((wa, "first"), (wb, "second")):
+        img = conn.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), name).getId()
+        ws = omero.model.WellSampleI()
+        ws.image = omero.model.ImageI(img, False)
+        w.addWellSample(ws)
+    conn.getUpdateService().saveObject(wa)
+    with pytest.raises(omero.ValidationException):
+        conn.getUpdateService().saveObject(wb)
+    assert len(server.children("Well", "wellSamples", wid)) == 2
+
+
+def _two_users(perms):
+    srv = ServerDouble(users={"alice": "pw", "bob": "pw"}, groups={"lab": ["alice", "bob"]},
+                       permissions={"lab": perms}).register(f"perm-{perms}.test", 4064)
+    pid = srv.seed_plate("alice's", {("A01", 0): _stack(1, 1, 1, 2, 2)}, user="alice")
+    bob = GatewayDouble("bob", "pw", host=f"perm-{perms}.test", port=4064)
+    assert bob.connect()
+    return srv, pid, bob
+
+
+def _tag_link(conn, kind, oid):
+    tag = omero.model.TagAnnotationI()
+    tag.textValue = rstring("bob's")
+    link = getattr(omero.model, f"{kind}AnnotationLinkI")()
+    link.parent, link.child = getattr(omero.model, f"{kind}I")(oid, False), tag
+    return conn.getUpdateService().saveAndReturnObject(link)
+
+
+def _roi_on(conn, iid):
+    roi = RoiI()
+    roi.image = omero.model.ImageI(iid, False)
+    pt = omero.model.PointI()
+    pt.x, pt.y = rdouble(0), rdouble(0)
+    roi.addShape(pt)
+    return conn.getUpdateService().saveAndReturnObject(roi)
+
+
+@pytest.mark.parametrize("perms", ["rw----", "rwr---", "rwra--", "rwrw--"])
+def test_group_permissions_govern_reads_links_edits_and_deletes(perms):
+    """Permissions.java parseString; OmeroInterceptor neededRight (WRITE, ANNOTATE for annotation links and
+    Roi->Image) / throwIfNotGranted; BasicACLVoter allowLoad/allowUpdate/allowDelete; canAnnotate() etc."""
+    srv, pid, bob = _two_users(perms)
+    try:
+        iid = srv.objects("Image")[0].id.val
+        readable, annotate, write = perms[2] == "r", perms[3] in "aw", perms[3] == "w"
+        seen = list(bob.getObjects("Plate", ids=[pid]))
+        assert bool(seen) == readable
+        if not readable:
+            with pytest.raises((omero.ValidationException, omero.SecurityViolation)):  # not found or "Cannot read"
+                bob.getQueryService().get("Image", iid)
+            return
+        img = bob.getObject("Image", iid)
+        assert img.canAnnotate() == annotate and img.canEdit() == write and img.canDelete() == write
+        if annotate:
+            _tag_link(bob, "Image", iid)
+            _roi_on(bob, iid)
+        else:
+            with pytest.raises(omero.SecurityViolation, match=f"Group is {perms}"):
+                _tag_link(bob, "Image", iid)
+            with pytest.raises(omero.SecurityViolation):
+                _roi_on(bob, iid)
+        ws = omero.model.WellSampleI()  # an ordinary link needs WRITE
+        ws.well = omero.model.WellI(srv.objects("Well")[0].id.val, False)
+        ws.image = omero.model.ImageI(iid, False)
+        plate = bob.getQueryService().get("Plate", pid)  # an update of another's object needs WRITE
+        plate.name = rstring("renamed by bob")
+        for obj in (ws, plate):
+            if write:
+                bob.getUpdateService().saveObject(obj)
+            else:
+                with pytest.raises(omero.SecurityViolation):
+                    bob.getUpdateService().saveObject(obj)
+        assert (srv.objects("Plate")[0].name.val == "renamed by bob") == write
+        if not write:
+            with pytest.raises(omero.CmdError):
+                bob.deleteObjects("Plate", [pid], wait=True)
+            assert [p.id.val for p in srv.objects("Plate")] == [pid]
+    finally:
+        bob.close()
+        srv.unregister()
+
+
+def test_delete_keeps_annotations_still_linked_elsewhere_and_others_files():
+    """blitz-delete-rules.xml: an annotation of a deleted object that remains linked to another object is kept;
+    a file annotation of a deleted object is considered only when the object's owner owns it (X =/o A)."""
+    srv, pid, bob = _two_users("rwra--")
+    try:
+        alice = GatewayDouble("alice", "pw", host="perm-rwra--.test", port=4064)
+        assert alice.connect()
+        a, b = (alice.createImageFromNumpySeq(iter([_stack(1, 1, 1, 2, 2)[0, 0, 0]]), n).getId() for n in "ab")
+        shared = omero.model.MapAnnotationI()
+        shared.setMapValue([omero.model.NamedValue("k", "v")])
+        shared = alice.getUpdateService().saveAndReturnObject(shared)
+        for iid in (a, b):
+            link = omero.model.ImageAnnotationLinkI()
+            link.parent, link.child = omero.model.ImageI(iid, False), omero.model.MapAnnotationI(shared.id.val, False)
+            alice.getUpdateService().saveObject(link)
+        f = bob.createOriginalFileFromFileObj(io.BytesIO(b"bob"), "x/", "bob.txt", 3, mimetype="text/plain")
+        fa = omero.model.FileAnnotationI()
+        fa.file = omero.model.OriginalFileI(f.getId(), False)
+        link = omero.model.ImageAnnotationLinkI()
+        link.parent, link.child = omero.model.ImageI(a, False), fa
+        bob.getUpdateService().saveObject(link)  # rwra--: bob may annotate alice's image
+        alice.deleteObjects("Image", [a], deleteAnns=True, wait=True)
+        assert [m.id.val for m in srv.objects("MapAnnotation")] == [shared.id.val]  # still on b
+        assert len(srv.objects("FileAnnotation")) == 1  # bob's, on alice's deleted image: kept
+        assert [lk.parent.id.val for lk in srv.objects("ImageAnnotationLink")] == [b]
+        alice.deleteObjects("Image", [b], deleteAnns=True, wait=True)
+        assert srv.objects("MapAnnotation") == [] and srv.objects("ImageAnnotationLink") == []
+        alice.close()
+    finally:
+        bob.close()
+        srv.unregister()
+
+
+def test_deleting_a_plate_without_its_children_keeps_the_images(server, conn):
+    """omero-py deleteObjects('Plate', deleteChildren=False) excludes Image (with the annotation types, when
+    more than one type is excluded): the wells and samples go, the images stay."""
+    pid = server.seed_plate("p", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    iid = server.objects("Image")[0].id.val
+    conn.deleteObjects("Plate", [pid], wait=True)
+    assert server.objects("Plate") == [] and server.objects("WellSample") == []
+    assert [i.id.val for i in server.objects("Image")] == [iid]
+    pid = server.seed_plate("q", {("A01", 0): _stack(1, 1, 1, 2, 2)})
+    conn.deleteObjects("Plate", [pid], deleteChildren=True, wait=True)
+    assert [i.id.val for i in server.objects("Image")] == [iid]
+
+
 def test_tables_service_rules():
     # rule 6: SharedResourcesI.newTable saves the file, then raises without a tables service
     srv = ServerDouble(users={"a": "b"}, tables=False).register("notables.test", 4064)
@@ -349,6 +636,28 @@ def test_tables_service_rules():
         t.close()
     finally:
         srv.unregister()
+
+
+def test_string_and_array_column_sizes(server, conn):
+    """omero-py columns.py: StringColumn size >= 1 at initialize (ApiUsageException); at addData a value longer
+    in UTF-8 bytes than the table's size is a ValidationException; array columns likewise."""
+    res = conn.c.sf.sharedResources()
+    repo = res.repositories().descriptions[0].id.val
+    for col in (omero.grid.StringColumn("s", "", 0, []), omero.grid.LongArrayColumn("a", "", 0, [])):
+        t = res.newTable(repo, "t.h5")
+        with pytest.raises(omero.ApiUsageException, match="must be > 0"):
+            t.initialize([col])
+        t.close()
+    t = res.newTable(repo, "s.h5")
+    t.initialize([omero.grid.StringColumn("s", "", 2, []), omero.grid.LongArrayColumn("a", "", 2, [])])
+    with pytest.raises(omero.ValidationException, match="byte"):  # "µm" is 3 bytes
+        t.addData([omero.grid.StringColumn("s", "", 3, ["\u00b5m"]), omero.grid.LongArrayColumn("a", "", 2, [[1, 2]])])
+    with pytest.raises(omero.ValidationException, match="arrays of length 2"):
+        t.addData([omero.grid.StringColumn("s", "", 2, ["um"]), omero.grid.LongArrayColumn("a", "", 2, [[1]])])
+    assert t.getNumberOfRows() == 0
+    t.addData([omero.grid.StringColumn("s", "", 2, ["um"]), omero.grid.LongArrayColumn("a", "", 2, [[1, 2]])])
+    assert t.getNumberOfRows() == 1
+    t.close()
 
 
 def test_annotation_must_be_linked_in_the_objects_group(server, conn):

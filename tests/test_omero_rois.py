@@ -329,6 +329,46 @@ def test_rois_also_on_the_source_image_and_never_on_anyone_elses(ij, shapes, ser
     assert {x.name.val for x in on_raw} == {x.name for x in r.rois} | {"drawn in OMERO.iviewer"}
 
 
+def _roi_dict(name):
+    import base64
+
+    import roifile
+
+    r = roifile.ImagejRoi.frompoints(np.array([[1, 1], [10, 1], [10, 8], [1, 8]]))
+    r.name = name
+    return {"name": name, "data": base64.b64encode(r.tobytes()).decode(), "position": [0, 0, 0]}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("perms", ["rwr---", "rwra--"])
+def test_source_rois_need_annotate_on_the_source_and_are_skipped_with_a_note(perms):
+    """OmeroInterceptor.neededRight: a Roi on an Image needs ANNOTATE. In a read-only group another
+    user's source image cannot take ROIs: the derived image gets them, the source is skipped and the
+    summary says so; in a read-annotate group both get them."""
+    host = f"src-{perms}.test"
+    srv = ServerDouble(users={"alice": PASSWORD, "bob": "bob-pw"}, groups={"lab": ["alice", "bob"]},
+                       permissions={"lab": perms}).register(host, 4064)
+    try:
+        src = srv.seed_plate("raw", {("A01", 0): np.zeros((1, 1, 1, 16, 16), "uint8")}, user="alice")
+        raw_image = srv.objects("Image")[0].id.val
+        b = OmeroBackend(host=host, user="bob", password="bob-pw", gateway=GatewayDouble, keepalive=0,
+                         rois_on_source=True)
+        pid = b.create_plate("derived", provenance={"source": f"omero://{host}/plate/{src}",
+                                                    "source_plate": str(src)})
+        b.save_field(pid, "A01", 0, np.zeros((1, 1, 1, 16, 16), "uint8"))
+        ids = b.save_rois(pid, "A01", 0, [_roi_dict("cell")])
+        assert len(ids) == 1 and srv._rows[ids[0]].image.id.val != raw_image
+        on_raw = srv.children("Image", "rois", raw_image)
+        note = b.image_summary(pid, "A01", 0).get("ROIs not stored on the source image")
+        if perms == "rwr---":
+            assert on_raw == [] and note and str(raw_image) in note
+        else:
+            assert len(on_raw) == 1 and note is None
+        b.close()
+    finally:
+        srv.unregister()
+
+
 def test_a_roi_omero_cannot_hold_is_skipped_and_named_the_others_are_stored(shapes, server):
     import base64
 

@@ -15,6 +15,9 @@ Rules followed:
 * an annotation is created in the object's group (omero.group in the call
   context), or linking fails with a SecurityViolation;
 * of duplicate annotations (two writers raced), the newest wins;
+* another user's annotation is left alone unless the server says we may edit
+  (``canEdit()``) or delete (``canDelete()``) it: a summary then gets an
+  annotation of our own beside theirs (omero-server BasicACLVoter);
 * units: ImageJ's "micron", "um", "µm"/"μm", "nm", "mm", "cm", "m", "inch"
   map to ``omero.model.enums.UnitsLength``; "pixel" is no physical length
   and is not stored; a stored PIXEL/REFERENCEFRAME length reads as unknown
@@ -128,6 +131,15 @@ def grid_columns(cols: Sequence[tuple[str, str, list]]) -> list:
     return out
 
 
+def permitted(obj: Any, check: str) -> bool:
+    """``obj.details.permissions.<check>()`` of a model object read from the
+    server (``canEdit``, ``canDelete``, ``canAnnotate``...): what the server's
+    restrictions for this user allow; True when it carries no permissions."""
+    details = obj.getDetails()
+    perms = details.getPermissions() if details is not None else None
+    return True if perms is None else bool(getattr(perms, check)())
+
+
 class OmeroAnnotations:
     """Annotations of :class:`~fiji_bridge.backends.omero.OmeroBackend` (a mixin)."""
 
@@ -217,9 +229,12 @@ class OmeroAnnotations:
                          self.params.address, filename)
                 return None
             old = self._annotations(kind, oid, ns=NS_TABLE).get(path, [])
+            existing = {f.id.val for f in self._own_table_files(conn, path)}
             table = None
+            made: Optional[int] = None
             try:
                 table = resources.newTable(repos.descriptions[0].id.val, path, ctx)
+                made = table.getOriginalFile().id.val
                 table.initialize([type(c)(c.name, c.description, *((c.size, []) if hasattr(c, "size") else ([],)))
                                   for c in cols])
                 table.addData(cols)
@@ -227,7 +242,7 @@ class OmeroAnnotations:
             except omero.ServerError as e:
                 log.warning("OMERO.table for %s failed (%s: %s); the CSV file annotation is kept",
                             filename, type(e).__name__, str(getattr(e, "message", "") or e).strip())
-                self._drop_table_files(conn, path, keep={a.file.id.val for a in old})
+                self._drop_table_files(conn, path, made, existing)
                 return None
             finally:
                 if table is not None:
@@ -240,22 +255,44 @@ class OmeroAnnotations:
                 self._delete(conn, "Annotation", [a.id.val for a in old], delete_anns=True)
             return orig.id.val
 
-    def _drop_table_files(self, conn: Any, path: str, keep: set) -> None:
-        """Delete table files named ``path`` that no annotation of ours holds
-        (what a failed newTable/initialize/addData left behind)."""
-        from omero.rtypes import rstring
+    def _own_table_files(self, conn: Any, path: str) -> list:
+        """This user's OMERO.tables files named ``path`` (in every group)."""
+        from omero.rtypes import rlong, rstring
         from omero.sys import ParametersI
 
         params = ParametersI()
         params.add("name", rstring(path))
-        files = conn.getQueryService().findAllByQuery(
-            "from OriginalFile as f where f.name = :name and f.mimetype = 'OMERO.tables'", params, self._ctx(None))
-        doomed = sorted({f.id.val for f in files} - keep)
-        if doomed:
-            try:
+        params.add("me", rlong(conn.getEventContext().userId))
+        return conn.getQueryService().findAllByQuery(
+            "from OriginalFile as f where f.name = :name and f.mimetype = 'OMERO.tables' "
+            "and f.details.owner.id = :me", params, self._ctx(None))
+
+    def _drop_table_files(self, conn: Any, path: str, made: Optional[int], existing: set) -> None:
+        """Delete what this failed table attempt left behind, and nothing else.
+
+        Deleting an OriginalFile deletes every FileAnnotation holding it and
+        its links (omero-blitz blitz-delete-rules.xml ``A:FileAnnotation[E].file
+        = [D]`` -> ``A:[D]/n``), so only a file this attempt created (``made``,
+        the table's own file; when newTable itself failed, this user's files
+        of that name that were not there before) and that no FileAnnotation
+        holds is deleted."""
+        from omero.rtypes import rlist, rlong
+        from omero.sys import ParametersI
+
+        try:
+            ids = {made} if made is not None else \
+                {f.id.val for f in self._own_table_files(conn, path)} - existing
+            if not ids:
+                return
+            params = ParametersI()
+            params.add("ids", rlist([rlong(i) for i in sorted(ids)]))
+            held = {a.file.id.val for a in conn.getQueryService().findAllByQuery(
+                "from FileAnnotation as a where a.file.id in (:ids)", params, self._ctx(None))}
+            doomed = sorted(ids - held)
+            if doomed:
                 self._delete(conn, "OriginalFile", doomed)
-            except BackendError as e:
-                log.warning("could not delete the table file(s) %s left by a failed table: %s", doomed, e)
+        except Exception as e:  # the CSV is kept; a stray table file is no data loss
+            log.warning("could not delete the table file left by a failed table %s: %s", path, e)
 
     def _annotations(self, kind: str, oid: int, ns: str = NS_RESULTS, types: str = "FileAnnotation") -> dict[str, list]:
         """Annotations of one object in namespace ``ns``, by file name (or "" for
@@ -301,7 +338,10 @@ class OmeroAnnotations:
         import omero.model as om
         from omero.rtypes import rstring
 
-        olds = self._annotations(kind, oid, ns=ns, types="MapAnnotation").get("", [])
+        # another user's annotation is theirs: kept as it is, unless the group lets us edit it
+        # (BasicACLVoter.allowUpdate; omero-py PermissionsI.canEdit from the server's restrictions)
+        olds = [a for a in self._annotations(kind, oid, ns=ns, types="MapAnnotation").get("", [])
+                if permitted(a, "canEdit")]
         merged: dict[str, str] = {}
         if merge:
             for a in olds:
@@ -318,5 +358,6 @@ class OmeroAnnotations:
             ann.ns = rstring(ns)
             ann.setMapValue(pairs)
             self._link_annotation(conn, kind, oid, group, ann)
-            if olds:  # two writers raced: one merged annotation replaces theirs
-                self._delete(conn, "Annotation", [a.id.val for a in olds])
+            doomed = [a.id.val for a in olds if permitted(a, "canDelete")]
+            if doomed:  # two writers raced: one merged annotation replaces theirs
+                self._delete(conn, "Annotation", doomed)

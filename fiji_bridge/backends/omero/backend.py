@@ -29,6 +29,10 @@ _MARKER = re.compile(r"^fiji_bridge_unit_s(?P<site>\d{3})\.json$")
 _FIELD_DESC = re.compile(r"^fiji-bridge field: plate=\S+ well=\S+ site=(?P<site>\d+)$")
 
 
+#: saves of a field's link before giving up when other writers keep changing its well
+_LINK_ATTEMPTS = 4
+
+
 def _sample_site(ws: Any, index: int) -> int:
     """The field number of a well sample: the one fiji-bridge recorded on its
     image, else its index in the well (as omero-cli-zarr numbers fields)."""
@@ -450,7 +454,10 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
                 if calibration is not None and unit is not None:
                     for axis, v in (("X", calibration.pixel_width), ("Y", calibration.pixel_height),
                                     ("Z", calibration.pixel_depth)):
-                        if v is not None:
+                        if v is not None and not float(v) > 0:  # positive_float domain (psql-footer.vm)
+                            log.info("calibration of %s field %s: pixel size %s = %r is not > 0; not stored",
+                                     well, site, axis, v)
+                        elif v is not None:
                             getattr(pix, f"setPhysicalSize{axis}")(LengthI(float(v), unit))
                 for i, ch in enumerate(pix.copyChannels()):
                     if i < len(names) and names[i]:
@@ -476,20 +483,60 @@ class OmeroBackend(OmeroConnection, OmeroPixels, OmeroAnnotations, OmeroRois, Vi
                         rps.close()
                     except Exception:
                         pass
-                self._delete(conn, "Image", [old])
+                try:
+                    self._delete(conn, "Image", [old])
+                except BackendError as e:  # e.g. another user's image the group does not let us delete
+                    log.warning("%s field %s of plate %s: the new image is linked; the image it replaced (%s) "
+                                "could not be deleted and is left unlinked: %s", well, site, plate, old, e)
         self._plates.pop(str(plate), None)
         if self.summaries:
             self._summarize_image(plate, iid, idx.group, well, site, {"image": label})
 
     def _link_field(self, conn: Any, plate: str, idx: _PlateIndex, well: str, site: int, iid: int,
                     ctx: Any) -> Optional[int]:
-        """Link image ``iid`` as field ``site`` of ``well`` (one save); return
-        the image it replaces, if any."""
+        """Link image ``iid`` as field ``site`` of ``well``; return the image it
+        replaces, if any.
+
+        Another worker may have created the well, or added a sample, since
+        this one read the plate: the database's unique constraints (Well
+        (plate, column, row), WellSample (well, well_index); omero-model
+        psql-footer.vm, omero-dsl-plugin SemanticTypeProcessor.java) then
+        refuse the save with a ValidationException, and the well is read again
+        from the server and the save retried."""
+        import omero
+
+        wid = idx.wells.get(well)
+        for attempt in range(_LINK_ATTEMPTS):
+            try:
+                return self._link_field_once(conn, plate, well, site, iid, ctx, wid)
+            except omero.ValidationException:
+                if attempt == _LINK_ATTEMPTS - 1:
+                    raise
+                wid = self._find_well(conn, plate, well, ctx)
+                log.info("%s of plate %s changed under this writer; linking field %s again", well, plate, site)
+        raise AssertionError("unreachable")
+
+    def _find_well(self, conn: Any, plate: str, well: str, ctx: Any) -> Optional[int]:
+        """The id of ``well`` of ``plate`` as the server has it now (None if there is none)."""
+        from omero.rtypes import rint, rlong
+        from omero.sys import ParametersI
+
+        row, col = parse_well(well)
+        params = ParametersI()
+        params.add("pid", rlong(self._plate_id(plate)))
+        params.add("row", rint(row))
+        params.add("col", rint(col))
+        found = conn.getQueryService().findByQuery(
+            "from Well as w where w.plate.id = :pid and w.row = :row and w.column = :col", params, ctx)
+        return None if found is None else found.id.val
+
+    def _link_field_once(self, conn: Any, plate: str, well: str, site: int, iid: int, ctx: Any,
+                         wid: Optional[int]) -> Optional[int]:
+        """One save linking ``iid`` to the well ``wid`` (created when None)."""
         from omero.model import ImageI, PlateI, WellI, WellSampleI
         from omero.rtypes import rint
 
         pid = self._plate_id(plate)
-        wid = idx.wells.get(well)
         if wid is None:
             row, col = parse_well(well)
             w = WellI()

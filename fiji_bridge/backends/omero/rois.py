@@ -443,15 +443,46 @@ class OmeroRois:
         skipped: list[str] = []
         objs = rois_to_omero(list(rois), ref.image, f"{NS_ROIS} well={well} field={int(site)}", skipped)
         ids = self._replace_rois(ref.image, idx.group, objs, f"{NS_ROIS} well={well} field={int(site)}")
+        not_on_source = None
         if self.rois_on_source:
             src = self._source_field(plate, well, int(site))
             if src is not None:  # the raw image too, marked with the derived plate it came from
-                tag = f"{NS_ROIS} derived plate={plate} well={well} field={int(site)}"
-                self._replace_rois(src[0], src[1], rois_to_omero(list(rois), src[0], tag, []), tag)
+                not_on_source = self._rois_on_source(plate, well, int(site), src, list(rois))
         if getattr(self, "summaries", False):
             self._summarize(plate, well, int(site), {"ROIs": len(ids),
-                                                     "ROIs not stored": "; ".join(skipped) or None})
+                                                     "ROIs not stored": "; ".join(skipped) or None,
+                                                     "ROIs not stored on the source image": not_on_source})
         return ids
+
+    def _rois_on_source(self, plate: str, well: str, site: int, src: tuple[int, Optional[int]],
+                        rois: list) -> Optional[str]:
+        """The ROIs on the source image too; None when stored, else why not.
+
+        A Roi on an Image needs the ANNOTATE right on that image
+        (omero-server OmeroInterceptor.neededRight): on another user's image
+        in a private or read-only group the server refuses it, so the image's
+        ``canAnnotate()`` is asked first, and a refusal skips the source (the
+        derived image keeps its ROIs) instead of failing the save."""
+        image, group = src
+        with self._call(f"checking the source image {image}") as conn:
+            saved_group = conn.SERVICE_OPTS.getOmeroGroup()
+            conn.SERVICE_OPTS.setOmeroGroup(-1 if group is None else group)
+            try:
+                img = conn.getObject("Image", image)
+            finally:
+                conn.SERVICE_OPTS.setOmeroGroup(saved_group)
+            may = img is not None and img.canAnnotate()
+        if not may:
+            why = f"source image {image}: this user may not annotate it (group permissions)"
+            log.info("ROIs of %s %s field %s not stored on the %s", plate, well, site, why)
+            return why
+        tag = f"{NS_ROIS} derived plate={plate} well={well} field={site}"
+        try:
+            self._replace_rois(image, group, rois_to_omero(rois, image, tag, []), tag)
+        except BackendError as e:  # refused by the server after all: the derived ROIs stand
+            log.warning("ROIs of %s %s field %s not stored on source image %s: %s", plate, well, site, image, e)
+            return f"source image {image}: {e}"
+        return None
 
     def _replace_rois(self, image: int, group: Optional[int], objs: list, tag: str) -> list[int]:
         """Save ``objs`` on ``image``; delete the ROIs an earlier save with ``tag`` made there."""

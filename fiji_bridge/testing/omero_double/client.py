@@ -47,6 +47,7 @@ from functools import lru_cache
 from typing import Any, Callable, Optional
 
 from ._common import Ice, ServiceOptsDict, _BlitzGateway, omero
+from .wire import marshal
 
 try:
     import Glacier2
@@ -55,7 +56,13 @@ except ImportError:  # pragma: no cover - comes with zeroc-ice
 
 __all__ = ["GatewayDouble", "StrictAttributeError", "real_attributes"]
 
+#: packages whose code is not checked: the double's and omero-py's own (the package and its
+#: submodules by name, not every module whose name starts with "omero": omero_rois, omero2pandas)
 _INSIDE = ("fiji_bridge.testing.omero_double", "omero")
+
+
+def _inside(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in _INSIDE)
 
 
 class StrictAttributeError(AttributeError):
@@ -104,7 +111,7 @@ class _Strict:
     def __getattribute__(self, name: str) -> Any:
         if not (name.startswith("__") and name.endswith("__")):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            if not caller.startswith(_INSIDE):
+            if not _inside(caller):
                 real = object.__getattribute__(self, "_real_for")()
                 if name not in real_attributes(*real):
                     raise StrictAttributeError(
@@ -229,22 +236,26 @@ class _Service(_Strict):
         return lambda *args: self._remote(method, args)
 
     def _remote(self, method: str, args: tuple) -> Any:
+        marshal(_PRX[self._name], method, args)
         pre = () if self._sid is None else (self._sid,)
         return self._conn._call(self._name, method, pre + args)
 
     def _getObj(self) -> "_Service":  # ProxyObjectWrapper._getObj
         return self
 
-    def getResponse(self) -> Any:
+    def getResponse(self, ctx: Any = None) -> Any:
+        marshal(_PRX[self._name], "getResponse", () if ctx is None else (ctx,))
         return self._conn._call(self._name, "getResponse", (self._sid,))
 
 
 class _SharedResources(_Service):
     def newTable(self, repo_id: int, name: str, ctx: Any = None) -> _Service:
+        marshal(_PRX["SharedResources"], "newTable", (repo_id, name, ctx))
         sid = self._conn._call("SharedResources", "newTable", (repo_id, name, ctx))
         return _Service(self._conn, "Table", sid)
 
     def openTable(self, original_file: Any, ctx: Any = None) -> _Service:
+        marshal(_PRX["SharedResources"], "openTable", (original_file, ctx))
         sid = self._conn._call("SharedResources", "openTable", (original_file, ctx))
         return _Service(self._conn, "Table", sid)
 
@@ -257,27 +268,32 @@ class _SessionFactory(_Strict):
     def __init__(self, conn: "GatewayDouble") -> None:
         self._conn = conn
 
-    def _stateful(self, name: str) -> _Service:
+    def _stateful(self, name: str, ctx: Any) -> _Service:
+        marshal(self._real[0], f"create{name}", (ctx,))
         svc = _Service(self._conn, name, self._conn._call("sf", f"create{name}", ()))
         self._conn._stateful.append(svc)
         return svc
 
     def createRawPixelsStore(self, ctx: Any = None) -> _Service:
-        return self._stateful("RawPixelsStore")
+        return self._stateful("RawPixelsStore", ctx)
 
     def createRawFileStore(self, ctx: Any = None) -> _Service:
-        return self._stateful("RawFileStore")
+        return self._stateful("RawFileStore", ctx)
 
     def sharedResources(self, ctx: Any = None) -> _SharedResources:
+        marshal(self._real[0], "sharedResources", (ctx,))
         return _SharedResources(self._conn, "SharedResources")
 
-    def keepAlive(self, proxy: Any = None, ctx: Any = None) -> bool:
+    def keepAlive(self, proxy: Any, ctx: Any = None) -> bool:
+        marshal(self._real[0], "keepAlive", (proxy, ctx))
         return self._conn._call("sf", "keepAlive", ())
 
     def setSecurityContext(self, group: Any, ctx: Any = None) -> None:
+        marshal(self._real[0], "setSecurityContext", (group, ctx))
         self._conn._call("sf", "setSecurityContext", (group.id.val,))
 
     def submit(self, request: Any, ctx: Any = None) -> _Service:
+        marshal(self._real[0], "submit", (request, ctx))
         return _Service(self._conn, "Handle", self._conn._call("sf", "submit", (request, dict(ctx or {}))))
 
 
@@ -499,6 +515,7 @@ class _LazyStateful(_Service):
         super().__init__(conn, name, None, wrapped=True)
 
     def _remote(self, method: str, args: tuple) -> Any:
+        marshal(_PRX[self._name], method, args)
         if self._sid is None:
             self._sid = self._conn._call("sf", f"create{self._name}", ())
         out = self._conn._call(self._name, method, (self._sid,) + args)

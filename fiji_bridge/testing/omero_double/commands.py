@@ -9,15 +9,27 @@ Image while WellSample remains", omero-blitz
 ``omero.cmd.ERR``, the whole request failing; deleting a Well deletes its
 samples and their images; File/Tag/Term annotations are kept unless the
 request says otherwise (omero-py ``omero/gateway/__init__.py``
-deleteObjects ``excludeType``); an OriginalFile a FileAnnotation still holds
-cannot be deleted (``FileAnnotation.file`` is required).
+deleteObjects ``excludeType``, which for a Plate without ``deleteChildren``
+excludes Image too: the images stay, unlinked); the annotations of a deleted object are
+considered for deletion — basic and comment ones regardless of
+permissions, file and tag ones only when the object's owner owns them
+(``X =/o A``), the others when the user may delete them (``/d``) — and an
+annotation still linked to an object that stays is kept (blitz-delete-rules.xml
+"do not delete the annotation if it remains linked"); deleting an OriginalFile deletes the
+FileAnnotations that hold it and their links, whoever owns them
+(blitz-delete-rules.xml ``A:FileAnnotation[E].file = [D]`` -> ``A:[D]/n``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ._common import _cls, _ctx_group, _Session, omero
+
+
+def _owner(row: Any) -> Optional[int]:
+    d = row._details
+    return None if d is None or d._owner is None else d._owner.id.val
 
 
 class CommandServices:
@@ -93,12 +105,28 @@ class CommandServices:
             doomed.update(self._children("Roi", "shapes", rid))
             links(rid, "Roi")
 
+        considered: list[int] = []
+
         def links(oid: int, kind: str) -> None:
+            parent_owner = _owner(self._rows[oid])
             for lid in self._children(kind, "annotationLinks", oid):
-                doomed.add(lid)
+                doomed.add(lid)  # L:IAnnotationLink[E].parent = [D] -> L:[D]/n
                 aid = self._rows[lid].child.id.val
-                if _cls(self._rows[aid]) not in excluded:
-                    annotation(aid)
+                ann = self._rows[aid]
+                if _cls(ann) in excluded:
+                    continue
+                if isinstance(ann, (omero.model.BasicAnnotation, omero.model.CommentAnnotation)):
+                    considered.append(aid)  # "regardless of permissions"
+                elif isinstance(ann, (omero.model.FileAnnotation, omero.model.TagAnnotation)):
+                    if _owner(ann) == parent_owner and self._may_delete(s, ann):  # X =/o A, /d
+                        considered.append(aid)
+                elif self._may_delete(s, ann):  # List/Map/XmlAnnotation ... {i}/d
+                    considered.append(aid)
+
+        def still_linked(aid: int) -> bool:
+            """L:IAnnotationLink[E].parent = [E]{ia}, L.child = A -> A:{a}: kept while linked elsewhere."""
+            return any(k not in doomed for k, r in self._rows.items()
+                       if _cls(r).endswith("AnnotationLink") and r.child is not None and r.child.id.val == aid)
 
         def annotation(aid: int) -> None:
             doomed.add(aid)
@@ -112,7 +140,7 @@ class CommandServices:
             doomed.add(wid)
             for ws in self._children("Well", "wellSamples", wid):
                 doomed.add(ws)
-                if self._rows[ws].image is not None:
+                if self._rows[ws].image is not None and "Image" not in excluded:  # ChildOption.excludeType
                     image(self._rows[ws].image.id.val, via_sample=True)
             links(wid, "Well")
 
@@ -123,16 +151,21 @@ class CommandServices:
                     errors.append(f"no {spec}[{oid}] to delete")
                     continue
                 kind = _cls(self._rows[oid])
+                if not self._may_delete(s, self._rows[oid]):  # BasicACLVoter.allowDelete
+                    errors.append(f"may not delete {spec}[{oid}]: not permitted by the group's permissions")
+                    continue
                 if spec == "Image":
                     image(oid)
                 elif spec == "Roi":
                     roi(oid)
                 elif spec == "OriginalFile":
-                    users = [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
-                             and r.file is not None and r.file.id.val == oid]
-                    if users:  # FileAnnotation.file is required
-                        errors.append(f"may not delete OriginalFile[{oid}] while FileAnnotation[{users[0]}] remains")
                     doomed.add(oid)
+                    # blitz-delete-rules.xml "If an original file is deleted then also delete the
+                    # corresponding file annotation regardless of permissions":
+                    # A:FileAnnotation[E].file = [D] -> A:[D]/n (and with it its links)
+                    for k in [k for k, r in self._rows.items() if _cls(r) == "FileAnnotation"
+                              and r.file is not None and r.file.id.val == oid]:
+                        annotation(k)
                 elif spec == "Annotation" or kind.endswith("Annotation"):
                     annotation(oid)
                 elif spec == "Well":
@@ -145,6 +178,9 @@ class CommandServices:
                     doomed.update(self._children("Plate", "screenLinks", oid))
                 else:
                     raise NotImplementedError(f"the OMERO test double cannot delete {spec}")
+        for aid in considered:  # once the graph is known: orphans go, what is still linked stays
+            if aid not in doomed and not still_linked(aid):
+                annotation(aid)
         if errors:  # the whole graph operation fails
             return omero.cmd.ERR(category="graph-fail", name="graph-fail",
                                  parameters={"message": "; ".join(errors)})
@@ -155,5 +191,6 @@ class CommandServices:
             self._files.pop(oid, None)
             self._tables.pop(oid, None)
             self._order.pop(oid, None)
+            self._extent.pop(oid, None)
         return omero.cmd.OK()
 

@@ -13,7 +13,13 @@ Rules, each from the source:
   hdfstorageV2.internal_attr) and duplicate names (omero-py hdfstorageV2.py
   HdfStorage.initialize, columns.py columns2definition);
 * ``addData`` takes the table's columns in order, of equal lengths
-  (hdfstorageV2.py HdfStorage.append).
+  (hdfstorageV2.py HdfStorage.append);
+* a StringColumn's ``size`` (bytes) and an array column's length are at
+  least 1 at initialize (``ApiUsageException``, omero-py columns.py
+  StringColumnI / *ArrayColumnI.descriptor); at addData a string longer in
+  UTF-8 bytes than the table's column size, or an array of another length,
+  is a ``ValidationException`` (columns.py StringColumnI.arrays,
+  AbstractArrayColumn.arrays).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any, Optional
 
 from ._common import _cls, _Session, omero, rlong, rstring
 
+#: the columns of fixed-length arrays (omero-py columns.py AbstractArrayColumn)
+_ARRAY_COLUMNS = (omero.grid.FloatArrayColumn, omero.grid.DoubleArrayColumn, omero.grid.LongArrayColumn)
 #: omero.grid.registry_timeout (ms), the wait of newTable/areTablesEnabled
 #: for a tables service (omero-blitz SharedResourcesI.java waitMillis)
 REGISTRY_TIMEOUT = 5.0
@@ -133,6 +141,12 @@ class FileServices:
             if col.name in names:  # columns.py columns2definition
                 raise omero.ApiUsageException(message=f"Duplicate column name: {col.name}")
             names.add(col.name)
+            if isinstance(col, omero.grid.StringColumn) and not (col.size or 0) >= 1:
+                # columns.py StringColumnI.descriptor
+                raise omero.ApiUsageException(message=f"String size must be > 0 (Column: {col.name})")
+            if isinstance(col, _ARRAY_COLUMNS) and not (col.size or 0) >= 1:
+                # columns.py Float/Double/LongArrayColumnI.descriptor
+                raise omero.ApiUsageException(message=f"Array length must be > 0 (Column: {col.name})")
         for col in columns:
             col.values = []
         t["columns"] = columns
@@ -146,6 +160,16 @@ class FileServices:
             raise omero.ValidationException(message="addData: columns differ from the table's")
         if len({len(c.values) for c in columns}) > 1:
             raise omero.ValidationException(message="addData: columns of different lengths")
+        for mine, new in zip(t["columns"], columns):
+            # the table's column width, as initialized (columns.py StringColumnI.settable / arrays)
+            if isinstance(mine, omero.grid.StringColumn):
+                if any(len(str(v).encode()) > mine.size for v in new.values):
+                    raise omero.ValidationException(
+                        message=f"Maximum string (byte) length in column {mine.name} is {mine.size}")
+            elif isinstance(mine, _ARRAY_COLUMNS):
+                if any(len(v) != mine.size for v in new.values):  # AbstractArrayColumn.arrays
+                    raise omero.ValidationException(
+                        message=f"Column {mine.name} requires arrays of length {mine.size}")
         for mine, new in zip(t["columns"], columns):
             mine.values.extend(new.values)
 

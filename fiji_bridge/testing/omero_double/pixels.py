@@ -29,7 +29,23 @@ BfPyramidPixelBuffer.java / ConfiguredTileSizes.java):
   ``setPixelsId`` raises ``MissingPyramidException`` (PixelsService
   handleMissingPyramid) meanwhile;
 * ``getPlane``/``setPlane`` have no plane-size limit of their own; what
-  limits them is Ice's message size (omero.constants.MESSAGESIZEMAX).
+  limits them is Ice's message size (omero.constants.MESSAGESIZEMAX);
+* a read ends a pyramid's writing: ``BfPyramidPixelBuffer.delegate()`` calls
+  ``closeWriter()`` while writing, so ``getPlane``, ``getTile`` and
+  ``getByteWidth`` finalize the pyramid and every later ``setTile`` is "In
+  read-only mode!" (only ``getTileSize`` and ``requiresPixelsPyramid`` are
+  safe);
+* any access to a ROMIO buffer creates its file
+  (``RomioPixelBuffer.getFileChannel`` opens ``RandomAccessFile(path,
+  "rw")``), so after one read the pixels are read-only for every later
+  store; reading beyond the end of what was written reads past the end of
+  the file, an IOException that reaches the client as ``ResourceError``;
+* the tile size of a pyramid being written is always 256x256
+  (``PixelsService.createPyramidPixelBuffer`` -> ``new
+  BfPyramidPixelBuffer(pixels, path, write)`` -> ``new
+  ConfiguredTileSizes()``, whatever omero.pixeldata.tile_width says): the
+  double's ``tile_size`` is a test knob that stands for that fixed size on
+  small images, not a server setting.
 """
 
 from __future__ import annotations
@@ -162,11 +178,43 @@ class PixelsServices:
             raise omero.ApiUsageException(message="Write-method not permitted.")  # RomioPixelBuffer.throwIfReadOnly
         self._written.add(st["pixels"])  # the pixels file exists from the first write on
 
+    def _read_access(self, st: dict, buf: np.ndarray, z: int, c: int, t: int, y: int = 0,
+                     h: Optional[int] = None) -> None:
+        """What a read does to the store's buffer (see the module doc): it ends a
+        pyramid's writing; on ROMIO it creates the pixels file, and reading
+        past the end of what was written is an IOException (a ResourceError)."""
+        self._end_pyramid_writing(st)
+        pid = st["pixels"]
+        if st["pyramid"]:
+            return
+        self._written.add(pid)  # RomioPixelBuffer.getFileChannel: RandomAccessFile(path, "rw")
+        size_t, size_c, size_z, size_y, size_x = buf.shape
+        row = size_x * buf.dtype.itemsize
+        end = (((t * size_c + c) * size_z + z) * size_y + y + (size_y - y if h is None else h)) * row
+        if end > self._extent.get(pid, 0):
+            raise omero.ResourceError(message=f"IOException: read past the end of the pixels file of pixels {pid} "
+                                      f"(plane z={z} c={c} t={t} was never written)")
+
+    def _end_pyramid_writing(self, st: dict) -> None:
+        """BfPyramidPixelBuffer.delegate(): closeWriter() when writing; then read-only."""
+        if st["pyramid"] and st["write"]:
+            st["write"] = False
+            self._written.add(st["pixels"])
+
+    def _wrote(self, st: dict, buf: np.ndarray, z: int, c: int, t: int, y: int, h: int) -> None:
+        """The ROMIO pixels file now reaches the end of what was written (XYZCT plane order)."""
+        size_t, size_c, size_z, size_y, size_x = buf.shape
+        end = (((t * size_c + c) * size_z + z) * size_y + y + h) * size_x * buf.dtype.itemsize
+        pid = st["pixels"]
+        self._extent[pid] = max(self._extent.get(pid, 0), end)
+
     def _rpc_RawPixelsStore_getPlane(self, s: _Session, sid: int, z: int, c: int, t: int,
                                      ctx: Any = None) -> bytes:
         self.counters["rps.getPlane"] += 1
-        _st, buf = self._rps(s, sid)
-        return buf[self._plane_index(buf, z, c, t)].tobytes()
+        st, buf = self._rps(s, sid)
+        idx = self._plane_index(buf, z, c, t)
+        self._read_access(st, buf, z, c, t)
+        return buf[idx].tobytes()
 
     def _rpc_RawPixelsStore_setPlane(self, s: _Session, sid: int, data: bytes, z: int, c: int, t: int,
                                      ctx: Any = None) -> None:
@@ -182,6 +230,7 @@ class PixelsServices:
             raise omero.ResourceError(message=f"{kind}: {len(data)} bytes for a {plane.nbytes}-byte plane")
         self._writable(st)
         plane[...] = np.frombuffer(data, dtype=buf.dtype).reshape(plane.shape)
+        self._wrote(st, buf, z, c, t, 0, plane.shape[0])
 
     def _tile(self, buf: np.ndarray, x: int, y: int, w: int, h: int) -> tuple:
         sy, sx = buf.shape[3:]
@@ -193,8 +242,10 @@ class PixelsServices:
     def _rpc_RawPixelsStore_getTile(self, s: _Session, sid: int, z: int, c: int, t: int, x: int, y: int,
                                     w: int, h: int, ctx: Any = None) -> bytes:
         self.counters["rps.getTile"] += 1
-        _st, buf = self._rps(s, sid)
-        return np.ascontiguousarray(buf[self._plane_index(buf, z, c, t)][self._tile(buf, x, y, w, h)]).tobytes()
+        st, buf = self._rps(s, sid)
+        idx, tile = self._plane_index(buf, z, c, t), self._tile(buf, x, y, w, h)
+        self._read_access(st, buf, z, c, t, y, h)
+        return np.ascontiguousarray(buf[idx][tile]).tobytes()
 
     def _rpc_RawPixelsStore_setTile(self, s: _Session, sid: int, data: bytes, z: int, c: int, t: int,
                                     x: int, y: int, w: int, h: int, ctx: Any = None) -> None:
@@ -218,6 +269,8 @@ class PixelsServices:
             raise omero.ResourceError(message=f"{kind}: {len(data)} bytes for a {view.nbytes}-byte tile")
         self._writable(st)
         view[...] = np.frombuffer(data, dtype=buf.dtype).reshape(view.shape)
+        if not st["pyramid"]:
+            self._wrote(st, buf, z, c, t, y, h)
 
     def _pyramid_sequence(self, st: dict, sizes: tuple, z: int, c: int, t: int, x: int, y: int, w: int,
                           h: int) -> None:
@@ -263,7 +316,9 @@ class PixelsServices:
         return st["pyramid"]
 
     def _rpc_RawPixelsStore_getByteWidth(self, s: _Session, sid: int, ctx: Any = None) -> int:
-        return self._rps(s, sid)[1].dtype.itemsize
+        st, buf = self._rps(s, sid)
+        self._end_pyramid_writing(st)  # BfPyramidPixelBuffer.getByteWidth goes through delegate()
+        return buf.dtype.itemsize
 
     def _rpc_RawPixelsStore_save(self, s: _Session, sid: int, ctx: Any = None) -> Any:
         st, _buf = self._rps(s, sid)

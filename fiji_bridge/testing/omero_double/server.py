@@ -17,7 +17,10 @@ Rules, each from the source:
   groups is a ``SecurityViolation``; a save under ``-1`` takes the group of
   the first existing object it links (omero-server OmeroInterceptor.java,
   throwIfGroupsDontMatch);
-* IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`.
+* group permissions (reads, links, edits, deletes of others' objects) live
+  in :mod:`.permissions`;
+* IQuery lives in :mod:`.query`, Delete2 in :mod:`.commands`, the
+  database's unique and domain constraints in :mod:`.constraints`.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from ._common import (
     unwrap,
 )
 from .commands import CommandServices
+from .constraints import Constraints, check_domains
+from .permissions import DEFAULT_PERMISSIONS, GroupPermissions, parse_permissions
 from .files import REGISTRY_TIMEOUT, FileServices
 from .pixels import PixelsServices
 from .query import QueryServices
@@ -69,12 +74,14 @@ except ImportError:  # pragma: no cover - comes with zeroc-ice
     Glacier2 = None
 
 
-class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices):
+class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices, Constraints, GroupPermissions):
     """The state and services of one OMERO server, in memory.
 
     ``users`` maps user names to passwords; every user is a member of the
     groups named in ``groups`` (default ``{"lab": [all users]}``), the first
-    one being their default group. ``tables=False`` runs the server without
+    one being their default group. ``permissions`` maps group names to
+    permission strings (default ``rw----``, private, see
+    :mod:`.permissions`). ``tables=False`` runs the server without
     the OMERO.tables service. ``session_timeout`` is OMERO's idle timeout.
     ``delete_polls``: how many polls of its handle a Delete2 takes to finish.
     ``ready=False`` models a server still starting (sessions refused).
@@ -85,6 +92,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         users: Optional[dict[str, str]] = None,
         *,
         groups: Optional[dict[str, list[str]]] = None,
+        permissions: Optional[dict[str, str]] = None,
         tables: bool = True,
         session_timeout: float = 600.0,
         message_size_max: int = MESSAGE_SIZE_MAX,
@@ -103,7 +111,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         self.session_timeout = session_timeout
         self.message_size_max = message_size_max
         self.max_plane_size = max_plane_size
-        self.tile_size = int(tile_size)  # omero.pixeldata.tile_width/tile_height
+        self.tile_size = int(tile_size)  # the pyramid writer's fixed 256 (a test knob: see .pixels)
         self.max_plane_float_override = max_plane_float_override
         self.counters: collections.Counter[str] = collections.Counter()
         self.up = True
@@ -114,6 +122,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         self._order: dict[int, int] = {}
         self._pixels: dict[int, np.ndarray] = {}
         self._written: set[int] = set()  # pixels whose file exists (write-once)
+        self._extent: dict[int, int] = {}  # bytes of a ROMIO pixels file written so far
         self._pyramid_pending: set[int] = set()  # imported big images whose pyramid is being built
         self._files: dict[int, bytearray] = {}
         self._tables: dict[int, dict] = {}
@@ -133,8 +142,13 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                 self._enum_ids[(kind, v)] = oid
         users = dict(users or {"root": "omero-double"})
         groups = groups or {"lab": list(users)}
+        self._group_perms: dict[int, str] = {}
+        self._caller: Optional[_Session] = None  # the session of the call being answered
         for gname in groups:
             self._groups[gname] = self._new_id()
+            perms = (permissions or {}).get(gname, DEFAULT_PERMISSIONS)
+            parse_permissions(perms)
+            self._group_perms[self._groups[gname]] = perms
         for uname, pw in users.items():
             member = [self._groups[g] for g, us in groups.items() if uname in us]
             self._users[uname] = _User(uname, pw, self._new_id(), member or [self._groups[next(iter(groups))]])
@@ -256,6 +270,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                         self._rows[lc_id].name = rstring(names[ci])
                 self._pixels[pix_id][...] = np.transpose(arr, (0, 2, 1, 3, 4))
                 self._written.add(pix_id)  # imported: its pixels are read-only
+                self._extent[pix_id] = self._pixels[pix_id].nbytes
                 if pyramid_pending and self.requires_pyramid(pix_id):
                     self._pyramid_pending.add(pix_id)
                 ws = omero.model.WellSampleI()
@@ -285,7 +300,11 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                 if service == "Session":
                     result = fn(*args)
                 else:
-                    result = fn(self._session(key), *args)
+                    self._caller = self._session(key)
+                    try:
+                        result = fn(self._caller, *args)
+                    finally:
+                        self._caller = None
             out = pickle.dumps(("ok", result))
             if len(out) > self.message_size_max:
                 raise Ice.MemoryLimitException(reason=f"reply of {len(out)} bytes exceeds Ice.MessageSizeMax")
@@ -384,7 +403,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
             return True
         g = _ctx_group(ctx)
         groups = self._users[s.user].groups if g == -1 else [s.group if g is None else g]
-        return self._group_of(oid) in groups
+        return self._group_of(oid) in groups and self._may_read(s, row)
 
     def _write_group(self, s: _Session, ctx: Any, *objs: Any) -> int:
         """The group a write lands in: the call context's ``omero.group``, else
@@ -435,10 +454,14 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                 and getattr(row, "_" + fk).id.val == oid]
         return sorted(kids, key=lambda k: (self._order.get(k, 0), k)) if ordered else sorted(kids)
 
-    def _save(self, s: _Session, obj: Any, gid: int, seen: Optional[dict] = None,
-              position: Optional[int] = None) -> int:
-        """Store ``obj`` and everything loaded it reaches; return its id."""
-        seen = {} if seen is None else seen
+    def _save(self, s: _Session, obj: Any, gid: int) -> int:
+        """Store ``obj`` and everything loaded it reaches, all or nothing
+        (the database constraints of :mod:`.constraints`); return its id."""
+        with self._transaction() as seen:
+            return self._store(s, obj, gid, seen)
+
+    def _store(self, s: _Session, obj: Any, gid: int, seen: dict, position: Optional[int] = None) -> int:
+        """One object of a save (see :meth:`_save`)."""
         if id(obj) in seen:
             return seen[id(obj)]
         cls = _cls(obj)
@@ -459,6 +482,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                     "objects of different groups cannot be linked")
             if not obj.isLoaded():
                 return oid
+            self._check_edit(s, row)
             seen[id(obj)] = oid
             details = row._details
         else:
@@ -483,13 +507,16 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
                 continue
             v = getattr(obj, "_" + f)
             if _is_entity(v):
-                v = type(v)(self._save(s, v, gid, seen), False)
+                if v.id is not None and v.id.val in self._rows:
+                    self._check_link(s, cls, self._rows[v.id.val])
+                v = type(v)(self._store(s, v, gid, seen), False)
             setattr(new, "_" + f, v)
         for f in _fields(obj):
             info = getattr(type(obj)._field_info, f)
             if not info.nullable and not _is_coll(obj, f) and getattr(new, "_" + f) is None:
                 # a <required> field of omero-model's mappings (omero-py's _field_info.nullable)
                 raise omero.ValidationException(message=f"{cls}.{f} is required")
+        check_domains(cls, new)
         if position is not None:
             self._order[oid] = position
         elif oid not in self._order:
@@ -503,7 +530,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
             for i, kid in enumerate(kids):
                 if getattr(kid, "_" + fk) is None:
                     setattr(kid, "_" + fk, obj)
-                self._save(s, kid, gid, seen, position=i if ordered else None)
+                self._store(s, kid, gid, seen, position=i if ordered else None)
         return oid
 
     def _load(self, oid: int, fetch: set, path: tuple = ()) -> Any:
@@ -512,7 +539,7 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
         cls = _cls(row)
         out = type(row)()
         out._id = rlong(oid)
-        out._details = row._details
+        out._details = self._details_for(self._caller, row)
         for f in _fields(row):
             p = path + (f,)
             if _is_coll(row, f):
@@ -547,8 +574,9 @@ class ServerDouble(QueryServices, CommandServices, PixelsServices, FileServices)
     def _rpc_IUpdate_saveAndReturnArray(self, s: _Session, objs: list, ctx: Any = None) -> list:
         self.counters["update.save"] += 1
         gid = self._write_group(s, ctx, *objs)
-        seen: dict = {}
-        return [self._load(self._save(s, o, gid, seen), _paths(o)) for o in objs]
+        with self._transaction() as seen:
+            ids = [self._store(s, o, gid, seen) for o in objs]
+        return [self._load(i, _paths(o)) for i, o in zip(ids, objs)]
 
     def _rpc_IUpdate_saveArray(self, s: _Session, objs: list, ctx: Any = None) -> None:
         self._rpc_IUpdate_saveAndReturnArray(s, objs, ctx)

@@ -227,6 +227,17 @@ def test_a_read_ends_pyramid_writing_and_any_romio_access_creates_the_file():
         srv.unregister()
 
 
+def test_raw_pixels_save_is_null_unless_the_store_wrote(server, conn):
+    """RawPixelsBean.save: ``if (isModified())`` ... else null; a write sets Pixels.sha1 from the digest."""
+    pid = _new_pixels(server, conn, (1, 1, 1, 3, 4))
+    rps = _rps(conn, pid)
+    assert rps.save() is None
+    rps.setPlane(np.arange(12, dtype=">u2").tobytes(), 0, 0, 0)
+    saved = rps.save()
+    assert saved.id.val == pid and saved.sha1 is not None
+    assert rps.save() is None
+
+
 def test_sessions_logins_and_a_dead_server(server):
     # omero/gateway/__init__.py BlitzGateway.connect: False (not a raise) for a refused login
     bad = GatewayDouble("alice", "wrong", host="double.test", port=4064)

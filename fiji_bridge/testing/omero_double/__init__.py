@@ -5,7 +5,9 @@ No OMERO server can run on a CI machine without Docker, so the OMERO
 backend is tested against this double. Only the *server side* is doubled:
 the objects that cross the "wire" are omero-py's real ``omero.model``
 classes and rtypes (ROIs and shapes included), pickled both ways (callers
-never share objects with the server, as with Ice); results come wrapped in
+never share objects with the server, as with Ice), and every call is first
+marshalled by omero-py's real Ice proxy (:mod:`.wire`), so what IcePy
+would refuse to send is refused here too; results come wrapped in
 omero-py's real gateway wrappers, and the gateway methods the backend uses
 (``getObjects``, ``getObject``, ``buildQuery``, ``createOriginalFileFromFileObj``,
 ``keepAlive``, ``deleteObjects``, ``setGroupForSession``, the service
@@ -16,6 +18,15 @@ source, named beside it:
 
 * :mod:`.server` — sessions and logins (SessionManagerI.java,
   SessionManagerImpl.java), groups (OmeroInterceptor.java), the model graph;
+* :mod:`.constraints` — the database's unique indexes and positive domains
+  (psql-footer.vm, psql-header.vm, SemanticTypeProcessor.java,
+  ServiceHandler.java);
+* :mod:`.permissions` — group permission levels: reads, links, edits and
+  deletes of other users' objects, canAnnotate/canEdit/canDelete
+  (Permissions.java, OmeroInterceptor.java, BasicACLVoter.java,
+  omero/plugins/group.py);
+* :mod:`.wire` — Ice marshalling of every call (omero-py's generated
+  ``*Prx`` classes, IcePy);
 * :mod:`.query` — HQL as the gateway builds it, with Hibernate's row
   semantics (one row per joined sample, uniqueResult);
 * :mod:`.commands` — Delete2 as a command with its handle and graph rules

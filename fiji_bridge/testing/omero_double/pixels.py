@@ -177,6 +177,7 @@ class PixelsServices:
                 raise omero.ApiUsageException(message="In read-only mode!")
             raise omero.ApiUsageException(message="Write-method not permitted.")  # RomioPixelBuffer.throwIfReadOnly
         self._written.add(st["pixels"])  # the pixels file exists from the first write on
+        st["modified"] = True
 
     def _read_access(self, st: dict, buf: np.ndarray, z: int, c: int, t: int, y: int = 0,
                      h: Optional[int] = None) -> None:
@@ -321,7 +322,17 @@ class PixelsServices:
         return buf.dtype.itemsize
 
     def _rpc_RawPixelsStore_save(self, s: _Session, sid: int, ctx: Any = None) -> Any:
-        st, _buf = self._rps(s, sid)
+        """RawPixelsBean.save: null unless this store wrote something; else the
+        buffer's message digest (a read: it ends a pyramid's writing) becomes
+        Pixels.sha1."""
+        st, buf = self._rps(s, sid)
+        if not st.get("modified"):
+            return None
+        self._end_pyramid_writing(st)
+        import hashlib
+
+        self._rows[st["pixels"]].sha1 = rstring(hashlib.sha1(buf.tobytes()).hexdigest())
+        st["modified"] = False
         return self._load(st["pixels"], set())
 
     def _rpc_RawPixelsStore_close(self, s: _Session, sid: int, ctx: Any = None) -> None:

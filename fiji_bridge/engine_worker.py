@@ -7,8 +7,8 @@ It connects a PAIR socket to the bridge, starts the engine, says
 ``run_macro``, ``show_stack``, ``update_plane``, ``update_planes``,
 ``close_stack``, ``render``, ``ping``, ``quit``. Input pixels are mapped from
 the bridge's shared memory (no copy before ImageJ's own: one bulk copy from
-the mapping into the Java arrays); a live stack's staging segment stays
-mapped between its updates. Result pixels are written into segments this
+the mapping into the Java arrays); a live stack's shared storage (or its
+staging segment) stays mapped between its updates. Result pixels are written into segments this
 worker creates (``fjbw_<bridge pid>_<worker pid>_<n>``), which the bridge
 copies and unlinks. When the bridge dies, the worker reaps the segments of
 both prefixes and exits.
@@ -131,8 +131,8 @@ class Worker:
         return {"ok": True}
 
     def _staged(self, key: str, desc: dict) -> np.ndarray:
-        """The staging segment of live stack ``key``, mapped once and kept
-        while the bridge keeps sending the same one."""
+        """The shared storage (or staging segment) of live stack ``key``,
+        mapped once and kept while the bridge keeps sending the same one."""
         name = desc.get("shm")
         held = self._staging.get(key)
         if held is None or held[0] != name:
@@ -162,7 +162,11 @@ class Worker:
         if fn is None:
             raise NotImplementedError(f"the {getattr(self.engine, 'name', '?')} engine has no streaming display updates")
         key = m["key"]
-        planes = self._staged(key, m["staging"])
+        if m.get("storage"):  # the stack's own shared storage: read each plane where it was assembled
+            storage = self._staged(key, m["storage"])
+            planes: Any = [storage[int(t), int(z), int(c)] for t, z, c in m["positions"]]
+        else:
+            planes = self._staged(key, m["staging"])
         cal = m.get("calibration")
         fn(key, m["shape"], m["positions"], planes, m.get("channel_names"), Calibration.from_dict(cal) if cal else None, bool(m.get("fresh")))
         return {"ok": True}

@@ -62,6 +62,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
+from .stack_memory import SharedStackMemory
 from .security import SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
 from .transport import TransportError, read_inline, read_shm, reap_orphans  # noqa: F401
@@ -162,7 +163,8 @@ class BridgeServer:
         self.display = bool(os.environ.get("DISPLAY")) if display is None else bool(display)
         self.openhcs_port = openhcs_port
         self.keys_dir = keys_dir
-        self.store = StackStore(max_bytes=max_bytes)
+        # with a live display, stacks live in shared memory the engine worker maps
+        self.store = StackStore(max_bytes=max_bytes, memory=SharedStackMemory() if self.display else None)
         self.started = time.time()
         self.ctx = zmq.Context()
         reap_runtime_dirs()
@@ -328,6 +330,7 @@ class BridgeServer:
             except Exception:
                 log.exception("closing the OpenHCS receiver failed")
         self.sup.close()
+        self.store.memory.close()
         self.segments.evict(older_than=0)
         self._saver.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self.subs.values():

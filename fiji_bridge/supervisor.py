@@ -70,7 +70,10 @@ POOL_BYTES = 1 << 30
 class SharedArray:
     """A POSIX shared-memory segment owned by this process, with an array view."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True, reserve: bool = False) -> None:
+        """``reserve``: allocate the segment's memory now (``posix_fallocate``):
+        a full /dev/shm then fails here with OSError instead of a SIGBUS on a
+        later write."""
         self.name = name
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
@@ -80,6 +83,8 @@ class SharedArray:
         try:
             if create:
                 os.ftruncate(fd, nbytes)
+                if reserve and hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, nbytes)
             self._mm = _map(fd, nbytes)
         except BaseException:
             os.close(fd)

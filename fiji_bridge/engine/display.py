@@ -108,13 +108,15 @@ class LiveDisplay:
         key: str,
         shape: Sequence[int],
         positions: Sequence[Sequence[int]],
-        planes: np.ndarray,
+        planes: Union[np.ndarray, Sequence[np.ndarray]],
         channel_names: Optional[Sequence[str]] = None,
         calibration: Optional[Calibration] = None,
         fresh: bool = False,
     ) -> None:
         """Bring live stack ``key`` to ``shape`` (T, Z, C, Y, X) and write
         ``planes[i]`` (YX) at ``positions[i]`` = (t, z, c), 0-based.
+        ``planes`` is an (N, Y, X) array or a sequence of YX arrays (views
+        of a stack's storage: nothing is gathered).
 
         A missing stack (or ``fresh=True``, or another dtype or YX size) is
         created anew, its unwritten planes zero. Otherwise the ImagePlus keeps
@@ -128,18 +130,24 @@ class LiveDisplay:
         if min(T, Z, C, Y, X) < 1:
             raise ValueError(f"bad stack shape {tuple(shape)} for {key!r}")
         pos = [(int(p[0]), int(p[1]), int(p[2])) for p in positions]
-        planes = np.asarray(planes)
-        if planes.ndim != 3 or len(planes) < len(pos) or planes.shape[1:] != (Y, X):
-            raise ValueError(f"{len(pos)} positions need ({len(pos)}, {Y}, {X}) planes for {key!r}, got {planes.shape}")
-        planes = planes[: len(pos)]
-        planes, _ = coerce_dtype(planes)
+        if isinstance(planes, np.ndarray):
+            if planes.ndim != 3 or len(planes) < len(pos) or planes.shape[1:] != (Y, X):
+                raise ValueError(f"{len(pos)} positions need ({len(pos)}, {Y}, {X}) planes for {key!r}, got {planes.shape}")
+            planes = list(coerce_dtype(planes[: len(pos)])[0])
+        else:
+            planes = [coerce_dtype(np.asarray(p))[0] for p in planes[: len(pos)]]
+            if len(planes) < len(pos) or any(p.shape != (Y, X) for p in planes):
+                raise ValueError(f"{len(pos)} positions need {len(pos)} planes of ({Y}, {X}) for {key!r}, got {[p.shape for p in planes]}")
+            if len({p.dtype for p in planes}) > 1:
+                raise ValueError(f"the planes for {key!r} differ in dtype: {sorted({p.dtype.name for p in planes})}")
         for t, z, c in pos:
             if not (0 <= t < T and 0 <= z < Z and 0 <= c < C):
                 raise IndexError(f"plane (t={t}, z={z}, c={c}) outside stack {key!r} of T={T} Z={Z} C={C}")
-        depth = _DEPTH[planes.dtype]
+        dtype = planes[0].dtype if planes else np.dtype(np.uint16)
+        depth = _DEPTH[dtype]
         names = [str(n) for n in channel_names] if channel_names else list(self._names.get(key, []))
         imp = self.stacks.get(key)
-        if imp is not None and (fresh or _depth_dtype(imp) != planes.dtype or _shape(imp)[3:] != (Y, X) or not imp.getStack()):
+        if imp is not None and (fresh or _depth_dtype(imp) != dtype or _shape(imp)[3:] != (Y, X) or not imp.getStack()):
             self.close_stack(key)
             imp = None
         if imp is None:

@@ -10,8 +10,17 @@ The streaming path is :meth:`LiveDisplay.update_planes`: a batch of planes
 with their (t, z, c) and the stack's current shape. Planes are copied in
 bulk into the existing Java pixel arrays; a stack that grows keeps its
 arrays (only new positions are allocated) and, with the same channel count,
-its ImagePlus; the window is redrawn once per batch. Display ranges only
-widen as data arrives (a live view does not flicker).
+its ImagePlus. Display ranges only widen as data arrives (a live view does
+not flicker). What only the screen needs - showing a window, rebuilding it
+for a new shape (a new StackWindow: 0.1-0.3 s for 2048^2 under Xvfb), and
+redrawing it - is not done in the update: it is noted as due and done by
+:meth:`LiveDisplay.sync_windows` (when the engine has nothing else to do, and
+always before a macro runs), once per stack however many updates came in
+between. So the pixels reach ImageJ at copy speed and a macro always finds
+every stack's window as it should be. The Java arrays of a closed stack are
+kept (up to :data:`POOL_FRACTION` of the heap) for the next stack's planes
+of that size: a live acquisition opens stack after stack of one plane size,
+and a fresh 8 MB array costs the JVM more than the copy into it.
 """
 
 from __future__ import annotations
@@ -40,7 +49,10 @@ from .transfer import (
     write_stack,
 )
 
-__all__ = ["LiveDisplay"]
+__all__ = ["LiveDisplay", "POOL_FRACTION"]
+
+#: most of the JVM's heap that Java arrays of closed stacks are kept in for reuse
+POOL_FRACTION = 0.25
 
 _DEPTH = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16, np.dtype(np.float32): 32}
 
@@ -56,6 +68,36 @@ def _depth_dtype(imp: Any) -> Optional[np.dtype]:
     return {8: np.dtype(np.uint8), 16: np.dtype(np.uint16), 32: np.dtype(np.float32)}.get(int(imp.getBitDepth()))
 
 
+class _ArrayPool:
+    """Java pixel arrays of closed live stacks, by (bit depth, pixel count),
+    handed to the next planes of that size that are about to be written
+    whole (so their old content never shows)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, int], list[Any]] = {}
+        self.nbytes = 0
+        self._cap: Optional[int] = None
+
+    def take(self, depth: int, n: int) -> Optional[Any]:
+        arrays = self._free.get((depth, n))
+        if not arrays:
+            return None
+        self.nbytes -= n * _BYTES[depth]
+        return arrays.pop()
+
+    def give(self, depth: int, n: int, jarr: Any) -> None:
+        if self._cap is None:
+            self._cap = int(J("java.lang.Runtime").getRuntime().maxMemory() * POOL_FRACTION)
+        size = n * _BYTES[depth]
+        if jarr is None or self.nbytes + size > self._cap:
+            return
+        self._free.setdefault((depth, n), []).append(jarr)
+        self.nbytes += size
+
+
+_BYTES = {8: 1, 16: 2, 32: 4, 24: 4}
+
+
 class LiveDisplay:
     """The live stacks of an engine. ``show_windows`` = put them on the screen."""
 
@@ -65,6 +107,8 @@ class LiveDisplay:
         self._protected = protected_ids
         self._ranges: dict[str, list[Optional[tuple[float, float]]]] = {}  # per channel, data seen so far
         self._names: dict[str, list[str]] = {}
+        self._due: dict[str, None] = {}  # stacks whose window needs showing, rebuilding or redrawing
+        self._pool = _ArrayPool()
 
     def _register(self, key: str, imp: Any) -> None:
         self.stacks[key] = imp
@@ -152,7 +196,7 @@ class LiveDisplay:
             imp = None
         if imp is None:
             n = T * Z * C
-            stack = new_image_stack(X, Y, depth, [None] * n, slice_labels(names, C, n))
+            stack = new_image_stack(X, Y, depth, self._arrays(depth, X * Y, T, Z, C, set(pos)), slice_labels(names, C, n))
             imp = make_hyperstack(stack, key, C, Z, T, names, calibration)
             self._register(key, imp)
             self._ranges[key] = [None] * C
@@ -178,10 +222,36 @@ class LiveDisplay:
         write_planes(stack, Z, C, pos, planes, depth)
         if self._widen_ranges(key, imp, C, pos, planes, zeros_left):
             redraw = True
-        if redraw:  # once per batch, and only when something on screen changed
+        if redraw or (self.show_windows and imp.getWindow() is None):
+            self._due[key] = None  # only when something on screen changed
+
+    @property
+    def windows_due(self) -> bool:
+        """Whether some window still needs showing, rebuilding or redrawing."""
+        return bool(self._due)
+
+    def sync_windows(self, limit: Optional[int] = None) -> int:
+        """Bring the due windows up to date (at most ``limit`` of them): show
+        a stack's window, replace one whose hyperstack shape changed, redraw.
+        Returns how many were done."""
+        done = 0
+        while self._due and (limit is None or done < limit):
+            key = next(iter(self._due))
+            del self._due[key]
+            imp = self.stacks.get(key)
+            if imp is None:
+                continue
+            done += 1
+            win = imp.getWindow()
+            if win is None:
+                if self.show_windows:
+                    imp.show()  # draws it
+                    continue
+            elif int(imp.getStackSize()) > 1 and not (isinstance(win, J("ij.gui.StackWindow")) and win.validDimensions()):
+                J("ij.gui.StackWindow")(imp)  # replaces the window, at its place, and draws it
+                continue
             self._redraw(imp)
-        if self.show_windows and imp.getWindow() is None:
-            imp.show()
+        return done
 
     @staticmethod
     def _shows_any(imp: Any, pos: list[tuple[int, int, int]]) -> bool:
@@ -208,17 +278,25 @@ class LiveDisplay:
                 for c in range(C):
                     if t < oT and z < oZ and c < oC:
                         arrays.append(old.getPixels(1 + c + z * oC + t * oZ * oC))
+                    elif (t, z, c) in written:
+                        arrays.append(self._pool.take(depth, X * Y))
                     else:
                         arrays.append(None)
-                        if (t, z, c) not in written:
-                            zeros_left.add(c)
+                        zeros_left.add(c)
         n = T * Z * C
         stack = new_image_stack(X, Y, depth, arrays, slice_labels(names, C, n))
         ranges = self._ranges.get(key) or []
         self._ranges[key] = (list(ranges) + [None] * C)[:C]
         if C == oC:
             c, z, t = int(imp.getC()), int(imp.getZ()), int(imp.getT())
-            imp.setStack(stack, C, Z, T)
+            win = imp.getWindow()
+            if win is not None:  # a shown ImagePlus would build a new StackWindow now; sync_windows does
+                imp.setWindow(None)
+            try:
+                imp.setStack(stack, C, Z, T)
+            finally:
+                if win is not None:
+                    imp.setWindow(win)
             if n > 1:
                 imp.setOpenAsHyperStack(True)
             imp.setPositionWithoutUpdate(min(c, C), min(z, Z), min(t, T))
@@ -226,7 +304,7 @@ class LiveDisplay:
         cal = imp.getCalibration().copy()
         new = make_hyperstack(stack, key, C, Z, T, names)
         new.setCalibration(cal)
-        self.close_stack(key)  # the old ImageStack is flushed; our arrays live on in the new one
+        self.close_stack(key, recycle=False)  # the old ImageStack is flushed; our arrays live on in the new one
         self._register(key, new)
         self._ranges[key] = (list(ranges) + [None] * C)[:C]
         return new, zeros_left
@@ -285,13 +363,29 @@ class LiveDisplay:
         if imp.getT() == t + 1 and imp.getZ() == z + 1:
             self._redraw(imp)
 
-    def close_stack(self, key: str) -> None:
+    def _arrays(self, depth: int, n: int, T: int, Z: int, C: int, written: set[tuple[int, int, int]]) -> list[Optional[Any]]:
+        """Pixel arrays for a new T x Z x C stack (CZT order): a pooled one
+        where a plane is about to be written whole, None (a new zeroed one) elsewhere."""
+        return [
+            self._pool.take(depth, n) if (t, z, c) in written else None
+            for t in range(T) for z in range(Z) for c in range(C)
+        ]
+
+    def close_stack(self, key: str, recycle: bool = True) -> None:
+        """Close live stack ``key``; its Java arrays go to the pool (``recycle``)
+        unless another stack took them over."""
+        self._due.pop(key, None)
         self._ranges.pop(key, None)
         self._names.pop(key, None)
         imp = self.stacks.pop(key, None)
         if imp is None:
             return
         self._protected.discard(int(imp.getID()))
+        stack = imp.getStack()
+        if recycle and stack is not None and not stack.isVirtual():
+            depth, n = int(imp.getBitDepth()), int(imp.getWidth()) * int(imp.getHeight())
+            for i in range(int(stack.getSize())):
+                self._pool.give(depth, n, stack.getPixels(i + 1))
         imp.changes = False
         if imp.getWindow() is not None:
             imp.close()

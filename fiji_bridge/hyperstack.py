@@ -369,6 +369,11 @@ class HeapMemory:
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
+    def grow(self, array: np.ndarray, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        """``array`` grown in place to ``shape`` (keeping its content), or
+        None: then the store allocates anew and copies."""
+        return None
+
     def free(self, array: np.ndarray) -> None:
         """Nothing to do: numpy frees the memory with the last reference."""
 
@@ -608,6 +613,14 @@ class Hyperstack:
             break
         assert chosen is not None
         new_bytes = math.prod(chosen) * per_plane
+        t, z, c = cap
+        if chosen[1:] == cap[1:] and t:  # only T grows: the planes in place may stay put
+            data = self._memory.grow(self._data, chosen + self.yx)
+            if data is not None:
+                present = np.zeros(chosen, dtype=bool)
+                present[:t] = self._present
+                self._data, self._present, self._nbytes = data, present, new_bytes
+                return
         try:
             data = self._memory.zeros(chosen + self.yx, self.dtype)
             present = np.zeros(chosen, dtype=bool)
@@ -617,7 +630,6 @@ class Hyperstack:
                 f"{where}: not enough memory to grow the stack to T,Z,C = {chosen} "
                 f"({_gib(new_bytes)}); check the indices or close stacks"
             ) from None
-        t, z, c = cap
         data[:t, :z, :c] = self._data
         present[:t, :z, :c] = self._present
         old, self._data, self._present, self._nbytes = self._data, data, present, new_bytes

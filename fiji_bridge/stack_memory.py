@@ -30,6 +30,11 @@ import numpy as np
 from .hyperstack import HeapMemory
 from .supervisor import SERVER_PREFIX, SharedArray
 
+try:
+    import _posixshmem  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None
+
 __all__ = ["SharedStackMemory"]
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,35 @@ class SharedStackMemory(HeapMemory):
         with self._lock:
             self._segments[id(seg.array)] = seg
         return seg.array
+
+    def grow(self, array: np.ndarray, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        """``array``'s storage grown in place to ``shape`` when only its first
+        axis (T) grows: the segment is extended and mapped anew, the planes
+        already in it stay where they are (nothing is copied) and the new
+        ones read zero. None when that is not possible (then: zeros + copy)."""
+        with self._lock:
+            seg = self._segments.get(id(array))
+        if seg is None or tuple(shape[1:]) != seg.shape[1:] or shape[0] < seg.shape[0]:
+            return None
+        itemsize = seg.dtype.itemsize
+        old_bytes, new_bytes = seg.nbytes, int(np.prod(shape, dtype=np.int64)) * itemsize
+        try:
+            fd = _posixshmem.shm_open("/" + seg.name, os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, new_bytes)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, old_bytes, new_bytes - old_bytes)
+            finally:
+                os.close(fd)
+            grown = SharedArray(seg.name, shape, seg.dtype, create=False)
+        except OSError as e:
+            log.warning("stack segment %s could not grow in place (%s): copying it", seg.name, e)
+            return None
+        with self._lock:
+            self._segments.pop(id(array), None)
+            self._segments[id(grown.array)] = grown
+        seg.close()  # the old mapping goes with its last view; the segment stays
+        return grown.array
 
     def free(self, array: np.ndarray) -> None:
         with self._lock:

@@ -371,3 +371,20 @@ def test_hyperstack_object_input_carries_names_and_calibration(ij):
     assert info.channel_names == ["DNA", "PH3"]
     assert (info.calibration.pixel_width, info.calibration.pixel_height) == (0.2, 0.3)
     assert np.array_equal(r.images["obj"], arr)
+
+
+def test_results_do_not_leak_between_runs_while_the_results_window_is_kept(ij):
+    """The Results window stays open between runs (emptied, not rebuilt):
+    each run sees only its own measurements, a run that measures nothing
+    returns no Results table, and the areas are numpy's."""
+    img = np.zeros((1, 1, 1, 128, 128), np.uint16)
+    img[0, 0, 0, 10:30, 10:30] = 1000  # 400 px
+    img[0, 0, 0, 60:70, 60:110] = 2000  # 500 px
+    code = 'setThreshold(500, 65535); run("Convert to Mask"); run("Analyze Particles...", "display");'
+    first = ij.run_macro(code, image=img)
+    assert sorted(first.tables["Results"]["Area"]) == [400.0, 500.0]
+    assert "Results" not in ij.run_macro("x = 1;").tables
+    one = img.copy()
+    one[0, 0, 0, 60:70, 60:110] = 0
+    again = ij.run_macro(code, image=one)
+    assert list(again.tables["Results"]["Area"]) == [float((one > 500).sum())]

@@ -157,11 +157,12 @@ class ImageJState:
                 if imp is not None:
                     _close(imp)
         system = RT.getResultsTable()
-        if system is not None:
+        kept = _clear_results_window(system)
+        if system is not None and not kept:
             system.reset()
         for frame in list(WM.getNonImageWindows() or []):
             title = str(frame.getTitle())
-            if title not in ("Log", "ROI Manager") and isinstance(frame, J("ij.text.TextWindow")):
+            if title not in ("Log", "ROI Manager") and isinstance(frame, J("ij.text.TextWindow")) and not (kept and title == "Results"):
                 frame.close(False)
         rm = self.ensure_roi_manager()
         if rm is not None:
@@ -202,6 +203,60 @@ class ImageJState:
     def kept_images(self) -> list[Any]:
         """keep_state: the previous run's images (still open), for the next run."""
         return [imp for imp in self.retained if not _is_closed(imp) and imp.getWindow() is None]
+
+
+def _clear_results_window(system: Any) -> bool:
+    """Empty the system ResultsTable and its open "Results" window, keeping
+    the window: ImageJ would build it anew (~10 ms) for the next run's first
+    measurement. Done on the event thread, which paints the window from the
+    table (emptying it elsewhere raced that repaint: TextCanvas exceptions).
+    False when there is no such window or it could not be emptied."""
+    if system is None:
+        return False
+    win = J("ij.WindowManager").getWindow("Results")
+    if win is None or not isinstance(win, J("ij.text.TextWindow")):
+        return False
+
+    def clear() -> None:
+        system.reset()
+        win.getTextPanel().clear()
+
+    try:
+        on_event_thread(clear)
+        return True
+    except Exception:  # pragma: no cover - then the window is closed as before
+        return False
+
+
+def on_event_thread(fn: Any) -> None:
+    """Run ``fn()`` on AWT's event thread and wait for it (at once when this
+    is that thread)."""
+    EventQueue = J("java.awt.EventQueue")
+    if EventQueue.isDispatchThread():
+        fn()
+        return
+    EventQueue.invokeAndWait(_runnable(fn))
+
+
+def _runnable(fn: Any) -> Any:
+    from jpype import JImplements, JOverride
+
+    global _Call
+    if _Call is None:
+        @JImplements("java.lang.Runnable")
+        class Call:
+            def __init__(self, fn: Any) -> None:
+                self.fn = fn
+
+            @JOverride
+            def run(self) -> None:
+                self.fn()
+
+        _Call = Call
+    return _Call(fn)
+
+
+_Call: Any = None
 
 
 def collect_images(

@@ -37,7 +37,7 @@ from .supervisor import SERVER_PREFIX, WORKER_PREFIX, SharedArray, attach_array,
 INLINE_BYTES = 64 << 10
 #: live windows are shown, rebuilt and redrawn once no request came for this
 #: long (while planes stream in, the worker's time goes to the pixels) ...
-WINDOW_IDLE_MS = 100
+WINDOW_IDLE_MS = 250
 #: ... or once they have been due this long, and four times as long as the
 #: last window took (a window keeps up with a long stream, and drawing one
 #: takes at most ~1/5 of a busy worker's time: 0.1-0.3 s for 2048^2 here)

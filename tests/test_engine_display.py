@@ -116,9 +116,9 @@ def test_streamed_growth_from_storage_views_is_bit_exact(ij):
 
 
 def test_arrays_of_a_closed_stack_are_reused_without_their_old_pixels(ij):
-    """The next stack of the same plane size gets the closed one's Java arrays
-    only where a plane is written whole: a position nothing was sent to reads
-    zeros, not the old stack's pixels."""
+    """The next stack of the same plane size gets the closed one's Java
+    arrays: a position nothing was sent to reads zeros, not the old stack's
+    pixels; the written one reads exactly what was sent."""
     old = np.full((1, 2, 1, 32, 32), 777, np.uint16)
     ij.update_planes("first", old.shape, [(0, 0, 0), (0, 1, 0)], old[0, :, 0], None, None, True)
     ij.close_stack("first")
@@ -130,6 +130,7 @@ def test_arrays_of_a_closed_stack_are_reused_without_their_old_pixels(ij):
         got = _readback(ij, "second")
         assert np.array_equal(got[0, 1, 0], new)
         assert not got[0, 0].any() and not got[0, 2].any()
-        assert ij._display._pool.nbytes == pooled - 32 * 32 * 2  # one array came from the pool
+        # both old arrays were reused: one under the written plane, one zero-filled
+        assert ij._display._pool.nbytes == pooled - 2 * 32 * 32 * 2
     finally:
         ij.close_stack("second")

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import tifffile
 
@@ -39,8 +40,34 @@ IJ_JAR = os.environ.get("FIJI_BRIDGE_IJ_JAR", "/usr/share/java/ij.jar")
 ARGS = {"channel": 1}
 
 
-def imagej_alone(tiffs: list[Path], code: str, work: Path) -> tuple[float, int]:
-    """(seconds for the loop inside ImageJ, units done)."""
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished, waited-for
+    descendants so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_plate(work: Path, n_wells: int, fields: int, size: int) -> tuple[list[str], Any, str, list[Path]]:
+    """(wells, plate, its OME-Zarr URI, one TIFF per field) of a synthetic
+    plate with 40 nuclei per field, written under ``work``."""
+    wells = [f"{'ABCDEFGH'[i // 12]}{i % 12 + 1:02d}" for i in range(n_wells)]
+    plate = make_plate(wells, fields, size=size, size_z=3, seed=1, nuclei={w: 40 for w in wells})
+    uri = f"zarr://{work}/bench.zarr"
+    write_plate(plate, uri)
+    tiffs = []
+    for (w, s), f in sorted(plate.fields.items()):
+        p = work / "tiff" / f"bench_{w}_s{s:03d}.tif"
+        p.parent.mkdir(exist_ok=True)
+        tifffile.imwrite(p, f.array, imagej=True, metadata={"axes": "TZCYX"})
+        tiffs.append(p)
+    return wells, plate, uri, tiffs
+
+
+def imagej_alone(tiffs: list[Path], code: str, work: Path, stats: Optional[dict] = None) -> tuple[float, int]:
+    """(seconds for the loop inside ImageJ, units done). ``stats`` gets the
+    whole run's ``wall`` seconds (JVM start-up included) and ``cpu`` seconds."""
     macro = work / "nuclei_bound.ijm"
     macro.write_text(code)
     out = work / "ij_out"
@@ -62,7 +89,10 @@ def imagej_alone(tiffs: list[Path], code: str, work: Path) -> tuple[float, int]:
     cmd = ["java", "-Xmx2g", "-jar", IJ_JAR, "-batch", str(driver)]
     if not os.environ.get("DISPLAY"):
         cmd = ["xvfb-run", "-a"] + cmd
+    cpu0, t0 = children_cpu(), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if stats is not None:
+        stats.update(wall=time.perf_counter() - t0, cpu=children_cpu() - cpu0)
     for line in r.stdout.splitlines():
         if line.startswith("LOOP "):
             _, ms, n = line.split()
@@ -80,16 +110,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="fiji-bridge-bench-batch-"))
     try:
-        wells = [f"{'ABCDEFGH'[i // 12]}{i % 12 + 1:02d}" for i in range(a.wells)]
-        plate = make_plate(wells, a.fields, size=a.size, size_z=3, seed=1, nuclei={w: 40 for w in wells})
-        uri = f"zarr://{work}/bench.zarr"
-        write_plate(plate, uri)
-        tiffs = []
-        for (w, s), f in sorted(plate.fields.items()):
-            p = work / "tiff" / f"bench_{w}_s{s:03d}.tif"
-            p.parent.mkdir(exist_ok=True)
-            tifffile.imwrite(p, f.array, imagej=True, metadata={"axes": "TZCYX"})
-            tiffs.append(p)
+        wells, plate, uri, tiffs = bench_plate(work, a.wells, a.fields, a.size)
         n = len(tiffs)
         code = resolve("nuclei_count").bind(ARGS)
         mb = plate.fields[(wells[0], 0)].array.nbytes / 1e6

@@ -257,7 +257,7 @@ class Worker:
                 return
             fn = ops.get(op)
             try:
-                if op in ("run_macro", "render") and getattr(self.engine, "windows_due", False):
+                if op in ("run_macro", "run_script", "render") and getattr(self.engine, "windows_due", False):
                     self.engine.sync_windows()  # a macro finds every window as it should be
                 if fn is None:
                     reply = {"ok": False, "error": {"code": "unknown_type", "message": f"unknown worker op {op!r}"}}

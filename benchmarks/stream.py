@@ -211,7 +211,7 @@ def wait_mirror(c: BridgeClient, key: str, timeout: float = 120.0) -> None:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"ImageJ did not get all planes of {key} in {timeout} s: {st}")
-        time.sleep(0.002)
+        time.sleep(0.01)  # polling faster costs the bridge CPU the measurement would count
 
 
 READBACK = """

@@ -23,7 +23,9 @@ each on average. Missing planes read as zeros and are listed in
 :attr:`StackInfo.missing`. A plane whose dtype or YX shape disagrees with its
 stack is refused with :class:`PlaneRejected` and the stack is left as it was.
 A memory cap bounds what all stacks of a store may hold, so an absurd index
-is refused with an explanation instead of a ``MemoryError``.
+is refused with an explanation instead of a ``MemoryError``. Where the
+pixels live is the store's ``memory`` (:class:`HeapMemory`, or shared memory
+the engine worker maps: :mod:`fiji_bridge.stack_memory`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .components import Calibration, ComponentError, PlaneComponents
 __all__ = [
     "ALLOWED_DTYPES",
     "AxisMapping",
+    "HeapMemory",
     "Hyperstack",
     "PlaneRejected",
     "StackError",
@@ -358,6 +361,32 @@ class _Budget:
         self.used = max(0, self.used - n)
 
 
+class HeapMemory:
+    """Stack storage in this process's memory (numpy). The interface a
+    store's ``memory`` offers: zeroed storage, its release, and the
+    shared-memory descriptor of a storage array (None: it has none)."""
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def grow(self, array: np.ndarray, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        """``array`` grown in place to ``shape`` (keeping its content), or
+        None: then the store allocates anew and copies."""
+        return None
+
+    def free(self, array: np.ndarray) -> None:
+        """Nothing to do: numpy frees the memory with the last reference."""
+
+    def desc(self, array: np.ndarray) -> Optional[dict]:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+_HEAP = HeapMemory()
+
+
 # --------------------------------------------------------------------------
 # one hyperstack
 
@@ -384,8 +413,10 @@ class Hyperstack:
         calibration: Optional[Calibration] = None,
         max_bytes: Optional[int] = None,
         _budget: Optional[_Budget] = None,
+        _memory: Optional[HeapMemory] = None,
     ) -> None:
         self.key = _check_key(key)
+        self._memory = _memory or _HEAP
         self.dtype = _check_dtype(dtype, f"stack {key!r}")
         if len(yx) != 2 or any(isinstance(n, bool) or int(n) != n or n <= 0 for n in yx):
             raise StackError(f"stack {key!r}: yx must be two positive integers, got {yx!r}")
@@ -416,6 +447,12 @@ class Hyperstack:
         """(T, Z, C, Y, X) view of the filled extent; zeros where missing."""
         t, z, c = self._dims
         return self._data[:t, :z, :c]
+
+    @property
+    def storage(self) -> np.ndarray:
+        """The whole (T, Z, C, Y, X) storage, capacity included: a plane at
+        (t, z, c) of :attr:`array` is ``storage[t, z, c]`` too."""
+        return self._data
 
     @property
     def present(self) -> np.ndarray:
@@ -576,8 +613,16 @@ class Hyperstack:
             break
         assert chosen is not None
         new_bytes = math.prod(chosen) * per_plane
+        t, z, c = cap
+        if chosen[1:] == cap[1:] and t:  # only T grows: the planes in place may stay put
+            data = self._memory.grow(self._data, chosen + self.yx)
+            if data is not None:
+                present = np.zeros(chosen, dtype=bool)
+                present[:t] = self._present
+                self._data, self._present, self._nbytes = data, present, new_bytes
+                return
         try:
-            data = np.zeros(chosen + self.yx, dtype=self.dtype)
+            data = self._memory.zeros(chosen + self.yx, self.dtype)
             present = np.zeros(chosen, dtype=bool)
         except (MemoryError, ValueError):  # ValueError: larger than the address space
             self._budget.free(new_bytes - self._nbytes)  # undo the reservation
@@ -585,10 +630,14 @@ class Hyperstack:
                 f"{where}: not enough memory to grow the stack to T,Z,C = {chosen} "
                 f"({_gib(new_bytes)}); check the indices or close stacks"
             ) from None
-        t, z, c = cap
         data[:t, :z, :c] = self._data
         present[:t, :z, :c] = self._present
-        self._data, self._present, self._nbytes = data, present, new_bytes
+        old, self._data, self._present, self._nbytes = self._data, data, present, new_bytes
+        self._memory.free(old)
+
+    def release(self) -> None:
+        """Give the storage back to the store's memory (the stack is gone)."""
+        self._memory.free(self._data)
 
     def _put(self, t, z, c, plane, channel_name, calibration) -> None:
         self._data[t, z, c] = plane
@@ -615,6 +664,7 @@ class Hyperstack:
         calibration=None,
         budget: _Budget,
         copy: bool = True,
+        memory: Optional[HeapMemory] = None,
     ) -> "Hyperstack":
         what = f"stack {key!r}"
         arr = np.asarray(array)
@@ -627,12 +677,13 @@ class Hyperstack:
         for n, v in zip("tzc", arr.shape[:3]):
             _check_index(n, v - 1, what)
         stack = cls(key, dt, arr.shape[3:], channel_names=channel_names,
-                    calibration=calibration, _budget=budget)
+                    calibration=calibration, _budget=budget, _memory=memory)
         nbytes = math.prod(arr.shape[:3]) * stack._plane_bytes()
         budget.reserve(0, nbytes, f"{what} of shape {arr.shape} {dt.name}")
         try:
             if copy:
-                data = np.array(arr, dtype=dt, order="C", copy=True)
+                data = stack._memory.zeros(arr.shape, dt)
+                np.copyto(data, arr, casting="unsafe")
             else:
                 data = np.ascontiguousarray(arr, dtype=dt)
         except MemoryError:
@@ -657,14 +708,16 @@ class StackStore:
     ``max_bytes`` caps the memory all stacks may hold together (default:
     :func:`default_max_bytes`, half the RAM); a plane that would need more is
     refused with :class:`PlaneRejected`, and nothing already stored changes.
+    ``memory`` allocates the stacks' storage (default :class:`HeapMemory`).
     """
 
-    def __init__(self, max_bytes: Optional[int] = None) -> None:
+    def __init__(self, max_bytes: Optional[int] = None, memory: Optional[HeapMemory] = None) -> None:
         if max_bytes is not None and (isinstance(max_bytes, bool) or int(max_bytes) <= 0):
             raise StackError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
         self._budget = _Budget(int(max_bytes) if max_bytes is not None else default_max_bytes())
         self._stacks: dict[str, Hyperstack] = {}
         self._lock = threading.RLock()
+        self.memory = memory or _HEAP
 
     @property
     def max_bytes(self) -> int:
@@ -698,7 +751,7 @@ class StackStore:
             stack = self._stacks.get(key)
             if stack is None:
                 first = _as_plane(plane, f"first plane of stack {key!r}")
-                stack = Hyperstack(key, first.dtype, first.shape, _budget=self._budget)
+                stack = Hyperstack(key, first.dtype, first.shape, _budget=self._budget, _memory=self.memory)
             t, z, c = stack.add_plane(plane, comps, mapping=mapping, calibration=calibration)
             self._stacks[key] = stack
         return key, t, z, c
@@ -721,7 +774,7 @@ class StackStore:
             stack = self._stacks.get(key)
             if stack is None:
                 first = _as_plane(plane, f"first plane of stack {key!r}")
-                stack = Hyperstack(key, first.dtype, first.shape, _budget=self._budget)
+                stack = Hyperstack(key, first.dtype, first.shape, _budget=self._budget, _memory=self.memory)
             stack.add(t, z, c, plane, channel_name=channel_name, calibration=calibration)
             self._stacks[key] = stack
 
@@ -747,13 +800,14 @@ class StackStore:
             try:
                 stack = Hyperstack._from_array(
                     key, array5d_tzcyx, channel_names=channel_names,
-                    calibration=calibration, budget=self._budget, copy=copy,
+                    calibration=calibration, budget=self._budget, copy=copy, memory=self.memory,
                 )
             except BaseException:
                 self._budget.used += old_bytes  # the old stack stays
                 raise
             if old is not None:
                 stack.version = old.version + 1
+                old.release()
             self._stacks[key] = stack
 
     def get(self, key: str) -> Hyperstack:
@@ -790,9 +844,12 @@ class StackStore:
             if stack is None:
                 raise StackNotFound(self._not_found(key))
             self._budget.free(stack.nbytes)
+            stack.release()
 
     def clear(self) -> None:
         with self._lock:
+            for stack in self._stacks.values():
+                stack.release()
             self._stacks.clear()
             self._budget.used = 0
 

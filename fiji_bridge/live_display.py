@@ -3,11 +3,14 @@
 The bridge's loop tells a :class:`LiveDisplay` what changed (:meth:`mark`),
 what went away (:meth:`forget`) and when the engine (re)started
 (:meth:`engine_ready`); :meth:`flush` then pushes changed planes to the
-engine worker's windows, at most :data:`DISPLAY_HZ` times per second and
-stack (planes arriving in between coalesce), one worker request each and at
-most :data:`STAGING_BYTES` per request. A growing stack's window is built
-once its shape settles (:data:`DISPLAY_SETTLE_S`, at most
-:data:`DISPLAY_SETTLE_MAX_S` late). An engine that answers "unavailable"
+engine worker's windows: one worker request per stack with every plane that
+changed since its last one, sent as soon as the worker is idle (planes that
+arrive while it works coalesce into the next request; there is no fixed
+delay). Stacks in shared memory (:class:`~fiji_bridge.stack_memory.SharedStackMemory`)
+are read by the worker where they were assembled, so a plane is copied once,
+into ImageJ; other stacks go through a staging segment, at most
+:data:`STAGING_BYTES` per request. A growing stack's window grows with it
+(its Java arrays are kept). An engine that answers "unavailable"
 turns the display off (:attr:`error`); a window whose update fails is built
 anew, three times, then given up.
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -28,17 +30,10 @@ import numpy as np
 from .hyperstack import StackNotFound, StackStore
 from .supervisor import EngineSupervisor, WorkerJob
 
-__all__ = ["LiveDisplay", "DISPLAY_HZ", "DISPLAY_SETTLE_S", "DISPLAY_SETTLE_MAX_S", "STAGING_BYTES"]
+__all__ = ["LiveDisplay", "STAGING_BYTES"]
 
 log = logging.getLogger("fiji_bridge.server")
 
-#: live window updates per second and stack, at most
-DISPLAY_HZ = 20.0
-#: a stack whose shape differs from its window's waits until its shape has
-#: been stable this long (planes streaming in grow it index by index) ...
-DISPLAY_SETTLE_S = 0.1
-#: ... but never longer than this after the first pending change
-DISPLAY_SETTLE_MAX_S = 1.0
 #: most bytes of planes one display push carries to the engine worker
 STAGING_BYTES = 256 << 20
 
@@ -53,10 +48,6 @@ class LiveDisplay:
         self.error: Optional[str] = None
         self._dirty: dict[str, Optional[set]] = {}  # key -> changed (t, z, c), None = all
         self._shown: dict[str, tuple] = {}  # key -> shape of its window
-        self._last_push: dict[str, float] = {}
-        # key -> (shape last seen, when it last changed, when it first differed from the window's)
-        self._settling: dict[str, tuple[tuple, float, float]] = {}
-        self._more: set[str] = set()  # stacks whose last push was capped: the rest goes next
         self._failures: dict[str, int] = {}
 
     @property
@@ -98,9 +89,6 @@ class LiveDisplay:
     def forget(self, key: str) -> None:
         """Stack ``key`` was closed: drop its pending pushes and close its window."""
         self._dirty.pop(key, None)
-        self._last_push.pop(key, None)
-        self._settling.pop(key, None)
-        self._more.discard(key)
         if not self.enabled:
             return
         self.sup.drop_display_jobs(key)
@@ -109,90 +97,67 @@ class LiveDisplay:
             self.sup.submit(WorkerJob("close_stack", {"key": key}, timeout=30.0, kind="display"))
 
     def poll_ms(self) -> int:
-        """How long the loop may sleep: 50 ms, less when a throttled push
-        falls due sooner (so a window is never up to 50 ms late)."""
-        if not self._dirty or not self.sup.ready or self.sup.busy:
-            return 50
-        now = time.monotonic()
-        due = min(self._last_push.get(k, 0.0) + 1.0 / DISPLAY_HZ for k in self._dirty)
-        return max(1, min(50, int((due - now) * 1000) + 1))
+        """How long the loop may sleep: 50 ms. A push never waits for it: it
+        goes when a plane arrives or the worker replies, both of which wake
+        the loop."""
+        return 50
 
     def flush(self) -> None:
         """Push what changed in the stacks to their ImageJ windows.
 
-        The changed planes are copied into the stack's staging segment and
-        the worker copies them into the hyperstack's own pixel arrays (grown
-        in place as the stack grows). A push is capped at STAGING_BYTES; the
-        rest follows at once.
+        The worker copies the changed planes from the stack's shared
+        storage (else from a staging segment they are copied into, at most
+        STAGING_BYTES per push, the rest following at once) into the
+        hyperstack's own pixel arrays, which are kept as the stack grows.
         """
         if not self._dirty or not self.sup.ready or self.sup.busy or self.sup.queue:
             return
-        now = time.monotonic()
         for key in list(self._dirty):
-            if key not in self._more and now - self._last_push.get(key, 0.0) < 1.0 / DISPLAY_HZ:
-                continue
             try:
                 stack = self.store.get(key)
             except StackNotFound:
                 self._dirty.pop(key, None)
                 continue
             shape = stack.shape
-            if not self._settled(key, shape, now):
-                continue  # still growing: build the window once, at its settled shape
             planes = self._dirty.pop(key)
-            self._more.discard(key)
             fresh = planes is None
             if fresh:
                 positions = [(int(t), int(z), int(c)) for t, z, c in np.argwhere(stack.present)]
             else:
                 positions = sorted(planes)
+            shared = self.store.memory.desc(stack.storage)
             per_plane = shape[3] * shape[4] * stack.dtype.itemsize
-            cap = max(1, STAGING_BYTES // per_plane)
+            cap = len(positions) if shared is not None else max(1, STAGING_BYTES // per_plane)
             if len(positions) > cap:
                 self._dirty[key] = set(positions[cap:])
-                self._more.add(key)
                 positions = positions[:cap]
-            try:
-                seg = self.sup.staging(key, len(positions), stack.yx, stack.dtype, reserve=min(cap, shape[0] * shape[1] * shape[2]))
-            except OSError as e:
-                log.warning("display update of %s skipped: %s", key, e)
-                self._dirty[key] = None if fresh else set(positions) | (self._dirty.get(key) or set())
-                continue
-            arr = stack.array
-            for i, (t, z, c) in enumerate(positions):
-                np.copyto(seg.array[i], arr[t, z, c])
             names = [n or f"C{i + 1}" for i, n in enumerate(stack.channel_names)]
             cal = stack.calibration
             body = {
                 "key": key, "shape": list(shape), "positions": [list(p) for p in positions],
-                "staging": seg.desc(), "channel_names": names,
-                "calibration": cal.to_dict() if cal.is_set else None, "fresh": fresh,
+                "channel_names": names, "calibration": cal.to_dict() if cal.is_set else None, "fresh": fresh,
             }
-            self._last_push[key] = now
+            if shared is not None:  # the worker reads the planes where they were assembled
+                body["storage"] = shared
+                self.store.memory.pin(shared["shm"])
+            else:
+                try:
+                    seg = self.sup.staging(key, len(positions), stack.yx, stack.dtype, reserve=min(cap, shape[0] * shape[1] * shape[2]))
+                except OSError as e:
+                    log.warning("display update of %s skipped: %s", key, e)
+                    self._dirty[key] = None if fresh else set(positions) | (self._dirty.get(key) or set())
+                    continue
+                arr = stack.array
+                for i, (t, z, c) in enumerate(positions):
+                    np.copyto(seg.array[i], arr[t, z, c])
+                body["staging"] = seg.desc()
             self._shown[key] = shape
-            self.sup.submit(WorkerJob("update_planes", body, timeout=60.0, done=functools.partial(self._done, key), kind="display"))
+            done = functools.partial(self._done, key, shared["shm"] if shared else None)
+            self.sup.submit(WorkerJob("update_planes", body, timeout=60.0, done=done, kind="display"))
 
-    def _settled(self, key: str, shape: tuple, now: float) -> bool:
-        """Whether a push may go now as far as the stack's shape is concerned.
-
-        A new window, or a window whose stack grew, costs ImageJ a re-layout
-        (new CompositeImage, new arrays), so while planes keep growing a stack
-        the push waits for its shape to hold still DISPLAY_SETTLE_S, at most
-        DISPLAY_SETTLE_MAX_S: a fast stream builds its window once, a slow
-        acquisition still shows each new plane promptly."""
-        if self._shown.get(key) == shape:
-            self._settling.pop(key, None)
-            return True
-        seen, changed, first = self._settling.get(key, (None, now, now))
-        if seen != shape:
-            self._settling[key] = (shape, now, first)
-            return now - first >= DISPLAY_SETTLE_MAX_S
-        if now - changed >= DISPLAY_SETTLE_S or now - first >= DISPLAY_SETTLE_MAX_S:
-            self._settling.pop(key, None)
-            return True
-        return False
-
-    def _done(self, key: str, reply: dict, get: Any) -> None:
+    def _done(self, key: str, shared: Optional[str], reply: dict, get: Any) -> None:
+        if shared is not None:
+            self.store.memory.unpin(shared)
         if reply.get("ok"):
             return
         err = reply.get("error") or {}

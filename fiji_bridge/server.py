@@ -71,6 +71,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
+from .stack_memory import SharedStackMemory
 from .security import HANDSHAKE_FAILED, SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
 from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
@@ -175,7 +176,8 @@ class BridgeServer:
         self.openhcs_port = openhcs_port
         self.openhcs_macros = openhcs_macros
         self.keys_dir = keys_dir
-        self.store = StackStore(max_bytes=max_bytes)
+        # with a live display, stacks live in shared memory the engine worker maps
+        self.store = StackStore(max_bytes=max_bytes, memory=SharedStackMemory() if self.display else None)
         self.started = time.time()
         self.ctx = zmq.Context()
         reap_runtime_dirs()
@@ -353,6 +355,7 @@ class BridgeServer:
             except Exception:
                 log.exception("closing the OpenHCS receiver failed")
         self.sup.close()
+        self.store.memory.close()
         self.segments.clear()
         self._saver.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self.subs.values():

@@ -102,7 +102,10 @@ class SharedArray:
     """A POSIX shared-memory segment owned by this process, with an array view
     (its pages allocated up front, so writing it cannot raise SIGBUS)."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, *, create: bool = True, reserve: bool = False) -> None:
+        """``reserve``: allocate the segment's memory now (``posix_fallocate``):
+        a full /dev/shm then fails here with OSError instead of a SIGBUS on a
+        later write."""
         self.name = name
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)

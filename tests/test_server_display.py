@@ -62,6 +62,31 @@ def wait_shown(client, key, version=None, timeout=20.0):
     raise AssertionError(f"window {key} not shown: {st}")
 
 
+def eventually(check, timeout: float = 15.0):
+    """``check()``'s result once it stops failing: a window is drawn by the
+    engine when it has nothing else to do, a moment after its pixels arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def kill_engine(client) -> None:
+    """Make the engine worker die (System.exit from a macro) and wait until
+    its successor is ready."""
+    from fiji_bridge.engine.base import MacroError
+
+    with pytest.raises(MacroError):
+        client.run_macro('call("java.lang.System.exit", "0");', timeout=30)
+    deadline = time.monotonic() + 60
+    while client.status()["engine"]["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def blob(img: np.ndarray, area: int) -> tuple[int, float, float]:
     """(colour channel, y, x) of the one pure-primary blob of about ``area`` pixels."""
     found = []
@@ -87,11 +112,13 @@ def test_live_window_shows_the_hyperstack_and_updates_in_place(bridge, xdisplay,
         c.send_plane(b, "live", channel=1, channel_name="GFP")
         c.flush()
         wait_shown(c, "live")
-        time.sleep(0.5)  # let AWT paint
-        shot = screenshot(xdisplay, tmp_path / "shown.png")
-        # a composite: each channel in its own colour, at 100% zoom
-        ca, ay, ax = blob(shot, 80 * 80)
-        cb, by, bx = blob(shot, 60 * 60)
+
+        def shown():
+            shot = screenshot(xdisplay, tmp_path / "shown.png")
+            # a composite: each channel in its own colour, at 100% zoom
+            return blob(shot, 80 * 80), blob(shot, 60 * 60)
+
+        (ca, ay, ax), (cb, by, bx) = eventually(shown)
         assert ca != cb
         assert (by - ay) == pytest.approx(90, abs=3) and (bx - ax) == pytest.approx(90, abs=3)
 
@@ -101,12 +128,15 @@ def test_live_window_shows_the_hyperstack_and_updates_in_place(bridge, xdisplay,
         c.send_plane(a2, "live", channel=0)
         c.flush()
         wait_shown(c, "live")
-        time.sleep(0.5)
-        shot2 = screenshot(xdisplay, tmp_path / "updated.png")
-        ca2, ay2, ax2 = blob(shot2, 50 * 50)
-        assert ca2 == ca
-        assert (ay2 - ay) == pytest.approx(105, abs=3) and (ax2 - ax) == pytest.approx(-25, abs=3)
-        assert blob(shot2, 60 * 60)[0] == cb
+
+        def updated():
+            shot2 = screenshot(xdisplay, tmp_path / "updated.png")
+            ca2, ay2, ax2 = blob(shot2, 50 * 50)
+            assert ca2 == ca
+            assert (ay2 - ay) == pytest.approx(105, abs=3) and (ax2 - ax) == pytest.approx(-25, abs=3)
+            assert blob(shot2, 60 * 60)[0] == cb
+
+        eventually(updated)
 
         # snapshot (through ImageJ's renderer) checked by pixels
         rgb = c.render("live")
@@ -121,8 +151,6 @@ def test_live_window_shows_the_hyperstack_and_updates_in_place(bridge, xdisplay,
 
 
 def test_windows_come_back_after_an_engine_restart(bridge, xdisplay, tmp_path):
-    from fiji_bridge.engine.base import MacroError
-
     a = np.zeros((120, 120), np.uint8)
     a[10:50, 10:50] = 255
     with bridge.client() as c:
@@ -131,14 +159,9 @@ def test_windows_come_back_after_an_engine_restart(bridge, xdisplay, tmp_path):
         c.send_plane(np.zeros_like(a), "again", channel=1)
         c.flush()
         wait_shown(c, "again")
-        with pytest.raises(MacroError):
-            c.run_macro('call("java.lang.System.exit", "0");', timeout=30)
-        deadline = time.monotonic() + 60
-        while c.status()["engine"]["state"] != "ready" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        kill_engine(c)
         wait_shown(c, "again", timeout=30)
-        time.sleep(0.5)
-        blob(screenshot(xdisplay, tmp_path / "reshown.png"), 40 * 40)
+        eventually(lambda: blob(screenshot(xdisplay, tmp_path / "reshown.png"), 40 * 40))
 
 
 #: java.awt.Color.blue / .green / .red: what ImageJ's LUT for that colour draws at full intensity
@@ -168,11 +191,71 @@ def test_channel_names_that_arrive_later_colour_the_window_and_the_snapshot(brid
         c.send_plane(b, "named-late", channel=1, channel_name="GFP")
         c.flush()
         wait_shown(c, "named-late")
-        time.sleep(0.5)  # let AWT paint
-        shot = screenshot(xdisplay, tmp_path / "named.png")
-        assert blob(shot, 60 * 60)[0] == BLUE and blob(shot, 40 * 40)[0] == GREEN
+
+        def coloured() -> None:  # the window is drawn a moment after its pixels arrived
+            shot = screenshot(xdisplay, tmp_path / "named.png")
+            assert blob(shot, 60 * 60)[0] == BLUE and blob(shot, 40 * 40)[0] == GREEN
+
+        eventually(coloured)
         write_png(tmp_path / "named-snap.png", c.render("named-late"))
         png = np.asarray(Image.open(tmp_path / "named-snap.png").convert("RGB"))
         assert (png[10:70, 10:70] == (0, 0, 255)).all() and (png[100:140, 100:140] == (0, 255, 0)).all()
         assert not png[80:90, 80:90].any()
         c.close_stack("named-late")
+
+
+def _imagej_copy(c, key):
+    """The live window's pixels as ImageJ holds them (TZCYX), read by a macro."""
+    res = c.run_macro(f'selectImage("{key}"); run("Duplicate...", "title=copy duplicate");', outputs=["copy"], timeout=60)
+    return res.images["copy"]
+
+
+def test_streamed_stack_in_imagej_is_bit_exact_and_survives_a_restart(bridge, xdisplay):
+    """Planes streamed over shm into a growing stack reach ImageJ from the
+    bridge's shared stack memory: ImageJ's copy equals numpy's bit for bit,
+    zeros where nothing arrived; a refresh replaces every plane; after the
+    worker dies the stack is shown again, still exact; a closed stack leaves
+    no shared-memory segment behind."""
+    import os
+
+    rng = np.random.default_rng(3)
+    T, Z, C, Y, X = 3, 4, 2, 96, 128
+    truth = rng.integers(0, 65535, (T, Z, C, Y, X), dtype=np.uint16)
+    skip = (1, 3, 1)
+    with bridge.client() as c:
+        pid = c.status()["pid"]
+
+        def stack_segments() -> set[str]:
+            return {n for n in os.listdir("/dev/shm") if n.startswith(f"fjbs_{pid}_st")}
+
+        others = stack_segments()  # the other tests' stacks
+        for t in range(T):
+            for z in range(Z):
+                for ch in range(C):
+                    if (t, z, ch) != skip:
+                        c.send_plane(truth[t, z, ch], "exact", t=t, z=z, channel=ch)
+        c.flush()
+        wait_shown(c, "exact")
+        want = truth.copy()
+        want[skip] = 0
+        assert np.array_equal(_imagej_copy(c, "exact"), want)
+        segments = stack_segments() - others
+        assert segments, "the stack should live in shared memory"
+
+        again = rng.integers(0, 65535, (T, Z, C, Y, X), dtype=np.uint16)
+        for t in range(T):
+            for z in range(Z):
+                for ch in range(C):
+                    c.send_plane(again[t, z, ch], "exact", t=t, z=z, channel=ch)
+        c.flush()
+        wait_shown(c, "exact")
+        assert np.array_equal(_imagej_copy(c, "exact"), again)
+
+        kill_engine(c)
+        wait_shown(c, "exact", timeout=30)
+        assert np.array_equal(_imagej_copy(c, "exact"), again)
+        c.close_stack("exact")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and segments & stack_segments():
+            time.sleep(0.1)
+        assert not segments & stack_segments()

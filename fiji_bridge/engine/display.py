@@ -10,8 +10,17 @@ The streaming path is :meth:`LiveDisplay.update_planes`: a batch of planes
 with their (t, z, c) and the stack's current shape. Planes are copied in
 bulk into the existing Java pixel arrays; a stack that grows keeps its
 arrays (only new positions are allocated) and, with the same channel count,
-its ImagePlus; the window is redrawn once per batch. Display ranges only
-widen as data arrives (a live view does not flicker).
+its ImagePlus. Display ranges only widen as data arrives (a live view does
+not flicker). What only the screen needs - showing a window, rebuilding it
+for a new shape (a new StackWindow: 0.1-0.3 s for 2048^2 under Xvfb), and
+redrawing it - is not done in the update: it is noted as due and done by
+:meth:`LiveDisplay.sync_windows` (when the engine has nothing else to do, and
+always before a macro runs), once per stack however many updates came in
+between. So the pixels reach ImageJ at copy speed and a macro always finds
+every stack's window as it should be. The Java arrays of a closed stack are
+kept (up to :data:`POOL_FRACTION` of the heap) for the next stack's planes
+of that size: a live acquisition opens stack after stack of one plane size,
+and a fresh 8 MB array costs the JVM more than the copy into it.
 
 Channel colours follow the channel metadata, the names
 (:func:`~fiji_bridge.colours.channel_colours`: DAPI/DNA -> blue,
@@ -48,7 +57,10 @@ from .transfer import (
     write_stack,
 )
 
-__all__ = ["LiveDisplay"]
+__all__ = ["LiveDisplay", "POOL_FRACTION"]
+
+#: most of the JVM's heap that Java arrays of closed stacks are kept in for reuse
+POOL_FRACTION = 0.25
 
 _DEPTH = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16, np.dtype(np.float32): 32}
 
@@ -64,6 +76,52 @@ def _depth_dtype(imp: Any) -> Optional[np.dtype]:
     return {8: np.dtype(np.uint8), 16: np.dtype(np.uint16), 32: np.dtype(np.float32)}.get(int(imp.getBitDepth()))
 
 
+class _ArrayPool:
+    """Java pixel arrays of closed live stacks, by (bit depth, pixel count),
+    handed to the next stacks' planes of that size: as they are where a plane
+    is about to be written whole, zeroed elsewhere (old pixels never show)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, int], list[Any]] = {}
+        self.nbytes = 0
+        self._cap: Optional[int] = None
+
+    def take(self, depth: int, n: int, zeroed: bool = False) -> Optional[Any]:
+        """A pooled array (its old pixels, or zeros when ``zeroed``), or None."""
+        arrays = self._free.get((depth, n))
+        if not arrays:
+            return None
+        self.nbytes -= n * _BYTES[depth]
+        jarr = arrays.pop()
+        if zeroed:  # a fill costs ~1/3 of a fresh allocation's zeroing, GC and page faults
+            J("java.util.Arrays").fill(jarr, _ZERO[depth]())
+        return jarr
+
+    def give(self, depth: int, n: int, jarr: Any) -> None:
+        if self._cap is None:
+            self._cap = int(J("java.lang.Runtime").getRuntime().maxMemory() * POOL_FRACTION)
+        size = n * _BYTES[depth]
+        if jarr is None or self.nbytes + size > self._cap:
+            return
+        self._free.setdefault((depth, n), []).append(jarr)
+        self.nbytes += size
+
+
+_BYTES = {8: 1, 16: 2, 32: 4, 24: 4}
+
+
+def _zero_of(name: str) -> Any:
+    def make() -> Any:
+        import jpype
+
+        return getattr(jpype, name)(0)
+
+    return make
+
+
+_ZERO = {8: _zero_of("JByte"), 16: _zero_of("JShort"), 32: _zero_of("JFloat"), 24: _zero_of("JInt")}
+
+
 class LiveDisplay:
     """The live stacks of an engine. ``show_windows`` = put them on the screen."""
 
@@ -74,6 +132,8 @@ class LiveDisplay:
         self._ranges: dict[str, list[Optional[tuple[float, float]]]] = {}  # per channel, data seen so far
         self._names: dict[str, list[str]] = {}
         self._colours: dict[str, list[str]] = {}  # the LUT colour we gave each channel
+        self._due: dict[str, None] = {}  # stacks whose window needs showing, rebuilding or redrawing
+        self._pool = _ArrayPool()
 
     def _register(self, key: str, imp: Any, names: Sequence[str] = ()) -> None:
         self.stacks[key] = imp
@@ -146,13 +206,15 @@ class LiveDisplay:
         key: str,
         shape: Sequence[int],
         positions: Sequence[Sequence[int]],
-        planes: np.ndarray,
+        planes: Union[np.ndarray, Sequence[np.ndarray]],
         channel_names: Optional[Sequence[str]] = None,
         calibration: Optional[Calibration] = None,
         fresh: bool = False,
     ) -> None:
         """Bring live stack ``key`` to ``shape`` (T, Z, C, Y, X) and write
         ``planes[i]`` (YX) at ``positions[i]`` = (t, z, c), 0-based.
+        ``planes`` is an (N, Y, X) array or a sequence of YX arrays (views
+        of a stack's storage: nothing is gathered).
 
         A missing stack (or ``fresh=True``, or another dtype or YX size) is
         created anew, its unwritten planes zero. Otherwise the ImagePlus keeps
@@ -166,23 +228,29 @@ class LiveDisplay:
         if min(T, Z, C, Y, X) < 1:
             raise ValueError(f"bad stack shape {tuple(shape)} for {key!r}")
         pos = [(int(p[0]), int(p[1]), int(p[2])) for p in positions]
-        planes = np.asarray(planes)
-        if planes.ndim != 3 or len(planes) < len(pos) or planes.shape[1:] != (Y, X):
-            raise ValueError(f"{len(pos)} positions need ({len(pos)}, {Y}, {X}) planes for {key!r}, got {planes.shape}")
-        planes = planes[: len(pos)]
-        planes, _ = coerce_dtype(planes)
+        if isinstance(planes, np.ndarray):
+            if planes.ndim != 3 or len(planes) < len(pos) or planes.shape[1:] != (Y, X):
+                raise ValueError(f"{len(pos)} positions need ({len(pos)}, {Y}, {X}) planes for {key!r}, got {planes.shape}")
+            planes = list(coerce_dtype(planes[: len(pos)])[0])
+        else:
+            planes = [coerce_dtype(np.asarray(p))[0] for p in planes[: len(pos)]]
+            if len(planes) < len(pos) or any(p.shape != (Y, X) for p in planes):
+                raise ValueError(f"{len(pos)} positions need {len(pos)} planes of ({Y}, {X}) for {key!r}, got {[p.shape for p in planes]}")
+            if len({p.dtype for p in planes}) > 1:
+                raise ValueError(f"the planes for {key!r} differ in dtype: {sorted({p.dtype.name for p in planes})}")
         for t, z, c in pos:
             if not (0 <= t < T and 0 <= z < Z and 0 <= c < C):
                 raise IndexError(f"plane (t={t}, z={z}, c={c}) outside stack {key!r} of T={T} Z={Z} C={C}")
-        depth = _DEPTH[planes.dtype]
+        dtype = planes[0].dtype if planes else np.dtype(np.uint16)
+        depth = _DEPTH[dtype]
         names = [str(n) for n in channel_names] if channel_names else list(self._names.get(key, []))
         imp = self.stacks.get(key)
-        if imp is not None and (fresh or _depth_dtype(imp) != planes.dtype or _shape(imp)[3:] != (Y, X) or not imp.getStack()):
+        if imp is not None and (fresh or _depth_dtype(imp) != dtype or _shape(imp)[3:] != (Y, X) or not imp.getStack()):
             self.close_stack(key)
             imp = None
         if imp is None:
             n = T * Z * C
-            stack = new_image_stack(X, Y, depth, [None] * n, slice_labels(names, C, n))
+            stack = new_image_stack(X, Y, depth, self._arrays(depth, X * Y, T, Z, C, set(pos)), slice_labels(names, C, n))
             imp = make_hyperstack(stack, key, C, Z, T, names, calibration)
             self._register(key, imp, names)
             self._ranges[key] = [None] * C
@@ -209,10 +277,36 @@ class LiveDisplay:
         write_planes(stack, Z, C, pos, planes, depth)
         if self._widen_ranges(key, imp, C, pos, planes, zeros_left):
             redraw = True
-        if redraw:  # once per batch, and only when something on screen changed
+        if redraw or (self.show_windows and imp.getWindow() is None):
+            self._due[key] = None  # only when something on screen changed
+
+    @property
+    def windows_due(self) -> bool:
+        """Whether some window still needs showing, rebuilding or redrawing."""
+        return bool(self._due)
+
+    def sync_windows(self, limit: Optional[int] = None) -> int:
+        """Bring the due windows up to date (at most ``limit`` of them): show
+        a stack's window, replace one whose hyperstack shape changed, redraw.
+        Returns how many were done."""
+        done = 0
+        while self._due and (limit is None or done < limit):
+            key = next(iter(self._due))
+            del self._due[key]
+            imp = self.stacks.get(key)
+            if imp is None:
+                continue
+            done += 1
+            win = imp.getWindow()
+            if win is None:
+                if self.show_windows:
+                    imp.show()  # draws it
+                    continue
+            elif int(imp.getStackSize()) > 1 and not (isinstance(win, J("ij.gui.StackWindow")) and win.validDimensions()):
+                J("ij.gui.StackWindow")(imp)  # replaces the window, at its place, and draws it
+                continue
             self._redraw(imp)
-        if self.show_windows and imp.getWindow() is None:
-            imp.show()
+        return done
 
     @staticmethod
     def _shows_any(imp: Any, pos: list[tuple[int, int, int]]) -> bool:
@@ -239,17 +333,25 @@ class LiveDisplay:
                 for c in range(C):
                     if t < oT and z < oZ and c < oC:
                         arrays.append(old.getPixels(1 + c + z * oC + t * oZ * oC))
+                    elif (t, z, c) in written:
+                        arrays.append(self._pool.take(depth, X * Y))
                     else:
-                        arrays.append(None)
-                        if (t, z, c) not in written:
-                            zeros_left.add(c)
+                        arrays.append(self._pool.take(depth, X * Y, zeroed=True))
+                        zeros_left.add(c)
         n = T * Z * C
         stack = new_image_stack(X, Y, depth, arrays, slice_labels(names, C, n))
         ranges = self._ranges.get(key) or []
         self._ranges[key] = (list(ranges) + [None] * C)[:C]
         if C == oC:
             c, z, t = int(imp.getC()), int(imp.getZ()), int(imp.getT())
-            imp.setStack(stack, C, Z, T)
+            win = imp.getWindow()
+            if win is not None:  # a shown ImagePlus would build a new StackWindow now; sync_windows does
+                imp.setWindow(None)
+            try:
+                imp.setStack(stack, C, Z, T)
+            finally:
+                if win is not None:
+                    imp.setWindow(win)
             if n > 1:
                 imp.setOpenAsHyperStack(True)
             imp.setPositionWithoutUpdate(min(c, C), min(z, Z), min(t, T))
@@ -257,7 +359,7 @@ class LiveDisplay:
         cal = imp.getCalibration().copy()
         new = make_hyperstack(stack, key, C, Z, T, names)
         new.setCalibration(cal)
-        self.close_stack(key)  # the old ImageStack is flushed; our arrays live on in the new one
+        self.close_stack(key, recycle=False)  # the old ImageStack is flushed; our arrays live on in the new one
         self._register(key, new, names)
         self._ranges[key] = (list(ranges) + [None] * C)[:C]
         return new, zeros_left
@@ -316,7 +418,19 @@ class LiveDisplay:
         if imp.getT() == t + 1 and imp.getZ() == z + 1:
             self._redraw(imp)
 
-    def close_stack(self, key: str) -> None:
+    def _arrays(self, depth: int, n: int, T: int, Z: int, C: int, written: set[tuple[int, int, int]]) -> list[Optional[Any]]:
+        """Pixel arrays for a new T x Z x C stack (CZT order): pooled ones
+        (zeroed where no plane is about to be written whole), None (a new
+        zeroed one) when the pool has none."""
+        return [
+            self._pool.take(depth, n, zeroed=(t, z, c) not in written)
+            for t in range(T) for z in range(Z) for c in range(C)
+        ]
+
+    def close_stack(self, key: str, recycle: bool = True) -> None:
+        """Close live stack ``key``; its Java arrays go to the pool (``recycle``)
+        unless another stack took them over."""
+        self._due.pop(key, None)
         self._ranges.pop(key, None)
         self._names.pop(key, None)
         self._colours.pop(key, None)
@@ -324,6 +438,11 @@ class LiveDisplay:
         if imp is None:
             return
         self._protected.discard(int(imp.getID()))
+        stack = imp.getStack()
+        if recycle and stack is not None and not stack.isVirtual():
+            depth, n = int(imp.getBitDepth()), int(imp.getWidth()) * int(imp.getHeight())
+            for i in range(int(stack.getSize())):
+                self._pool.give(depth, n, stack.getPixels(i + 1))
         imp.changes = False
         if imp.getWindow() is not None:
             imp.close()

@@ -383,6 +383,16 @@ class ImageJ1Engine(Engine):
             assert self._display
             self._display.update_planes(key, shape, positions, planes, channel_names, calibration, fresh)
 
+    def sync_windows(self, limit: Optional[int] = None) -> int:
+        """Show, rebuild or redraw the live windows that are due (see
+        :meth:`LiveDisplay.sync_windows`); how many were done."""
+        with self._lock:
+            return self._display.sync_windows(limit) if self._display else 0
+
+    @property
+    def windows_due(self) -> bool:
+        return bool(self._display and self._display.windows_due)
+
     def close_stack(self, key: str) -> None:
         with self._lock:
             self._require_started()

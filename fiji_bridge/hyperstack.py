@@ -34,7 +34,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,6 +44,7 @@ __all__ = [
     "ALLOWED_DTYPES",
     "AxisMapping",
     "HeapMemory",
+    "PlaneReader",
     "Hyperstack",
     "PlaneRejected",
     "StackError",
@@ -302,8 +303,33 @@ def _check_dtype(dtype: Any, what: str) -> np.dtype:
     return native
 
 
-def _as_plane(plane: Any, what: str) -> np.ndarray:
-    """A 2-D (Y, X) array of an allowed dtype; (1, Y, X) is squeezed."""
+class PlaneReader:
+    """A plane not yet read: its (Y, X) shape, dtype, and ``read(out)`` that
+    fills ``out`` (a plane of a stack's storage) with it. A stack reads it
+    straight into its place (e.g. from a producer's shared memory), so no
+    copy is made in between; when ``read`` raises, the plane at that place
+    is gone and the error propagates."""
+
+    ndim = 2
+
+    def __init__(self, shape: tuple[int, int], dtype: Any, read: Callable[[np.ndarray], None]) -> None:
+        self.shape = (int(shape[0]), int(shape[1])) if len(shape) == 2 else tuple(int(v) for v in shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(dtype)
+        self._read = read
+
+    def read_into(self, out: np.ndarray) -> None:
+        self._read(out)
+
+
+def _as_plane(plane: Any, what: str) -> Any:
+    """A 2-D (Y, X) array of an allowed dtype; (1, Y, X) is squeezed. A
+    :class:`PlaneReader` is checked by its shape and dtype."""
+    if isinstance(plane, PlaneReader):
+        if plane.ndim != 2 or 0 in plane.shape:
+            raise PlaneRejected(f"{what}: a plane must be 2-D (Y, X), got shape {plane.shape}")
+        _check_dtype(plane.dtype, what)
+        return plane
     if not isinstance(plane, np.ndarray):
         try:
             plane = np.asarray(plane)
@@ -363,15 +389,18 @@ class _Budget:
 
 class HeapMemory:
     """Stack storage in this process's memory (numpy). The interface a
-    store's ``memory`` offers: zeroed storage, its release, and the
-    shared-memory descriptor of a storage array (None: it has none)."""
+    store's ``memory`` offers: storage (zeroed or not: the stack zeroes the
+    planes it reads before they were written), growth in place, release,
+    and the shared-memory descriptor of a storage array (None: it has none)."""
 
-    def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+    def allocate(self, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, bool]:
+        """Storage of ``shape``/``dtype`` and whether it reads as zeros."""
+        return np.zeros(shape, dtype=dtype), True
 
-    def grow(self, array: np.ndarray, shape: tuple[int, ...]) -> Optional[np.ndarray]:
-        """``array`` grown in place to ``shape`` (keeping its content), or
-        None: then the store allocates anew and copies."""
+    def grow(self, array: np.ndarray, cap: tuple[int, int, int], new_cap: tuple[int, int, int]) -> Optional[np.ndarray]:
+        """``array`` (T, Z, C, Y, X storage of capacity ``cap``) laid out anew
+        as ``new_cap`` in its own memory, every plane moved to its new place,
+        or None: then the store allocates anew and copies."""
         return None
 
     def free(self, array: np.ndarray) -> None:
@@ -426,12 +455,18 @@ class Hyperstack:
         self._budget = _budget
         self._data = np.zeros((0, 0, 0) + self.yx, dtype=self.dtype)
         self._present = np.zeros((0, 0, 0), dtype=bool)
+        # (T, Z, C) capacity: True where the storage holds no plane and was
+        # never zeroed (recycled memory); zeroed when read. None: none such
+        self._undefined: Optional[np.ndarray] = None
         self._dims = [0, 0, 0]  # filled extent T, Z, C
         self._count = 0
         self._nbytes = 0  # bytes reserved in the budget
         self._channel_names: list[Optional[str]] = list(channel_names or [])
         self._calibration = calibration or Calibration()
         self.version = 0
+        #: times the planes moved within their storage (a Z or C growth in
+        #: place): a reader of the storage that raced a move reads again
+        self.moves = 0
         # combined axes: value tuple -> index, by first appearance
         self._labels: dict[str, dict[tuple, int]] = {}
         self._label_components: dict[str, tuple[str, ...]] = {}
@@ -446,7 +481,20 @@ class Hyperstack:
     def array(self) -> np.ndarray:
         """(T, Z, C, Y, X) view of the filled extent; zeros where missing."""
         t, z, c = self._dims
+        if self._undefined is not None:
+            self._zero_undefined()
         return self._data[:t, :z, :c]
+
+    def _zero_undefined(self) -> None:
+        """Zero the planes of the filled extent that recycled storage left
+        undefined (nothing arrived there): missing planes read as zeros."""
+        assert self._undefined is not None
+        t, z, c = self._dims
+        for tt, zz, cc in np.argwhere(self._undefined[:t, :z, :c]):
+            self._data[tt, zz, cc] = 0
+            self._undefined[tt, zz, cc] = False
+        if not self._undefined.any():
+            self._undefined = None
 
     @property
     def storage(self) -> np.ndarray:
@@ -614,33 +662,49 @@ class Hyperstack:
         assert chosen is not None
         new_bytes = math.prod(chosen) * per_plane
         t, z, c = cap
-        if chosen[1:] == cap[1:] and t:  # only T grows: the planes in place may stay put
-            data = self._memory.grow(self._data, chosen + self.yx)
-            if data is not None:
-                present = np.zeros(chosen, dtype=bool)
-                present[:t] = self._present
-                self._data, self._present, self._nbytes = data, present, new_bytes
-                return
-        try:
-            data = self._memory.zeros(chosen + self.yx, self.dtype)
-            present = np.zeros(chosen, dtype=bool)
-        except (MemoryError, ValueError):  # ValueError: larger than the address space
-            self._budget.free(new_bytes - self._nbytes)  # undo the reservation
-            raise PlaneRejected(
-                f"{where}: not enough memory to grow the stack to T,Z,C = {chosen} "
-                f"({_gib(new_bytes)}); check the indices or close stacks"
-            ) from None
-        data[:t, :z, :c] = self._data
+        present = np.zeros(chosen, dtype=bool)
         present[:t, :z, :c] = self._present
-        old, self._data, self._present, self._nbytes = self._data, data, present, new_bytes
-        self._memory.free(old)
+        undefined = np.ones(chosen, dtype=bool)
+        undefined[:t, :z, :c] = self._undefined if self._undefined is not None else False
+        data = self._memory.grow(self._data, cap, chosen) if t else None  # the planes stay in their memory
+        if data is not None and chosen[1:] != cap[1:]:
+            self.moves += 1  # planes moved within their memory
+        if data is None:
+            try:
+                data, zeroed = self._memory.allocate(chosen + self.yx, self.dtype)
+            except (MemoryError, ValueError):  # ValueError: larger than the address space
+                self._budget.free(new_bytes - self._nbytes)  # undo the reservation
+                raise PlaneRejected(
+                    f"{where}: not enough memory to grow the stack to T,Z,C = {chosen} "
+                    f"({_gib(new_bytes)}); check the indices or close stacks"
+                ) from None
+            if zeroed:
+                undefined[:] = False
+                undefined[:t, :z, :c] = self._undefined if self._undefined is not None else False
+            data[:t, :z, :c] = self._data
+            self._memory.free(self._data)
+        self._data, self._present, self._nbytes = data, present, new_bytes
+        self._undefined = undefined if undefined.any() else None
 
     def release(self) -> None:
         """Give the storage back to the store's memory (the stack is gone)."""
         self._memory.free(self._data)
 
     def _put(self, t, z, c, plane, channel_name, calibration) -> None:
-        self._data[t, z, c] = plane
+        if isinstance(plane, PlaneReader):
+            try:
+                plane.read_into(self._data[t, z, c])  # straight into its place: no copy in between
+            except BaseException:
+                # the read stopped part-way: the plane there (if any) is gone
+                if self._present[t, z, c]:
+                    self._present[t, z, c] = False
+                    self._count -= 1
+                self._data[t, z, c] = 0
+                raise
+        else:
+            self._data[t, z, c] = plane
+        if self._undefined is not None:
+            self._undefined[t, z, c] = False
         if not self._present[t, z, c]:
             self._present[t, z, c] = True
             self._count += 1
@@ -682,7 +746,7 @@ class Hyperstack:
         budget.reserve(0, nbytes, f"{what} of shape {arr.shape} {dt.name}")
         try:
             if copy:
-                data = stack._memory.zeros(arr.shape, dt)
+                data, _ = stack._memory.allocate(arr.shape, dt)
                 np.copyto(data, arr, casting="unsafe")
             else:
                 data = np.ascontiguousarray(arr, dtype=dt)
@@ -752,7 +816,13 @@ class StackStore:
             if stack is None:
                 first = _as_plane(plane, f"first plane of stack {key!r}")
                 stack = Hyperstack(key, first.dtype, first.shape, _budget=self._budget, _memory=self.memory)
-            t, z, c = stack.add_plane(plane, comps, mapping=mapping, calibration=calibration)
+            try:
+                t, z, c = stack.add_plane(plane, comps, mapping=mapping, calibration=calibration)
+            except BaseException:
+                if key not in self._stacks:  # a new stack whose first plane failed
+                    self._budget.free(stack.nbytes)
+                    stack.release()
+                raise
             self._stacks[key] = stack
         return key, t, z, c
 
@@ -775,7 +845,13 @@ class StackStore:
             if stack is None:
                 first = _as_plane(plane, f"first plane of stack {key!r}")
                 stack = Hyperstack(key, first.dtype, first.shape, _budget=self._budget, _memory=self.memory)
-            stack.add(t, z, c, plane, channel_name=channel_name, calibration=calibration)
+            try:
+                stack.add(t, z, c, plane, channel_name=channel_name, calibration=calibration)
+            except BaseException:
+                if key not in self._stacks:
+                    self._budget.free(stack.nbytes)
+                    stack.release()
+                raise
             self._stacks[key] = stack
 
     def add_stack(

@@ -94,7 +94,13 @@ class LiveDisplay:
         self.sup.drop_display_jobs(key)
         self.sup.drop_staging(key)  # a job in flight keeps its own mapping
         if self._shown.pop(key, None) is not None:
-            self.sup.submit(WorkerJob("close_stack", {"key": key}, timeout=30.0, kind="display"))
+            body = {"key": key, "released": self._released()}
+            self.sup.submit(WorkerJob("close_stack", body, timeout=30.0, kind="display"))
+
+    def _released(self) -> list[str]:
+        """The stack segments unlinked since the worker last heard: it drops their mappings."""
+        released = getattr(self.store.memory, "released", None)
+        return released() if released is not None else []
 
     def poll_ms(self) -> int:
         """How long the loop may sleep: 50 ms. A push never waits for it: it
@@ -139,6 +145,7 @@ class LiveDisplay:
             }
             if shared is not None:  # the worker reads the planes where they were assembled
                 body["storage"] = shared
+                body["released"] = self._released()
                 self.store.memory.pin(shared["shm"])
             else:
                 try:
@@ -152,12 +159,20 @@ class LiveDisplay:
                     np.copyto(seg.array[i], arr[t, z, c])
                 body["staging"] = seg.desc()
             self._shown[key] = shape
-            done = functools.partial(self._done, key, shared["shm"] if shared else None)
+            moved = (stack, stack.moves, positions) if shared else None
+            done = functools.partial(self._done, key, shared["shm"] if shared else None, moved)
             self.sup.submit(WorkerJob("update_planes", body, timeout=60.0, done=done, kind="display"))
 
-    def _done(self, key: str, shared: Optional[str], reply: dict, get: Any) -> None:
+    def _done(self, key: str, shared: Optional[str], moved: Optional[tuple], reply: dict, get: Any) -> None:
         if shared is not None:
             self.store.memory.unpin(shared)
+        if moved is not None:
+            stack, moves, positions = moved
+            if stack.moves != moves and key in self.store and self.store.get(key) is stack:
+                # its planes moved while the worker read them: copy them again
+                cur = self._dirty.get(key, set())
+                if cur is not None:
+                    self._dirty[key] = cur | set(positions)
         if reply.get("ok"):
             return
         err = reply.get("error") or {}

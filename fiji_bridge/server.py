@@ -50,7 +50,7 @@ import zmq
 
 from . import __version__
 from .components import Calibration, ComponentError
-from .hyperstack import AxisMapping, StackError, StackNotFound, StackStore
+from .hyperstack import AxisMapping, PlaneReader, StackError, StackNotFound, StackStore
 from .live_display import LiveDisplay
 from .protocol import (
     DATA_PORT_OFFSET,
@@ -71,7 +71,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
-from .stack_memory import SharedStackMemory
+from .stack_memory import SharedStackMemory, warm_bytes
 from .security import HANDSHAKE_FAILED, SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
 from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
@@ -178,6 +178,7 @@ class BridgeServer:
         self.keys_dir = keys_dir
         # with a live display, stacks live in shared memory the engine worker maps
         self.store = StackStore(max_bytes=max_bytes, memory=SharedStackMemory() if self.display else None)
+        self.warmed: Optional[dict] = None  # the warm-up of the stack memory, once done
         self.started = time.time()
         self.ctx = zmq.Context()
         reap_runtime_dirs()
@@ -263,6 +264,8 @@ class BridgeServer:
         for prefix in (SERVER_PREFIX, WORKER_PREFIX):
             reap_orphans(prefix)
         self.sup.start()
+        if isinstance(self.store.memory, SharedStackMemory):
+            threading.Thread(target=self._warm, name="fiji-bridge-warm", daemon=True).start()
         if self.openhcs_port is not None:
             try:
                 self._start_openhcs()
@@ -330,6 +333,18 @@ class BridgeServer:
                 reap_orphans()
             except Exception:
                 log.exception("reap_orphans failed")
+
+    def _warm(self) -> None:
+        """Touch the warm-up stack memory (while the engine starts): a fresh
+        bridge's first stack finds warm pages, as every later one does."""
+        try:
+            nbytes = warm_bytes()
+        except ValueError as e:
+            log.warning("%s: no warm-up", e)
+            nbytes = 0
+        secs = self.store.memory.warm(nbytes)
+        self.warmed = {"bytes": nbytes, "seconds": round(secs, 3)}
+        log.info("warm stack memory: %d MiB in %.2f s", nbytes >> 20, secs)
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -451,7 +466,8 @@ class BridgeServer:
             "windows": self.live.windows,
             "display_pending": self.live.pending,
             "stacks": stacks,
-            "memory": {"used": self.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free()},
+            "memory": {"used": self.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free(),
+                       "warm": self.warmed, "pooled": getattr(self.store.memory, "pooled_bytes", 0)},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),
@@ -670,7 +686,7 @@ class BridgeServer:
             if h.transport == "shm":
                 if published:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "published planes must be inline (nobody could acknowledge a shm segment)")
-                plane = self.segments.read(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
+                plane = self.segments.reader(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
             else:
                 plane = read_inline(payload, h.shape, h.dtype)
             try:
@@ -811,6 +827,27 @@ class SegmentReader:
             while len(self._scratch) > self.max_buffers:
                 del self._scratch[next(iter(self._scratch))]
         return out
+
+    def reader(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> Any:
+        """The plane as a :class:`~fiji_bridge.hyperstack.PlaneReader` that
+        its stack reads straight into the plane's place (no copy between the
+        producer's segment and the stack); a plain array (:meth:`read`) for
+        byte orders the stack must convert."""
+        dt = np.dtype(dtype)
+        if name is None or len(shape) != 2 or not dt.isnative:
+            return self.read(name, shape, dtype, offset)
+
+        def read(out: np.ndarray) -> None:
+            try:
+                got = read_shm(name, shape, dt, offset, into=out)
+            except SegmentTooShort as e:
+                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
+            except TransportError as e:
+                raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
+            if got.ctypes.data != out.ctypes.data:  # ``out`` was not one C-contiguous block
+                out[...] = got
+
+        return PlaneReader(tuple(shape), dt, read)
 
     def clear(self) -> None:
         self._scratch.clear()

@@ -135,6 +135,16 @@ class SharedArray:
         self.array = np.ndarray(self.shape, dtype=self.dtype, buffer=self._mm)
         return self.array
 
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process's memory."""
+        return int(np.frombuffer(self._mm, np.uint8, count=1).ctypes.data)
+
+    def idle(self) -> bool:
+        """Whether no array views the mapping any more (``array`` None): each
+        array made over it refers to it, each view refers to such an array."""
+        return sys.getrefcount(self._mm) <= 2  # self._mm and getrefcount's argument
+
     def desc(self) -> dict:
         return ArrayDesc(self.shape, self.dtype.str if self.dtype.byteorder == ">" else self.dtype.name, shm=self.name).to_dict()
 

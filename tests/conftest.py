@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# every test bridge with a live display warms 64 MiB, not the default 1 GiB
+# (seconds and GBs per bridge start); tests/test_stack_memory.py checks the warm path
+os.environ.setdefault("FIJI_BRIDGE_WARM", "64m")
 #: real microscopy images (see ../shared/data/README.md); never copied into the repo
 DATA_DIR = Path(os.environ.get("FIJI_BRIDGE_TEST_DATA", ROOT.parent / "shared" / "data"))
 

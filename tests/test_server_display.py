@@ -214,8 +214,8 @@ def test_streamed_stack_in_imagej_is_bit_exact_and_survives_a_restart(bridge, xd
     """Planes streamed over shm into a growing stack reach ImageJ from the
     bridge's shared stack memory: ImageJ's copy equals numpy's bit for bit,
     zeros where nothing arrived; a refresh replaces every plane; after the
-    worker dies the stack is shown again, still exact; a closed stack leaves
-    no shared-memory segment behind."""
+    worker dies the stack is shown again, still exact; a closed stack's
+    memory goes back to the pool, no segment is left behind."""
     import os
 
     rng = np.random.default_rng(3)
@@ -239,8 +239,8 @@ def test_streamed_stack_in_imagej_is_bit_exact_and_survives_a_restart(bridge, xd
         want = truth.copy()
         want[skip] = 0
         assert np.array_equal(_imagej_copy(c, "exact"), want)
-        segments = stack_segments() - others
-        assert segments, "the stack should live in shared memory"
+        during = stack_segments()
+        assert during, "the stack should live in shared memory"
 
         again = rng.integers(0, 65535, (T, Z, C, Y, X), dtype=np.uint16)
         for t in range(T):
@@ -254,8 +254,10 @@ def test_streamed_stack_in_imagej_is_bit_exact_and_survives_a_restart(bridge, xd
         kill_engine(c)
         wait_shown(c, "exact", timeout=30)
         assert np.array_equal(_imagej_copy(c, "exact"), again)
+        pooled = c.status()["memory"]["pooled"]
         c.close_stack("exact")
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and segments & stack_segments():
+        while time.monotonic() < deadline and c.status()["memory"]["pooled"] <= pooled:
             time.sleep(0.1)
-        assert not segments & stack_segments()
+        assert c.status()["memory"]["pooled"] > pooled, "a closed stack's memory goes back to the pool"
+        assert stack_segments() <= during | others, "no segment is left behind"

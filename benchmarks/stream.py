@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -67,8 +67,10 @@ free_port = free_port_pair
 
 #: port -> pid of the bridge process serving it
 PIDS: dict[int, int] = {}
-#: port -> seconds from spawning the bridge until its engine was ready
+#: port -> seconds from spawning the bridge until its engine was ready (and its memory warm)
 STARTUP: dict[int, float] = {}
+#: port -> the bridge's stack-memory warm-up ({"bytes", "seconds"})
+WARM: dict[int, dict] = {}
 
 
 def _proc_stats() -> dict[int, tuple[int, float]]:
@@ -105,12 +107,16 @@ def cpu_seconds(port: int) -> float:
 
 
 @contextlib.contextmanager
-def bridge(folder: Path, display: bool) -> Iterator[int]:
-    """A bridge subprocess (with a live display on a private Xvfb, or none)."""
+def bridge(folder: Path, display: bool, warm: Optional[str] = None) -> Iterator[int]:
+    """A bridge subprocess (with a live display on a private Xvfb, or none),
+    started until its engine is ready and its memory warm-up done;
+    ``warm``: FIJI_BRIDGE_WARM for it (default: the bridge's own)."""
     port = free_port()
     log = folder / f"bridge-{port}.log"
     env = dict(os.environ)
     env.pop("DISPLAY", None)  # --display then means the engine's private Xvfb
+    if warm is not None:
+        env["FIJI_BRIDGE_WARM"] = warm
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fiji_bridge.cli", "serve", "--port", str(port), "--display" if display else "--no-display"],
@@ -125,7 +131,9 @@ def bridge(folder: Path, display: bool) -> Iterator[int]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"bridge did not start; see {log}")
                 try:
-                    if c.status()["engine"]["state"] == "ready":
+                    st = c.status()
+                    if st["engine"]["state"] == "ready" and (not display or st["memory"].get("warm") is not None):
+                        WARM[port] = st["memory"].get("warm") or {}
                         break
                 except BridgeError:
                     pass
@@ -387,12 +395,17 @@ def main() -> int:
 
         ij = open_engine("imagej1").start()
         remote, local = bench_roundtrip(port, ij, a.roundtrips)
-    firsts, startups = [], []
+    firsts, startups, warms, cold_firsts, cold_startups = [], [], [], [], []
     for _ in range(a.repeats):
         with bridge(tmp, display=True) as port:
             startups.append(STARTUP[port])
+            warms.append(WARM[port].get("seconds", 0.0))
             firsts.append(bench_first_stack(port, mirror_arrs[1]))
+        with bridge(tmp, display=True, warm="0") as port:  # the same without warm-up
+            cold_startups.append(STARTUP[port])
+            cold_firsts.append(bench_first_stack(port, mirror_arrs[1]))
     rows.append(("ImageJ hyperstack, fresh bridge's 1st stack, shm", n_mirror, firsts))
+    rows.append(("  (the same, bridge without warm-up)", n_mirror, cold_firsts))
     with bridge(tmp, display=True) as port:
         for tr in ("shm", "inline"):
             res = bench_mirror(port, tr, mirror_arrs, a.repeats)
@@ -431,7 +444,10 @@ def main() -> int:
     row("file hand-off (tifffile.imwrite+IJ.openImage)", a.planes, [(t_file, nan)])
     print("(memcpy/x = times slower than memcpy; x/file = times faster than the file hand-off; CPU s/GB = CPU of"
           " the bridge + engine worker + JVM per GB; ImageJ rows: until ImageJ holds every plane, checked by a macro reading them back)")
-    print(f"fresh bridge start-up until its engine is ready (JVM + ImageJ): median {np.median(startups):.2f} s of {[round(v, 2) for v in startups]}")
+    print(f"fresh bridge start-up until its engine is ready and its memory warm (JVM + ImageJ + warm-up): median {np.median(startups):.2f} s "
+          f"of {[round(v, 2) for v in startups]}; without warm-up (FIJI_BRIDGE_WARM=0): median {np.median(cold_startups):.2f} s "
+          f"of {[round(v, 2) for v in cold_startups]}; warm-up cost = the difference (the bridge's 1 GiB of stack memory took "
+          f"{np.median(warms):.2f} s of it, in parallel with the JVM's start and its pretouched 2 GiB heap)")
     d = np.percentile(remote, [50, 99]) - np.percentile(local, [50, 99])
     print(f"no-op macro, control channel: p50 {np.percentile(remote, 50):.2f} ms, p99 {np.percentile(remote, 99):.2f} ms")
     print(f"no-op macro, in-process:      p50 {np.percentile(local, 50):.2f} ms, p99 {np.percentile(local, 99):.2f} ms")

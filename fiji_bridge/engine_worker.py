@@ -119,8 +119,9 @@ def initial_heap_options(display: bool) -> list[str]:
 
 def _warm_display(engine: Any) -> None:
     """Run the live display's data path once on a small stack that grows
-    (new stack, composite, re-layout, close) before saying ready: the JVM
-    loads and compiles it now, not on a user's first planes (0.1-0.3 s)."""
+    (new stack, composite, re-layout, close; its window too where the
+    screen is the engine's private Xvfb) before saying ready: the JVM loads
+    and compiles it now, not on a user's first planes (0.1-0.3 s)."""
     update = getattr(engine, "update_planes", None)
     if update is None:
         return
@@ -130,6 +131,8 @@ def _warm_display(engine: Any) -> None:
         update(key, (1, 1, 1, 64, 64), [(0, 0, 0)], planes[:1], None, None, True)
         update(key, (1, 1, 2, 64, 64), [(0, 0, 1)], planes[1:2], None, None, False)
         update(key, (2, 1, 2, 64, 64), [(1, 0, 0)], planes[2:3], None, None, False)
+        if getattr(engine, "_xvfb", None) is not None and hasattr(engine, "sync_windows"):
+            engine.sync_windows()  # its window too, on the engine's private screen (nobody sees it)
     except Exception:  # a warm-up that fails costs only time
         traceback.print_exc()
     finally:

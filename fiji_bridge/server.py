@@ -74,7 +74,7 @@ from .protocol import (
 from .stack_memory import SharedStackMemory, warm_bytes
 from .security import HANDSHAKE_FAILED, SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
-from .transport import SegmentTooShort, TransportError, read_inline, read_shm, reap_orphans
+from .transport import SegmentTooShort, ShmPlane, TransportError, read_inline, read_shm, reap_orphans
 
 __all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
 
@@ -673,6 +673,7 @@ class BridgeServer:
     def _ingest(self, body: list, default_mapping: Optional[AxisMapping], published: bool = False) -> Ack:
         stream, seq = "", -1
         stats: Optional[StreamStats] = None
+        opened: list = []  # a producer's segment, open until the plane is in
         try:
             if len(body) != 2:
                 raise ProtocolError(ErrorCode.BAD_FRAME, f"a plane is 2 frames [header, payload], got {len(body)}")
@@ -687,6 +688,8 @@ class BridgeServer:
                 if published:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "published planes must be inline (nobody could acknowledge a shm segment)")
                 plane = self.segments.reader(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
+                if isinstance(plane, PlaneReader):
+                    opened.append(plane)
             else:
                 plane = read_inline(payload, h.shape, h.dtype)
             try:
@@ -714,6 +717,9 @@ class BridgeServer:
             self.errors += 1
             log.exception("plane ingest failed")
             return Ack(stream, seq, False, error={"code": ErrorCode.INTERNAL, "message": f"{type(e).__name__}: {e}"})
+        finally:
+            for p in opened:
+                p.close()
 
     def memory_used(self) -> int:
         """What the stacks cost: their pixels plus :data:`STACK_OVERHEAD` each."""
@@ -831,23 +837,33 @@ class SegmentReader:
     def reader(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> Any:
         """The plane as a :class:`~fiji_bridge.hyperstack.PlaneReader` that
         its stack reads straight into the plane's place (no copy between the
-        producer's segment and the stack); a plain array (:meth:`read`) for
-        byte orders the stack must convert."""
+        producer's segment and the stack): the segment is opened and checked
+        here, so a bad one is refused before any plane is touched; only a
+        producer that truncates its segment during the read loses the plane
+        at that place. Call ``close()`` when done. A plain array
+        (:meth:`read`) for byte orders the stack must convert."""
         dt = np.dtype(dtype)
         if name is None or len(shape) != 2 or not dt.isnative:
             return self.read(name, shape, dtype, offset)
+        try:
+            seg = ShmPlane.open(name, shape, dt, offset)
+        except SegmentTooShort as e:
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
+        except TransportError as e:
+            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
 
         def read(out: np.ndarray) -> None:
+            if not (out.flags.c_contiguous and out.flags.writeable):
+                out[...] = read_shm(name, shape, dt, offset)
+                return
             try:
-                got = read_shm(name, shape, dt, offset, into=out)
-            except SegmentTooShort as e:
-                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
+                seg.read_into(out)
             except TransportError as e:
                 raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
-            if got.ctypes.data != out.ctypes.data:  # ``out`` was not one C-contiguous block
-                out[...] = got
 
-        return PlaneReader(tuple(shape), dt, read)
+        reader = PlaneReader(seg.shape, seg.dtype, read)
+        reader.close = seg.close  # type: ignore[attr-defined]
+        return reader
 
     def clear(self) -> None:
         self._scratch.clear()

@@ -51,7 +51,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -64,6 +64,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_PAYLOAD_BYTES",
     "SHM_PREFIX",
+    "ShmPlane",
     "ShmRing",
     "TransportError",
     "check_dtype",
@@ -267,38 +268,73 @@ def read_shm(
     non-regular segment, a segment shorter than announced
     (:class:`SegmentTooShort`) or shrunk while read, a bad shape/dtype/offset.
     """
-    dt = check_dtype(dtype)
-    shp = check_shape(shape)
-    nbytes = payload_nbytes(shp, dt)
+    if _posixshmem is None:  # pragma: no cover - Windows: no tracker involved
+        dt, shp = check_dtype(dtype), check_shape(shape)
+        return _read_shm_windows(_check_name(name), shp, dt, _check_offset(offset), payload_nbytes(shp, dt))
+    seg = ShmPlane.open(name, shape, dtype, offset)
+    try:
+        if into is not None and into.nbytes == seg.nbytes and into.flags.c_contiguous and into.flags.writeable:
+            out = into.view(seg.dtype).reshape(seg.shape)
+        else:
+            out = np.empty(seg.shape, dtype=seg.dtype)
+        seg.read_into(out)
+        return out
+    finally:
+        seg.close()
+
+
+def _check_offset(offset: Any) -> int:
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or not 0 <= offset <= MAX_PAYLOAD_BYTES:
         raise TransportError(f"offset must be a non-negative integer, got {offset!r}")
-    offset = int(offset)
-    if _posixshmem is None:  # pragma: no cover - Windows: no tracker involved
-        return _read_shm_windows(_check_name(name), shp, dt, offset, nbytes)
-    fd, size = open_segment(name)
-    try:
+    return int(offset)
+
+
+class ShmPlane:
+    """An array in a producer's segment, opened and checked (:meth:`open`:
+    every check of :func:`read_shm`, nothing read yet) and then copied with
+    ``preadv`` (:meth:`read_into`): a caller can let every refusal happen
+    before it hands over the place the plane goes to."""
+
+    def __init__(self, fd: int, name: str, shape: tuple, dtype: np.dtype, offset: int) -> None:
+        self.fd, self.name, self.shape, self.dtype, self.offset = fd, name, shape, dtype, offset
+        self.nbytes = payload_nbytes(shape, dtype)
+
+    @classmethod
+    def open(cls, name: str, shape: Sequence[int], dtype: Union[str, np.dtype], offset: int = 0) -> "ShmPlane":
+        dt = check_dtype(dtype)
+        shp = check_shape(shape)
+        nbytes = payload_nbytes(shp, dt)
+        offset = _check_offset(offset)
+        fd, size = open_segment(name)
         if offset + nbytes > size:
+            os.close(fd)
             raise SegmentTooShort(
                 f"shared-memory segment {name!r} has {size} bytes, too short for "
                 f"shape {shp} of {dt.name} ({nbytes} bytes) at offset {offset}"
             )
-        if into is not None and into.nbytes == nbytes and into.flags.c_contiguous and into.flags.writeable:
-            out = into.view(dt).reshape(shp)
-        else:
-            out = np.empty(shp, dtype=dt)
+        return cls(fd, name, shp, dt, offset)
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Copy the array into ``out`` (C-contiguous, ``nbytes``). Raises
+        :class:`TransportError` when the segment shrank meanwhile (``out``
+        then holds part of the plane)."""
         view = memoryview(out.reshape(-1).view(np.uint8))
+        if view.nbytes != self.nbytes:
+            raise TransportError(f"{self.nbytes} bytes to read into a buffer of {view.nbytes}")
         done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
+        while done < self.nbytes:
+            n = os.preadv(self.fd, [view[done:]], self.offset + done)
             if n <= 0:
                 raise TransportError(
-                    f"shared-memory segment {name!r} shrank to {offset + done} bytes while the bridge "
+                    f"shared-memory segment {self.name!r} shrank to {self.offset + done} bytes while the bridge "
                     f"read it (the producer truncated it): plane refused"
                 )
             done += n
-        return out
-    finally:
-        os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _read_shm_windows(name, shp, dt, offset, nbytes):  # pragma: no cover

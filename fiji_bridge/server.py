@@ -7,8 +7,9 @@ One :class:`BridgeServer` owns
   also while a macro runs (macros are queued to the engine worker, one at a
   time, in order);
 * a data ROUTER on base port + 1000 (producers use DEALER): each plane is
-  validated, copied into the :class:`~fiji_bridge.hyperstack.StackStore` and
-  acknowledged (the ack is the producer's credit back);
+  validated, put into the :class:`~fiji_bridge.hyperstack.StackStore`
+  (:class:`~fiji_bridge.ingest.Ingest`) and acknowledged (the ack is the
+  producer's credit back);
 * SUB sockets for ``subscribe(endpoint)``: external PUB sources of planes;
 * the :class:`~fiji_bridge.supervisor.EngineSupervisor` and its worker (the
   JVM lives there, never here);
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 import os
 import shutil
 import signal
@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,17 +48,16 @@ import numpy as np
 import zmq
 
 from . import __version__
-from .components import Calibration, ComponentError
-from .hyperstack import AxisMapping, PlaneReader, StackError, StackNotFound, StackStore
+from .components import Calibration
+from .hyperstack import AxisMapping, StackError, StackNotFound, StackStore
+from .ingest import Ingest
 from .live_display import LiveDisplay
 from .protocol import (
     DATA_PORT_OFFSET,
     DEFAULT_PORT,
     PROTOCOL_VERSION,
-    Ack,
     ErrorCode,
     FrameSink,
-    PlaneHeader,
     ProtocolError,
     Request,
     decode_macro_result,
@@ -67,14 +65,13 @@ from .protocol import (
     encode_macro_result,
     error_reply,
     ok_reply,
-    parse_json,
     parse_request,
     request_id,
 )
 from .stack_memory import SharedStackMemory, warm_bytes
 from .security import HANDSHAKE_FAILED, SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
-from .transport import SegmentTooShort, ShmPlane, TransportError, read_inline, read_shm, reap_orphans
+from .transport import TransportError, read_shm, reap_orphans
 
 __all__ = ["BridgeServer", "serve", "endpoints", "ipc_dir", "DATA_PORT_OFFSET"]
 
@@ -82,10 +79,6 @@ log = logging.getLogger("fiji_bridge.server")
 
 #: seconds between sweeps for shared memory left by dead producers
 REAP_INTERVAL = 5.0
-#: bytes a stack costs the bridge beyond its pixels (the stack object, its
-#: plane index, names, origin, window state: ~2 KB measured, 20,000 stacks of
-#: one 4x4 plane grew the bridge by 38 MB), counted against the memory cap
-STACK_OVERHEAD = 4096
 _EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "bad handshake", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed handshake"}
 #: seconds between checks that the owner (``--parent-pid``) still lives
 PARENT_CHECK_INTERVAL = 0.5
@@ -111,19 +104,6 @@ def endpoints(port: int, host: str = "127.0.0.1", ipc: bool = False) -> tuple[st
         return f"ipc://{d}/bridge-{port}.sock", f"ipc://{d}/bridge-{port}-data.sock"
     h = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return f"tcp://{h}:{port}", f"tcp://{h}:{port + DATA_PORT_OFFSET}"
-
-
-@dataclass
-class StreamStats:
-    planes: int = 0
-    bytes: int = 0
-    dropped: int = 0  # reported by the producer (live mode)
-    rejected: int = 0
-    transport: str = ""
-    last: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict:
-        return {"planes": self.planes, "bytes": self.bytes, "dropped": self.dropped, "rejected": self.rejected, "transport": self.transport, "last": self.last}
 
 
 def reap_runtime_dirs(tmp: Optional[str] = None) -> list[Path]:
@@ -208,13 +188,12 @@ class BridgeServer:
         for m in self._monitors:
             self.poller.register(m, zmq.POLLIN)
         self.subs: dict[str, tuple[zmq.Socket, Optional[AxisMapping]]] = {}
-        self.streams: dict[str, StreamStats] = {}
-        self.origins: dict[str, dict] = {}  # stack key -> plate/well/site of its planes
-        self.errors = 0
-        self.segments = SegmentReader()
+        self.errors = 0  # bad control messages (the data path counts its own)
         self.sup = EngineSupervisor(self.ctx, self.runtime_dir, engine=engine, display=self.display, on_ready=lambda: self.live.engine_ready())
         self.sup.set_socket_listener(self._swap_worker_socket)
         self.live = LiveDisplay(self.store, self.sup, self.display)
+        self.ingest = Ingest(self.store, self.live)
+        self.streams, self.origins = self.ingest.streams, self.ingest.origins
         # saves to a plate store run off the loop
         self._saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="save")
         self._saves: list[tuple[concurrent.futures.Future, list, Any, dict, list]] = []
@@ -328,7 +307,7 @@ class BridgeServer:
                 self._stop = True
         if now - self._last_reap > REAP_INTERVAL:
             self._last_reap = now
-            self.segments.clear()
+            self.ingest.segments.clear()
             try:
                 reap_orphans()
             except Exception:
@@ -371,7 +350,7 @@ class BridgeServer:
                 log.exception("closing the OpenHCS receiver failed")
         self.sup.close()
         self.store.memory.close()
-        self.segments.clear()
+        self.ingest.segments.clear()
         self._saver.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self.subs.values():
             sock.close(0)
@@ -466,13 +445,13 @@ class BridgeServer:
             "windows": self.live.windows,
             "display_pending": self.live.pending,
             "stacks": stacks,
-            "memory": {"used": self.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free(),
+            "memory": {"used": self.ingest.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free(),
                        "warm": self.warmed, "pooled": getattr(self.store.memory, "pooled_bytes", 0)},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),
             "openhcs": ({"port": self.openhcs_port, **_safe_stats(self.openhcs)} if self.openhcs is not None else None),
-            "errors": self.errors,
+            "errors": self.errors + self.ingest.errors,
             "secure": True,
             "save_to_roots": self.save_roots.describe(),
             "auth": {"mode": self.auth.mode, "refused": self.refused + self.auth.refused, **({"secret_file": str(secret_path())} if self.auth.mode == "secret" else {})},
@@ -657,7 +636,7 @@ class BridgeServer:
 
     def _on_data(self, frames: list) -> None:
         env, body = _envelope(frames)
-        ack = self._ingest(body, None)
+        ack = self.ingest.plane(body, None)
         try:
             self.data.send_multipart(env + [ack.encode()], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
@@ -666,88 +645,9 @@ class BridgeServer:
     def _on_published(self, frames: list, mapping: Optional[AxisMapping]) -> None:
         if frames and len(frames) == 3 and len(frames[0]) < 256 and not frames[0].bytes.lstrip().startswith(b"{"):
             frames = frames[1:]  # a topic frame
-        ack = self._ingest(frames, mapping, published=True)
+        ack = self.ingest.plane(frames, mapping, published=True)
         if not ack.ok:
             log.warning("rejected a published plane: %s", ack.error)
-
-    def _ingest(self, body: list, default_mapping: Optional[AxisMapping], published: bool = False) -> Ack:
-        stream, seq = "", -1
-        stats: Optional[StreamStats] = None
-        opened: list = []  # a producer's segment, open until the plane is in
-        try:
-            if len(body) != 2:
-                raise ProtocolError(ErrorCode.BAD_FRAME, f"a plane is 2 frames [header, payload], got {len(body)}")
-            head, payload = body[0].bytes, body[1].buffer
-            stream, seq = _stream_seq(head)
-            h = PlaneHeader.parse(head, payload)
-            stream, seq = h.stream, h.seq
-            stats = self._stream(h.stream)
-            stats.dropped = max(stats.dropped, h.dropped)
-            stats.transport = h.transport
-            if h.transport == "shm":
-                if published:
-                    raise ProtocolError(ErrorCode.BAD_FIELD, "published planes must be inline (nobody could acknowledge a shm segment)")
-                plane = self.segments.reader(PlaneHeader.shm_name(payload), h.shape, h.dtype, h.offset)
-                if isinstance(plane, PlaneReader):
-                    opened.append(plane)
-            else:
-                plane = read_inline(payload, h.shape, h.dtype)
-            try:
-                mapping = AxisMapping.from_dict(h.mapping) if h.mapping else default_mapping
-            except StackError as e:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"mapping: {e}") from None
-            self._check_room(h.key if h.key is not None else (mapping or AxisMapping()).window_key(h.components), h.nbytes)
-            try:
-                key, t, z, c = self.store.add_plane(plane, h.components, key=h.key, mapping=mapping, calibration=h.calibration)
-            except (StackError, ComponentError) as e:
-                raise ProtocolError(ErrorCode.REJECTED, str(e)) from None
-            stats.planes += 1
-            stats.bytes += h.nbytes
-            stats.last = time.time()
-            comps = h.components
-            self.origins[key] = {"plate": comps.plate, "well": comps.well, "site": comps.site}
-            self.live.mark(key, (t, z, c))
-            return Ack(stream, seq, True, key, t, z, c)
-        except ProtocolError as e:
-            self.errors += 1
-            if stats is not None:
-                stats.rejected += 1
-            return Ack(stream, seq, False, error=e.to_dict())
-        except Exception as e:
-            self.errors += 1
-            log.exception("plane ingest failed")
-            return Ack(stream, seq, False, error={"code": ErrorCode.INTERNAL, "message": f"{type(e).__name__}: {e}"})
-        finally:
-            for p in opened:
-                p.close()
-
-    def memory_used(self) -> int:
-        """What the stacks cost: their pixels plus :data:`STACK_OVERHEAD` each."""
-        return self.store.nbytes + len(self.store) * STACK_OVERHEAD
-
-    def _check_room(self, key: str, plane_bytes: int) -> None:
-        """Refuse a plane that would open a new stack beyond the memory cap
-        (the store itself counts only the pixels of stacks that exist)."""
-        if key in self.store:
-            return
-        need = self.memory_used() + STACK_OVERHEAD + plane_bytes
-        if need > self.store.max_bytes:
-            raise ProtocolError(
-                ErrorCode.REJECTED,
-                f"a new stack {key!r} would bring the bridge to {need} bytes ({len(self.store)} stacks, "
-                f"{STACK_OVERHEAD} bytes of bookkeeping each plus pixels), over the memory cap of "
-                f"{self.store.max_bytes}: close stacks you no longer need (close_stack, clear_state) or raise "
-                "the cap (FIJI_BRIDGE_MAX_STACK_BYTES)",
-            )
-
-    def _stream(self, sid: str) -> StreamStats:
-        st = self.streams.get(sid)
-        if st is None:
-            if len(self.streams) > 2000:  # forget the oldest
-                for k in sorted(self.streams, key=lambda k: self.streams[k].last)[:1000]:
-                    del self.streams[k]
-            st = self.streams[sid] = StreamStats()
-        return st
 
     # ------------------------------------------------------------------ OpenHCS
 
@@ -781,7 +681,7 @@ class BridgeServer:
         """Called by the OpenHCS receiver (from its thread): place a plane now
         (the store is thread-safe, so the sender hears of a rejection) and
         let the loop update the display."""
-        self._check_room(key, plane.nbytes)
+        self.ingest.check_room(key, plane.nbytes)
         calibration = meta.get("calibration") if isinstance(meta, dict) else None
         if isinstance(calibration, dict):
             calibration = Calibration.from_dict(calibration)
@@ -795,78 +695,12 @@ class BridgeServer:
         with self._inbox_lock:
             items, self._inbox = self._inbox, []
         for key, t, z, c, _, meta in items:
-            st = self._stream("openhcs")
+            st = self.ingest.stream("openhcs")
             st.planes += 1
             st.transport = "openhcs"
             self.live.mark(key, (t, z, c))
 
 # --------------------------------------------------------------------------- helpers
-
-
-class SegmentReader:
-    """Copies planes out of producers' shared-memory segments (see
-    :func:`~fiji_bridge.transport.read_shm`: descriptor reads, no mapping, so
-    no peer can turn a read into SIGBUS; FIFOs, links and other users'
-    segments refused). The scratch buffers are reused across planes of the
-    same size (the plane is copied once more, into its stack). Never
-    unlinks, never registers with Python's resource tracker."""
-
-    def __init__(self, max_buffers: int = 4) -> None:
-        self.max_buffers = max_buffers
-        self._scratch: dict[int, np.ndarray] = {}
-
-    def read(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> np.ndarray:
-        if name is None:
-            raise ProtocolError(ErrorCode.BAD_SHM, "payload is not a shared-memory segment name")
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        buf = self._scratch.pop(nbytes, None)
-        if buf is None:
-            buf = np.empty(nbytes, np.uint8)
-        try:
-            out = read_shm(name, shape, dtype, offset, into=buf)
-        except SegmentTooShort as e:
-            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
-        except TransportError as e:
-            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
-        finally:
-            self._scratch[nbytes] = buf  # most recently used last
-            while len(self._scratch) > self.max_buffers:
-                del self._scratch[next(iter(self._scratch))]
-        return out
-
-    def reader(self, name: Optional[str], shape: tuple, dtype: str, offset: int = 0) -> Any:
-        """The plane as a :class:`~fiji_bridge.hyperstack.PlaneReader` that
-        its stack reads straight into the plane's place (no copy between the
-        producer's segment and the stack): the segment is opened and checked
-        here, so a bad one is refused before any plane is touched; only a
-        producer that truncates its segment during the read loses the plane
-        at that place. Call ``close()`` when done. A plain array
-        (:meth:`read`) for byte orders the stack must convert."""
-        dt = np.dtype(dtype)
-        if name is None or len(shape) != 2 or not dt.isnative:
-            return self.read(name, shape, dtype, offset)
-        try:
-            seg = ShmPlane.open(name, shape, dt, offset)
-        except SegmentTooShort as e:
-            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, str(e)) from None
-        except TransportError as e:
-            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
-
-        def read(out: np.ndarray) -> None:
-            if not (out.flags.c_contiguous and out.flags.writeable):
-                out[...] = read_shm(name, shape, dt, offset)
-                return
-            try:
-                seg.read_into(out)
-            except TransportError as e:
-                raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
-
-        reader = PlaneReader(seg.shape, seg.dtype, read)
-        reader.close = seg.close  # type: ignore[attr-defined]
-        return reader
-
-    def clear(self) -> None:
-        self._scratch.clear()
 
 
 def _shm_free() -> Optional[int]:
@@ -906,15 +740,6 @@ def _safe_stats(receiver: Any) -> dict:
         return dict(receiver.stats())
     except Exception:
         return {}
-
-
-def _stream_seq(head: bytes) -> tuple[str, int]:
-    try:
-        d = parse_json(head)
-        s, q = d.get("stream", ""), d.get("seq", -1)
-        return (s if isinstance(s, str) else "", q if isinstance(q, int) and not isinstance(q, bool) else -1)
-    except ProtocolError:
-        return "", -1
 
 
 def _save(result: Any, uri: str, origin: dict, stack: Optional[str]) -> list[str]:

@@ -276,7 +276,8 @@ class Worker:
         else:
             planes = self._staged(key, m["staging"])
         cal = m.get("calibration")
-        fn(key, m["shape"], m["positions"], planes, m.get("channel_names"), Calibration.from_dict(cal) if cal else None, bool(m.get("fresh")))
+        fn(key, m["shape"], m["positions"], planes, m.get("channel_names"), Calibration.from_dict(cal) if cal else None, bool(m.get("fresh")),
+           ranges=m.get("ranges"))
         return {"ok": True}
 
     def _storage(self, desc: dict) -> np.ndarray:

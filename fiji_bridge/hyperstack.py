@@ -113,14 +113,15 @@ class PlaneReader:
 
     ndim = 2
 
-    def __init__(self, shape: tuple[int, int], dtype: Any, read: Callable[[np.ndarray], None]) -> None:
+    def __init__(self, shape: tuple[int, int], dtype: Any, read: Callable[[np.ndarray], Optional[tuple[float, float]]]) -> None:
         self.shape = (int(shape[0]), int(shape[1])) if len(shape) == 2 else tuple(int(v) for v in shape)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(dtype)
         self._read = read
 
-    def read_into(self, out: np.ndarray) -> None:
-        self._read(out)
+    def read_into(self, out: np.ndarray) -> Optional[tuple[float, float]]:
+        """Fill ``out``; the plane's (min, max) when the read took it on the way, else None."""
+        return self._read(out)
 
 
 def _as_plane(plane: Any, what: str) -> Any:
@@ -259,6 +260,7 @@ class Hyperstack:
         # (T, Z, C) capacity: True where the storage holds no plane and was
         # never zeroed (recycled memory); zeroed when read. None: none such
         self._undefined: Optional[np.ndarray] = None
+        self._ranges: dict[tuple[int, int, int], tuple[float, float]] = {}  # (min, max) of planes read with it
         self._dims = [0, 0, 0]  # filled extent T, Z, C
         self._count = 0
         self._nbytes = 0  # bytes reserved in the budget
@@ -308,6 +310,11 @@ class Hyperstack:
         """(T, Z, C) booleans: which planes have arrived."""
         t, z, c = self._dims
         return self._present[:t, :z, :c]
+
+    def plane_range(self, t: int, z: int, c: int) -> Optional[tuple[float, float]]:
+        """(min, max) of the plane at (t, z, c) when it was taken while the
+        plane was read in (see :meth:`PlaneReader.read_into`), else None."""
+        return self._ranges.get((t, z, c))
 
     @property
     def channel_names(self) -> list[Optional[str]]:
@@ -492,9 +499,10 @@ class Hyperstack:
         self._memory.free(self._data)
 
     def _put(self, t, z, c, plane, channel_name, calibration) -> None:
+        rng = None
         if isinstance(plane, PlaneReader):
             try:
-                plane.read_into(self._data[t, z, c])  # straight into its place: no copy in between
+                rng = plane.read_into(self._data[t, z, c])  # straight into its place: no copy in between
             except BaseException:
                 # the read stopped part-way: the plane there (if any) is gone
                 if self._present[t, z, c]:
@@ -506,6 +514,10 @@ class Hyperstack:
             self._data[t, z, c] = plane
         if self._undefined is not None:
             self._undefined[t, z, c] = False
+        if rng is not None:
+            self._ranges[(t, z, c)] = rng
+        else:
+            self._ranges.pop((t, z, c), None)
         if not self._present[t, z, c]:
             self._present[t, z, c] = True
             self._count += 1

@@ -203,12 +203,12 @@ class SegmentReader:
         except TransportError as e:
             raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
 
-        def read(out: np.ndarray) -> None:
+        def read(out: np.ndarray) -> Optional[tuple[float, float]]:
             if not (out.flags.c_contiguous and out.flags.writeable):
                 out[...] = read_shm(name, shape, dt, offset)
-                return
+                return None
             try:
-                seg.read_into(out)
+                return seg.read_into(out, with_range=True)  # the live display needs it: taken on the way
             except TransportError as e:
                 raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
 

@@ -142,6 +142,7 @@ class LiveDisplay:
             body = {
                 "key": key, "shape": list(shape), "positions": [list(p) for p in positions],
                 "channel_names": names, "calibration": cal.to_dict() if cal.is_set else None, "fresh": fresh,
+                "ranges": [stack.plane_range(*p) for p in positions],  # None: the worker takes it
             }
             if shared is not None:  # the worker reads the planes where they were assembled
                 body["storage"] = shared

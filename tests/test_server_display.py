@@ -261,3 +261,41 @@ def test_streamed_stack_in_imagej_is_bit_exact_and_survives_a_restart(bridge, xd
             time.sleep(0.1)
         assert c.status()["memory"]["pooled"] > pooled, "a closed stack's memory goes back to the pool"
         assert stack_segments() <= during | others, "no segment is left behind"
+
+
+def test_display_ranges_of_a_streamed_stack_are_numpy_s_min_and_max(bridge):
+    """Each channel's display range in the live window reaches the max of
+    the planes that channel received (taken by the bridge while it read them
+    from shared memory), as numpy computes it over the same pixels, and its
+    min (or 0, when the growing window showed a missing plane as zeros); a
+    refresh with wider data widens it, never narrows it."""
+    rng = np.random.default_rng(11)
+    T, Z, C, Y, X = 2, 3, 2, 64, 96
+    first = rng.integers(1000, 5000, (T, Z, C, Y, X), dtype=np.uint16)
+    first[..., 1, :, :] += 20000  # the channels apart
+    code = "".join(f'Stack.setPosition({c + 1}, 1, 1); getMinAndMax(lo, hi); print("{c} " + lo + " " + hi);' for c in range(C))
+
+    def imagej_ranges(c) -> dict[int, tuple[float, float]]:
+        log = c.run_macro(f'selectImage("ranges"); {code}', outputs=[], timeout=60).log.split("\n")
+        return {int(a): (float(b), float(d)) for a, b, d in (line.split() for line in log if line.strip())}
+
+    with bridge.client(transport="shm") as c:
+        for t in range(T):
+            for z in range(Z):
+                for ch in range(C):
+                    c.send_plane(first[t, z, ch], "ranges", t=t, z=z, channel=ch)
+        c.flush()
+        wait_shown(c, "ranges")
+        got = imagej_ranges(c)
+        for ch in range(C):  # the low end is 0 if the window showed a not-yet-arrived plane (zeros)
+            assert got[ch][1] == float(first[:, :, ch].max()), (ch, got)
+            assert got[ch][0] in (0.0, float(first[:, :, ch].min())), (ch, got)
+        wider = first.copy()
+        wider[1, 2, 0, 5, 5] = 60000
+        c.send_plane(wider[1, 2, 0], "ranges", t=1, z=2, channel=0)
+        c.send_plane(np.full((Y, X), 22000, np.uint16), "ranges", t=0, z=0, channel=1)  # inside the range seen
+        c.flush()
+        wait_shown(c, "ranges")
+        again = imagej_ranges(c)
+        assert again[0] == (got[0][0], 60000.0) and again[1] == got[1]
+        c.close_stack("ranges")

@@ -210,9 +210,12 @@ class LiveDisplay:
         channel_names: Optional[Sequence[str]] = None,
         calibration: Optional[Calibration] = None,
         fresh: bool = False,
+        ranges: Optional[Sequence[Optional[Sequence[float]]]] = None,
     ) -> None:
         """Bring live stack ``key`` to ``shape`` (T, Z, C, Y, X) and write
         ``planes[i]`` (YX) at ``positions[i]`` = (t, z, c), 0-based.
+        ``ranges[i]``: the (min, max) of ``planes[i]`` when the caller knows
+        it (the bridge takes it while reading the plane in), else None.
         ``planes`` is an (N, Y, X) array or a sequence of YX arrays (views
         of a stack's storage: nothing is gathered).
 
@@ -275,7 +278,7 @@ class LiveDisplay:
         if calibration is not None:
             set_calibration(imp, calibration)
         write_planes(stack, Z, C, pos, planes, depth)
-        if self._widen_ranges(key, imp, C, pos, planes, zeros_left):
+        if self._widen_ranges(key, imp, C, pos, planes, zeros_left, ranges):
             redraw = True
         if redraw or (self.show_windows and imp.getWindow() is None):
             self._due[key] = None  # only when something on screen changed
@@ -365,7 +368,8 @@ class LiveDisplay:
         return new, zeros_left
 
     def _widen_ranges(
-        self, key: str, imp: Any, C: int, pos: list[tuple[int, int, int]], planes: np.ndarray, zeros_left: set[int]
+        self, key: str, imp: Any, C: int, pos: list[tuple[int, int, int]], planes: np.ndarray, zeros_left: set[int],
+        known: Optional[Sequence[Optional[Sequence[float]]]] = None,
     ) -> bool:
         """Widen each channel's display range to the data seen (8-bit: 0..255).
         True when a range changed."""
@@ -381,7 +385,8 @@ class LiveDisplay:
         for c in range(C):
             seen = [ranges[c]] if ranges[c] is not None else []
             for i in by_channel.get(c, ()):
-                lo_hi = _min_max(planes[i])  # plane by plane: no gathered copy of the batch
+                k = known[i] if known is not None and i < len(known) else None
+                lo_hi = (float(k[0]), float(k[1])) if k is not None else _min_max(planes[i])  # plane by plane
                 if lo_hi is not None:
                     seen.append(lo_hi)
             if c in zeros_left:
@@ -395,10 +400,7 @@ class LiveDisplay:
 
     @staticmethod
     def _redraw(imp: Any) -> None:
-        if imp.isComposite():
-            imp.updateAllChannelsAndDraw()
-        else:
-            imp.updateAndDraw()
+        imp.updateAndDraw()  # a composite: every channel with its own range (not updateAllChannelsAndDraw: it syncs them)
 
     def update_plane(self, key: str, t: int, z: int, c: int, plane: np.ndarray) -> None:
         imp = self.stacks.get(key)

@@ -373,15 +373,17 @@ class ImageJ1Engine(Engine):
         channel_names: Optional[list[str]] = None,
         calibration: Optional[Calibration] = None,
         fresh: bool = False,
+        ranges: Optional[Sequence[Optional[Sequence[float]]]] = None,
     ) -> None:
         """Streaming update of a live stack: bring it to ``shape`` (TZCYX) and
         write ``planes[i]`` at ``positions[i]`` = (t, z, c), in place (see
-        :meth:`LiveDisplay.update_planes`). Not part of :class:`Engine`: an
-        optional fast path the bridge uses when an engine has it."""
+        :meth:`LiveDisplay.update_planes`; ``ranges[i]``: plane i's (min,
+        max) when known). Not part of :class:`Engine`: an optional fast path
+        the bridge uses when an engine has it."""
         with self._lock:
             self._require_started()
             assert self._display
-            self._display.update_planes(key, shape, positions, planes, channel_names, calibration, fresh)
+            self._display.update_planes(key, shape, positions, planes, channel_names, calibration, fresh, ranges)
 
     def sync_windows(self, limit: Optional[int] = None) -> int:
         """Show, rebuild or redraw the live windows that are due (see

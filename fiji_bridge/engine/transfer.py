@@ -357,14 +357,24 @@ def reset_display_ranges(imp: Any, ranges: Optional[list[tuple[float, float]]] =
         return
     C = int(imp.getNChannels())
     stats = ranges if ranges is not None else array_min_max(from_imageplus(imp)[0])
-    c0, z, t = int(imp.getC()), int(imp.getZ()), int(imp.getT())
-    for c in range(C):
+    c0 = int(imp.getC())
+
+    def span(c: int) -> tuple[float, float]:
         lo, hi = stats[c]
-        if imp.isComposite():
-            imp.setPositionWithoutUpdate(c + 1, z, t)
-        imp.setDisplayRange(float(lo), float(hi) if hi > lo else float(lo) + 1)
-    if imp.isComposite():
-        imp.setPositionWithoutUpdate(c0, z, t)
+        return float(lo), float(hi) if hi > lo else float(lo) + 1
+
+    if not imp.isComposite():
+        imp.setDisplayRange(*span(0))
+        return
+    # a composite: each channel's LUT carries its range, and setChannelLut
+    # hands it to that channel's processor too (setDisplayRange reaches only
+    # the shown channel's once a window exists; updateAllChannelsAndDraw
+    # would then give every channel the shown one's range)
+    for c in range(C):
+        lut = imp.getChannelLut(c + 1)
+        lut.min, lut.max = span(c)
+        imp.setChannelLut(lut, c + 1)
+    imp.getProcessor().setMinAndMax(*span(c0 - 1))
 
 
 def from_imageplus(imp: Any, title: Optional[str] = None) -> tuple[np.ndarray, ImageInfo]:

@@ -62,6 +62,17 @@ def wait_shown(client, key, version=None, timeout=20.0):
     raise AssertionError(f"window {key} not shown: {st}")
 
 
+def send_stack(client, key: str, arr: np.ndarray) -> None:
+    """Stream every plane of TZCYX ``arr`` into stack ``key``, t then z then c, until ImageJ shows them."""
+    T, Z, C = arr.shape[:3]
+    for t in range(T):
+        for z in range(Z):
+            for ch in range(C):
+                client.send_plane(arr[t, z, ch], key, t=t, z=z, channel=ch)
+    client.flush()
+    wait_shown(client, key)
+
+
 def eventually(check, timeout: float = 15.0):
     """``check()``'s result once it stops failing: a window is drawn by the
     engine when it has nothing else to do, a moment after its pixels arrived."""
@@ -243,12 +254,7 @@ def test_streamed_stack_in_imagej_is_bit_exact_and_survives_a_restart(bridge, xd
         assert during, "the stack should live in shared memory"
 
         again = rng.integers(0, 65535, (T, Z, C, Y, X), dtype=np.uint16)
-        for t in range(T):
-            for z in range(Z):
-                for ch in range(C):
-                    c.send_plane(again[t, z, ch], "exact", t=t, z=z, channel=ch)
-        c.flush()
-        wait_shown(c, "exact")
+        send_stack(c, "exact", again)
         assert np.array_equal(_imagej_copy(c, "exact"), again)
 
         kill_engine(c)
@@ -280,12 +286,7 @@ def test_display_ranges_of_a_streamed_stack_are_numpy_s_min_and_max(bridge):
         return {int(a): (float(b), float(d)) for a, b, d in (line.split() for line in log if line.strip())}
 
     with bridge.client(transport="shm") as c:
-        for t in range(T):
-            for z in range(Z):
-                for ch in range(C):
-                    c.send_plane(first[t, z, ch], "ranges", t=t, z=z, channel=ch)
-        c.flush()
-        wait_shown(c, "ranges")
+        send_stack(c, "ranges", first)
         got = imagej_ranges(c)
         for ch in range(C):  # the low end is 0 if the window showed a not-yet-arrived plane (zeros)
             assert got[ch][1] == float(first[:, :, ch].max()), (ch, got)

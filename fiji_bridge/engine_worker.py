@@ -5,7 +5,7 @@ Run by :class:`fiji_bridge.supervisor.EngineSupervisor` as
 It connects a PAIR socket to the bridge, starts the engine, says
 ``{"op": "ready"}`` and then serves one request at a time:
 ``run_macro``, ``run_script``, ``show_stack``, ``update_plane``, ``update_planes``,
-``close_stack``, ``render``, ``ping``, ``quit``. Input pixels are mapped from
+``close_stack``, ``map_segments``, ``render``, ``ping``, ``quit``. Input pixels are mapped from
 the bridge's shared memory (no copy before ImageJ's own: one bulk copy from
 the mapping into the Java arrays); a live stack's shared storage (or its
 staging segment) stays mapped between its updates. Result pixels are written into segments this
@@ -294,6 +294,12 @@ class Worker:
             self._maps[name] = mm
         return np.ndarray(shape, dtype=dtype, buffer=mm)
 
+    def map_segments(self, m: dict) -> dict:
+        """Map the bridge's (warm) stack segments now, ahead of the stacks that will use them."""
+        for desc in m.get("segments") or ():
+            self._storage(desc)
+        return {"ok": True}
+
     def _unmap(self, names: Any) -> None:
         for name in names:
             mm = self._maps.pop(name, None)
@@ -328,6 +334,7 @@ class Worker:
             "update_plane": self.update_plane,
             "update_planes": self.update_planes,
             "close_stack": self.close_stack,
+            "map_segments": self.map_segments,
             "render": self.render,
             "ping": self.ping,
         }

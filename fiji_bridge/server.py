@@ -159,6 +159,7 @@ class BridgeServer:
         # with a live display, stacks live in shared memory the engine worker maps
         self.store = StackStore(max_bytes=max_bytes, memory=SharedStackMemory() if self.display else None)
         self.warmed: Optional[dict] = None  # the warm-up of the stack memory, once done
+        self._warm_done: Optional[dict] = None  # ... touched, not yet mapped by the worker
         self.started = time.time()
         self.ctx = zmq.Context()
         reap_runtime_dirs()
@@ -296,6 +297,8 @@ class BridgeServer:
         self._take_inbox()
         if self._openhcs_jobs:  # OpenHCS run_macro requests, from the receiver's thread
             self._openhcs_jobs.drain(lambda body, done: self.sup.submit(WorkerJob("run_macro", body, timeout=body["timeout"], done=lambda r, _: done(r), kind="macro")))
+        if self._warm_done is not None and self.sup.ready:
+            self._map_warm()
         self.live.flush()
         if self._saves:
             self._finish_saves()
@@ -322,8 +325,22 @@ class BridgeServer:
             log.warning("%s: no warm-up", e)
             nbytes = 0
         secs = self.store.memory.warm(nbytes)
-        self.warmed = {"bytes": nbytes, "seconds": round(secs, 3)}
+        self._warm_done = {"bytes": nbytes, "seconds": round(secs, 3)}  # the loop has the worker map it
         log.info("warm stack memory: %d MiB in %.2f s", nbytes >> 20, secs)
+
+    def _map_warm(self) -> None:
+        """Once warm (and the engine ready): the worker maps the warm memory
+        now, not during the first stack (page tables of 1 GiB: ~0.1-0.2 s);
+        status then reports the warm-up as done."""
+        done, self._warm_done = self._warm_done, None
+        segments = self.store.memory.pooled_descs() if isinstance(self.store.memory, SharedStackMemory) else []
+
+        def mapped(reply: dict, get: Any) -> None:
+            self.warmed = dict(done or {}, mapped=bool(reply.get("ok")))
+            if not reply.get("ok"):
+                log.warning("the worker did not map the warm memory: %s", reply.get("error"))
+
+        self.sup.submit(WorkerJob("map_segments", {"segments": segments}, timeout=60.0, done=mapped, kind="display"))
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

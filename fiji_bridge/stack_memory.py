@@ -218,6 +218,12 @@ class SharedStackMemory(HeapMemory):
             self._pool.append(seg)  # kept whatever the pool's size (the largest always is)
         return time.perf_counter() - t0
 
+    def pooled_descs(self) -> list[dict]:
+        """Descriptors of the pooled segments, for the worker to map ahead
+        (it maps a segment whole, whatever the descriptor's shape)."""
+        with self._lock:
+            return [{"shm": s.name, "shape": [1], "dtype": "uint8"} for s in self._pool]
+
     @property
     def segments(self) -> list[str]:
         """Names of the segments that exist (live, retired and pooled)."""

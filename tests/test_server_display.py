@@ -300,3 +300,15 @@ def test_display_ranges_of_a_streamed_stack_are_numpy_s_min_and_max(bridge):
         again = imagej_ranges(c)
         assert again[0] == (got[0][0], 60000.0) and again[1] == got[1]
         c.close_stack("ranges")
+
+
+def test_the_warm_memory_is_touched_and_mapped_by_the_worker_at_start(bridge):
+    """A bridge with a display prepares its warm stack memory (FIJI_BRIDGE_WARM,
+    64 MiB in the tests) and has the engine worker map it before the first
+    stack; status says so."""
+    with bridge.client() as c:
+        deadline = time.monotonic() + 30
+        while (c.status()["memory"].get("warm") or {}).get("mapped") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        warm = c.status()["memory"]["warm"]
+        assert warm["bytes"] == 64 << 20 and warm["mapped"] is True

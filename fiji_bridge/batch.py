@@ -19,9 +19,12 @@ tables the markers list: no unit is counted twice.
 Where the macro runs (:mod:`fiji_bridge.batch_workers`; the markers and the
 plate tables are :mod:`fiji_bridge.batch_tables`):
 
-* ``workers=N``: N bridges on this machine (spawned on free ports, or the
-  ``ports`` given), each running one unit at a time while the next unit is
-  loaded, so ImageJ stays busy;
+* ``workers=N``: N engine workers of the batch itself
+  (:mod:`fiji_bridge.batch_engines`: the JVM processes a bridge would
+  supervise, supervised by the batch directly, with no bridge process
+  between), each running one unit with the next one queued behind it;
+* ``ports=``: the bridges on those ports (spawned if none answers, left
+  running), each running one unit at a time while the next is loaded;
 * ``scheduler=``: a Dask distributed cluster (an address, a ``Client`` or a
   cluster); each worker process owns one bridge, started once by a worker
   plugin, not per task.
@@ -44,6 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -194,9 +198,9 @@ def run_batch(
     are checked against its ``#@`` header before anything runs.
     ``out_uri``: the derived plate (default ``<source>_<macro>`` in the
     source's store). ``wells``: ``"all"``, ``"A01,B02"`` or a list.
-    ``workers``: local bridges (spawned on free ports and shut down at the
-    end), or ``ports``: bridges to use (spawned if none answers, left
-    running). ``scheduler``: a Dask scheduler address, Client or cluster.
+    ``workers``: engine workers of this batch (JVM processes started now and
+    stopped at the end, see :mod:`fiji_bridge.batch_engines`), or ``ports``:
+    bridges to use (spawned if none answers, left running). ``scheduler``: a Dask scheduler address, Client or cluster.
     ``resume``: skip units already done in an existing derived plate.
     ``spill_dir``: the uploader's folder for a remote derived plate (default
     ``<spill root>/<store>_plate_<id>``, see :func:`fiji_bridge.upload.spill_root`);
@@ -270,6 +274,12 @@ def run_batch(
                          f"{type(dst_backend).__name__} does not store them yet (use --out zarr:///path/plate.zarr)")
     failures: list[dict] = []
     counts = {"done": 0, "failed": 0}
+    engines = None
+    if pending and scheduler is None and not ports:  # this batch's own engine workers: their JVMs start now
+        from .batch_engines import BatchEngines
+
+        engines = BatchEngines(max(1, min(int(workers), len(pending)))).start()  # no idle JVMs
+    warm = _prewarm(dst_backend)
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
 
     def ensure_plate(imagej: str) -> str:
@@ -320,18 +330,20 @@ def run_batch(
         if pending:
             if scheduler is not None:
                 where = run_dask(pending, plate_uri, code, src_id, timeout, structure, scheduler, emit)
-            else:
-                own = ports is None
-                n_workers = max(1, min(int(workers), len(pending)))  # no idle JVMs
-                use = list(ports) if ports else [free_port_pair() for _ in range(n_workers)]
-                if own:  # distinct ports even if the OS hands one out twice
-                    use = list(dict.fromkeys(use))
+            elif ports:
                 where = run_local(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
-                                   timeout, structure, use, own, emit)
+                                   timeout, structure, list(ports), False, emit)
+            else:  # engine workers of this batch, no bridge between
+                from .batch_engines import run_engines
+
+                where = run_engines(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
+                                    timeout, structure, engines, emit)
         else:
             where = "nothing to run"
     finally:
         prog.close()
+        closing = _close_in_background(engines)
+    warm.join()
     pid = ensure_plate("")
     if pid != dst_id:  # a store that numbers its plates (OMERO): name the plate that was made
         from .backends import PlateURI
@@ -340,6 +352,7 @@ def run_batch(
     up = state["uploader"]
     if up is None:
         tables = assemble(dst_backend, pid, units, well_order, failures)
+        closing.join()
         report = _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before, failures, tables,
                          t_start, where)
         try:
@@ -347,9 +360,40 @@ def run_batch(
         except Exception as e:  # pragma: no cover
             log.error("could not write batch.json: %s", e)
         return report
+    closing.join()
     return _finish_remote(up, dst_backend, pid, units, well_order, failures,
                           lambda tables: _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before,
                                                  failures, tables, t_start, where))
+
+
+#: modules a derived plate's writes need, by store class: imported while the JVMs start
+_WRITE_MODULES = {"ZarrPlateStore": ("ome_zarr.writer", "ngio", "ngio.tables")}
+
+
+def _prewarm(backend: Any) -> threading.Thread:
+    """Import what writing to ``backend`` will need, in the background: the
+    first unit's outputs would otherwise wait for it (ome-zarr pulls in dask,
+    xarray and pandas: about a second)."""
+    import importlib
+
+    def run() -> None:
+        for name in _WRITE_MODULES.get(type(backend).__name__, ()):
+            try:
+                importlib.import_module(name)
+            except Exception:  # pragma: no cover - the write itself reports it
+                pass
+
+    t = threading.Thread(target=run, daemon=True, name="fiji-bridge-prewarm")
+    t.start()
+    return t
+
+
+def _close_in_background(engines: Any) -> threading.Thread:
+    """Stop the batch's engine workers while the plate tables are assembled."""
+    t = threading.Thread(target=engines.close if engines is not None else (lambda: None), daemon=True,
+                         name="fiji-bridge-engines-close")
+    t.start()
+    return t
 
 
 def _report(plate_uri: str, derived_uri: str, pid: str, m: Macro, values: dict, units: Sequence[Any],

@@ -234,16 +234,7 @@ def _clear_results_window(system: Any) -> bool:
     win = J("ij.WindowManager").getWindow("Results")
     if win is None or not isinstance(win, J("ij.text.TextWindow")):
         return False
-
-    def clear() -> None:
-        system.reset()
-        win.getTextPanel().clear()
-
-    try:
-        on_event_thread(clear)
-        return True
-    except Exception:  # pragma: no cover - then the window is closed as before
-        return False
+    return _empty_window(win, system)
 
 
 def _empty_table_window(win: Any) -> bool:
@@ -253,9 +244,11 @@ def _empty_table_window(win: Any) -> bool:
     ``Functions.resetTable``), about 20 ms a run on a virtual display. On the
     event thread, as for the Results window. False: not a table, not emptied."""
     rt = win.getResultsTable()
-    if rt is None:
-        return False
+    return rt is not None and _empty_window(win, rt)
 
+
+def _empty_window(win: Any, rt: Any) -> bool:
+    """Reset ``rt`` and clear its window ``win`` on the event thread; False if that failed."""
     def clear() -> None:
         rt.reset()
         win.getTextPanel().clear()

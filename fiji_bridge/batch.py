@@ -63,7 +63,8 @@ from .client import free_port_pair
 from .components import Calibration, normalize_well
 from .macros import Macro, resolve
 from .objects import declared_labels, parse_label_specs
-from .outputs import save_result, slug, table_file_name
+from .backends.base import columns_to_csv
+from .outputs import save_result, slug, table_file_name, unit_columns
 from .upload import key_of
 
 __all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "run_unit", "batch_command", "print_report",
@@ -290,11 +291,15 @@ def run_batch(
             state["uploader"] = _uploader(dst_backend, state["plate"], spill_dir, upload_options)
         return state["plate"]
 
+    #: units this run wrote to a local store: (marker, {table: CSV text}), for the plate tables
+    written_now: dict[tuple[str, int], tuple[dict, dict[str, str]]] = {}
+
     def emit(o: UnitOutcome) -> None:
         """The single writer: outputs, then the unit's marker."""
         pid = ensure_plate(o.imagej)
         up = state["uploader"]
         requires: list[str] = []
+        texts: dict[str, str] = {}
         marker: dict[str, Any] = {"well": o.well, "field": o.site, "elapsed": round(o.elapsed, 4),
                                   "worker": o.worker, "imagej": o.imagej,
                                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -306,6 +311,8 @@ def run_batch(
                                       input=lambda: _Field(src_backend.load_field(src_id, o.well, o.site),
                                                            structure.channel_names, structure.calibration))
                 requires = sorted({key_of(p) for p in written})
+                texts = {t: columns_to_csv(unit_columns(cols, plate=src_id, well=o.well, site=o.site))
+                         for t, cols in o.result.tables.items()} if up is None else {}
                 marker.update(status="done", written=written,
                               tables={t: f"/{dst_backend.scheme}/plate_{pid}/{o.well}/{table_file_name(t, o.site)}.csv" for t in o.result.tables},
                               images=list(o.result.images))
@@ -321,6 +328,7 @@ def run_batch(
                 up.submit(marker, path, key=f"{path}#{marker['status']}", requires=requires)
             else:
                 dst_backend.save(marker, path)
+                written_now[(o.well, o.site)] = (marker, texts if o.ok else {})
         except Exception as e:  # pragma: no cover - the unit is redone on resume
             log.error("could not write the marker of %s/%s: %s", o.well, o.site, e)
         counts["done" if o.ok else "failed"] += 1
@@ -351,7 +359,7 @@ def run_batch(
         derived_uri = str(PlateURI.parse(derived_uri).with_plate(pid))
     up = state["uploader"]
     if up is None:
-        tables = assemble(dst_backend, pid, units, well_order, failures)
+        tables = assemble(dst_backend, pid, units, well_order, failures, known=written_now)
         closing.join()
         report = _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before, failures, tables,
                          t_start, where)

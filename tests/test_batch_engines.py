@@ -110,6 +110,14 @@ def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge):
     # the truth of the synthetic plate, independently of both paths
     backend, pid = open_plate(one.derived)
     counts = list(csv.DictReader(io.StringIO(backend.load(one.tables["Counts"]))))
+    # the plate tables assembled from this run's tables in memory are those read back from the store
+    from fiji_bridge.batch_tables import assemble
+
+    reread: dict[str, str] = {}
+    s = backend.plate_structure(pid)
+    assemble(backend, pid, s.units(), {w: i for i, w in enumerate(s.wells)}, [],
+             save_table=lambda plate, name, text: reread.setdefault(name, text) and name)
+    assert reread == {Path(p).stem: backend.load(p) for p in one.tables.values()}
     truth = plate.truth()
     for r in counts:  # stated tolerance as in test_batch.py: one nucleus per field
         assert abs(int(float(r["Count"])) - truth[(r["well"], int(r["field"]))]) <= 1, r

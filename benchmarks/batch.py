@@ -210,7 +210,7 @@ def main() -> int:
             engine_rate[workers] = n / best
             print(f"fiji-bridge batch, {workers} engine worker(s) of its own (JVM start-up included): "
                   f"{engine_rate[workers]:6.2f} units/s  ({best:.2f} s)  ratio vs ImageJ alone (loop only): "
-                  f"{engine_rate[workers] / ij_rate:.2f}x")
+                  f"{engine_rate[workers] / ij_rate:.2f}x\n    ({r.workers})")
         print(f"engine workers: 2 on {os.cpu_count()} cores give {engine_rate[2] / engine_rate[1]:.2f}x of 1 (target: >= 1.0x)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

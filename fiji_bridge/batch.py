@@ -277,9 +277,13 @@ def run_batch(
     counts = {"done": 0, "failed": 0}
     engines = None
     if pending and scheduler is None and not ports:  # this batch's own engine workers: their JVMs start now
-        from .batch_engines import BatchEngines
+        from .batch_engines import BatchEngines, engines_for
 
-        engines = BatchEngines(max(1, min(int(workers), len(pending)))).start()  # no idle JVMs
+        n_engines = engines_for(int(workers), len(pending))  # no idle JVMs, none beyond the cores
+        if n_engines < int(workers):
+            log.warning("starting %d engine worker(s) of the %d asked: %s", n_engines, int(workers),
+                        "no more than units to run" if n_engines == len(pending) else "no more than the cores left beside the batch's writer")
+        engines = BatchEngines(n_engines, asked=int(workers)).start()
     warm = _prewarm(dst_backend)
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
 

@@ -9,7 +9,8 @@ saves a bridge process start (a Python interpreter, its imports and sockets)
 and, per unit, one hop with its copies of the pixels and of the results.
 
 The JVMs are started by :meth:`BatchEngines.start` and come up while the
-caller opens its plates. With more than one worker on a machine each JVM is
+caller opens its plates. A batch starts no more JVMs than the cores left
+beside its own single writer (:func:`engines_for`). With more than one worker on a machine each JVM is
 told its share of the cores (``-XX:ActiveProcessorCount``): the JVM sizes its
 GC and compiler threads, and ImageJ its filter threads, from that count, and
 N JVMs each sized for the whole machine contend for it.
@@ -42,7 +43,7 @@ import numpy as np
 
 from .batch_workers import BatchError, UnitOutcome, _error_dict, unit_title
 
-__all__ = ["BatchEngines", "run_engines", "java_options_for"]
+__all__ = ["BatchEngines", "engines_for", "java_options_for", "run_engines", "usable_cores"]
 
 log = logging.getLogger("fiji_bridge.batch")
 
@@ -52,10 +53,33 @@ QUEUED_PER_WORKER = 1
 _SEGMENTS = itertools.count(1 << 20)
 
 
+def usable_cores() -> int:
+    """The cores a batch may use: ``$FIJI_BRIDGE_BATCH_CORES`` if set, else
+    this process's affinity mask, else the machine's count."""
+    env = os.environ.get("FIJI_BRIDGE_BATCH_CORES", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def engines_for(asked: int, units: int, cores: Optional[int] = None) -> int:
+    """How many engine workers a batch starts: those asked, but no more than
+    it has units, nor than the cores left beside the batch's single writer
+    (it reads each field and writes its outputs: on the shipped nuclei macro
+    about half the CPU a JVM spends on the unit): a JVM more than that makes
+    every unit slower (measured on 2 cores: 2 JVMs gave 0.6-0.8x of one),
+    and each JVM pays its own start and JIT warm-up."""
+    cores = cores or usable_cores()
+    return max(1, min(int(asked), int(units), cores - 1))
+
+
 def java_options_for(workers: int, cores: Optional[int] = None) -> list[str]:
     """JVM options for one of ``workers`` JVMs sharing this machine: its
     share of the cores (none for a single worker: it has them all)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     if workers <= 1:
         return []
     return [f"-XX:ActiveProcessorCount={max(1, cores // workers)}"]
@@ -64,10 +88,12 @@ def java_options_for(workers: int, cores: Optional[int] = None) -> list[str]:
 class BatchEngines:
     """N engine workers supervised by this process (see the module doc)."""
 
-    def __init__(self, n: int, engine: str = "auto", java_options: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, n: int, engine: str = "auto", java_options: Optional[Sequence[str]] = None,
+                 asked: Optional[int] = None) -> None:
         import zmq
 
         self.n = max(1, int(n))
+        self.asked = int(asked) if asked is not None else self.n
         self.engine = engine
         self.java_options = list(java_options_for(self.n) if java_options is None else java_options)
         self.ctx = zmq.Context()
@@ -94,7 +120,9 @@ class BatchEngines:
 
     def describe(self) -> str:
         opts = f" ({' '.join(self.java_options)})" if self.java_options else ""
-        return f"{self.n} engine worker(s) of this batch, pid(s) {', '.join(str(s.pid) for s in self.sups)}{opts}"
+        capped = (f"; {self.asked} asked, {self.n} started: {usable_cores()} core(s), one kept for the batch's writer"
+                  if self.asked > self.n else "")
+        return f"{self.n} engine worker(s) of this batch, pid(s) {', '.join(str(s.pid) for s in self.sups)}{opts}{capped}"
 
     def close(self) -> None:
         if self._closed:

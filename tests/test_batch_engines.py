@@ -86,6 +86,17 @@ def engine_workers_of(parent: int) -> list[int]:
     return found
 
 
+def test_engine_count_leaves_a_core_to_the_writer(monkeypatch):
+    from fiji_bridge.batch_engines import engines_for
+
+    assert engines_for(2, 100, cores=2) == 1
+    assert engines_for(8, 100, cores=32) == 8
+    assert engines_for(8, 3, cores=32) == 3
+    assert engines_for(4, 100, cores=1) == 1
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "5")
+    assert engines_for(8, 100) == 4
+
+
 def test_java_options_share_the_cores():
     assert java_options_for(1, cores=32) == []
     assert java_options_for(2, cores=2) == ["-XX:ActiveProcessorCount=1"]
@@ -94,14 +105,15 @@ def test_java_options_share_the_cores():
 
 
 @pytest.mark.timeout(400)
-def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge):
+def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge, monkeypatch):
     plate, uri, root = synthetic
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "3")  # two JVMs even on a 2-core machine
     via_bridge = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/b.zarr", ports=[bridge], progress=False)
     one = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e1.zarr", workers=1, progress=False)
     two = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e2.zarr", workers=2, progress=False)
     assert via_bridge.ok and one.ok and two.ok
     assert one.done == two.done == len(plate.fields)
-    assert "engine worker" in one.workers and "ActiveProcessorCount" in two.workers or (os.cpu_count() or 1) < 2
+    assert "1 engine worker" in one.workers and "2 engine worker" in two.workers and "ActiveProcessorCount=1" in two.workers
     want = texts(via_bridge)
     assert set(want) == {"Results", "Results per well", "Counts", "Counts per well"}
     assert texts(one) == want
@@ -126,8 +138,9 @@ def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge):
 
 
 @pytest.mark.timeout(400)
-def test_failures_and_a_dying_jvm_read_as_through_a_bridge(synthetic, bridge, probe_macro):
+def test_failures_and_a_dying_jvm_read_as_through_a_bridge(synthetic, bridge, probe_macro, monkeypatch):
     plate, uri, root = synthetic
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "3")
     args = {"fail_well": "A02", "exit_well": "B01"}
     via_bridge = run_batch(uri, str(probe_macro), args, out_uri=f"zarr://{root}/fb.zarr", ports=[bridge], progress=False)
     for n in (1, 2):
@@ -179,13 +192,13 @@ def test_killed_cli_batch_leaves_no_jvm_and_resumes_exactly_once(tmp_path, probe
 
 
 @pytest.mark.timeout(120)
-def test_engines_close_their_processes_and_segments():
+def test_engines_close_their_processes_and_segments(monkeypatch):
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "4")
     with BatchEngines(2) as engines:
         pids = [s.pid for s in engines.sups]
         environ = [Path(f"/proc/{p}/environ").read_bytes().split(b"\0") for p in pids]
-        if (os.cpu_count() or 1) >= 2:
-            want = f"-XX:ActiveProcessorCount={(os.cpu_count() or 2) // 2}".encode()
-            assert all(any(e.startswith(b"JAVA_TOOL_OPTIONS=") and want in e for e in env) for env in environ)
+        want = b"-XX:ActiveProcessorCount=2"
+        assert all(any(e.startswith(b"JAVA_TOOL_OPTIONS=") and want in e for e in env) for env in environ)
         root = engines.root
     assert not root.exists()
     for p in pids:

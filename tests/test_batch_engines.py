@@ -20,7 +20,7 @@ import pytest
 
 from fiji_bridge.backends import open_plate
 from fiji_bridge.batch import free_port_pair, run_batch
-from fiji_bridge.batch_engines import BatchEngines, java_options_for
+from fiji_bridge.batch_engines import BATCH_JIT, BatchEngines, java_options_for
 from fiji_bridge.synthetic import make_plate, write_plate
 from test_batch import PROBE as BASE_PROBE
 from test_batch import synthetic  # noqa: F401  (the module's plate: 3 wells, 2 fields, known nuclei)
@@ -97,11 +97,16 @@ def test_engine_count_leaves_a_core_to_the_writer(monkeypatch):
     assert engines_for(8, 100) == 4
 
 
-def test_java_options_share_the_cores():
-    assert java_options_for(1, cores=32) == []
-    assert java_options_for(2, cores=2) == ["-XX:ActiveProcessorCount=1"]
-    assert java_options_for(4, cores=32) == ["-XX:ActiveProcessorCount=8"]
-    assert java_options_for(3, cores=2) == ["-XX:ActiveProcessorCount=1"]
+def test_java_options_share_the_cores(monkeypatch):
+    jit = list(BATCH_JIT)
+    assert java_options_for(1, cores=32) == jit
+    assert java_options_for(2, cores=2) == jit + ["-XX:ActiveProcessorCount=1"]
+    assert java_options_for(4, cores=32) == jit + ["-XX:ActiveProcessorCount=8"]
+    assert java_options_for(3, cores=2) == jit + ["-XX:ActiveProcessorCount=1"]
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_JAVA_OPTIONS", "")
+    assert java_options_for(1, cores=4) == []
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_JAVA_OPTIONS", "-Xmx2g -XX:+UseSerialGC")
+    assert java_options_for(2, cores=4) == ["-Xmx2g", "-XX:+UseSerialGC", "-XX:ActiveProcessorCount=2"]
 
 
 @pytest.mark.timeout(400)

@@ -1,34 +1,170 @@
 """Batch end to end, as a user runs it: ``fiji-bridge batch PLATE nuclei_count
---workers 1`` from the command line (bridge start-up, JVM and ImageJ
+--workers N`` from the command line (engine start-up, JVM and ImageJ
 included, zarr in, zarr + CSV out) against one ImageJ JVM started with
 ``-batch`` on a driver macro that loops over the same fields' TIFFs (TIFF in,
 TIFF + CSV out). The macro is the shipped ``nuclei_count``: Gaussian,
-threshold, watershed, Analyze Particles. Wall-clock seconds and CPU seconds
-of every process each side ran (the CLI, its bridge, engine worker, JVM and
-Xvfb; java and its Xvfb), per unit too: CPU per unit is what decides how a
-plate scales on a many-core machine. Each side runs ``--repeats`` times, in
-alternation; medians are printed.
+threshold, watershed, Analyze Particles.
 
-    .venv/bin/python benchmarks/batch_cli.py [--wells 12] [--fields 6] [--size 512]
+Printed per side: wall-clock seconds and CPU seconds of every process the
+side ran (CPU per unit is what decides how a plate scales on a many-core
+machine), and where the time went: start-up (to the first unit done; for
+ImageJ alone the run minus its timed loop), ms per unit after it, the end
+(last unit to exit), and the CPU split by process (the CLI, engine
+workers, Xvfb, java; sampled from /proc every 20 ms, so each process may
+miss its last few ms). ``--baseline DIR`` runs a second fiji-bridge
+checkout (``PYTHONPATH=DIR``, e.g. ``/work/main``) as a third side: every
+side runs ``--repeats`` times in alternation, so a shared machine's load
+falls on all of them; medians are printed.
+
+    .venv/bin/python benchmarks/batch_cli.py [--wells 12] [--fields 6] [--size 512] [--workers 1] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from batch import ARGS, bench_plate, children_cpu, imagej_alone  # noqa: E402
 from fiji_bridge.macros import resolve  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _kind(cmd: list[str]) -> str:
+    text = " ".join(cmd)
+    if "engine_worker" in text:
+        return "engine worker (JVM)"
+    if "fiji_bridge.cli serve" in text:
+        return "bridge"
+    if "fiji_bridge.cli" in text:
+        return "CLI"
+    if cmd and cmd[0].endswith("Xvfb"):
+        return "Xvfb"
+    if cmd and cmd[0].endswith("java"):
+        return "java"
+    return Path(cmd[0]).name if cmd else "?"
+
+
+class ProcessCPU:
+    """CPU seconds of ``root`` and its descendants, by kind of process,
+    sampled from /proc until stopped."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _sample(self) -> None:
+        parents: dict[int, int] = {}
+        stats: dict[int, tuple[float, list[str]]] = {}
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                st = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = [c.decode() for c in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") if c]
+            except (OSError, IndexError):
+                continue
+            parents[int(p)] = int(st[1])
+            stats[int(p)] = ((int(st[11]) + int(st[12])) / TICK, cmd)
+        for pid, (cpu, cmd) in stats.items():
+            q = pid
+            while q in parents and q != self.root and q > 1:
+                q = parents[q]
+            if q == self.root:
+                self.seen[pid] = (_kind(cmd) if pid not in self.seen else self.seen[pid][0], cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._t.join()
+        out: dict[str, float] = {}
+        for kind, cpu in self.seen.values():
+            out[kind] = out.get(kind, 0.0) + cpu
+        return out
+
+
+def run_cli(uri: str, out: str, workers: int, pythonpath: str, n: int) -> dict:
+    """One ``fiji-bridge batch`` run: wall, CPU, phases, CPU by process."""
+    cmd = [sys.executable, "-m", "fiji_bridge.cli", "batch", "--plate", uri, "--macro", "nuclei_count",
+           *[f"--arg={k}={v}" for k, v in ARGS.items()], "--out", out, "--workers", str(workers)]
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    cpu0, t0 = children_cpu(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=pythonpath)
+    sampler = ProcessCPU(proc.pid)
+    done_at: list[float] = []
+    err_lines: list[str] = []
+
+    def read_progress() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("["):
+                done_at.append(time.perf_counter() - t0)
+            else:
+                err_lines.append(line)
+
+    reader = threading.Thread(target=read_progress, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read() if proc.stdout else ""
+    code = proc.wait(timeout=1800)
+    wall, cpu = time.perf_counter() - t0, children_cpu() - cpu0
+    reader.join(5)
+    by_kind = sampler.stop()
+    if code != 0:
+        raise RuntimeError(f"fiji-bridge batch failed ({code}):\n{stdout[-2000:]}\n{''.join(err_lines)[-2000:]}")
+    first, last = (done_at[0], done_at[-1]) if len(done_at) == n else (float("nan"), float("nan"))
+    return {"wall": wall, "cpu": cpu, "start": first, "per_unit": (last - first) / max(1, n - 1), "end": wall - last,
+            "by_kind": by_kind}
+
+
+def run_imagej(tiffs: list[Path], code: str, work: Path) -> dict:
+    st: dict = {}
+    holder: dict = {}
+    result: dict = {}
+
+    def go() -> None:
+        result["loop"], result["n"] = imagej_alone(tiffs, code, work, st)
+
+    t = threading.Thread(target=go)
+    sampler = ProcessCPU(os.getpid())
+    t.start()
+    t.join()
+    by_kind = {k: v for k, v in sampler.stop().items() if k in ("java", "Xvfb")}
+    holder.update(wall=st["wall"], cpu=st["cpu"], start=st["wall"] - result["loop"], per_unit=result["loop"] / result["n"],
+                  end=0.0, by_kind=by_kind)
+    assert result["n"] == len(tiffs)
+    return holder
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return float(np.median([r[key] for r in runs]))
+
+
+def _line(name: str, runs: list[dict], n: int) -> str:
+    wall, cpu = _median(runs, "wall"), _median(runs, "cpu")
+    kinds = sorted({k for r in runs for k in r["by_kind"]})
+    split = ", ".join(f"{k} {1000 * float(np.median([r['by_kind'].get(k, 0.0) for r in runs])) / n:.0f}" for k in kinds)
+    return (f"{name:38s} {wall:6.2f} s wall, {n / wall:5.2f} units/s; CPU {cpu:6.2f} s = {1000 * cpu / n:4.0f} ms/unit "
+            f"[{split} ms/unit]\n{'':38s} start-up {_median(runs, 'start'):5.2f} s, {1000 * _median(runs, 'per_unit'):4.0f} ms/unit "
+            f"after it, end {_median(runs, 'end'):4.2f} s   runs {[(round(r['wall'], 1), round(r['cpu'], 1)) for r in runs]}")
 
 
 def main() -> int:
@@ -37,6 +173,8 @@ def main() -> int:
     ap.add_argument("--fields", type=int, default=6)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--baseline", default=None, help="another fiji-bridge checkout to run as a third side (PYTHONPATH)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fiji-bridge-bench-cli-"))
     try:
@@ -44,28 +182,23 @@ def main() -> int:
         n = len(tiffs)
         code = resolve("nuclei_count").bind(ARGS)
         print(f"plate: {n} fields of TZCYX {plate.fields[(wells[0], 0)].array.shape} uint16, macro nuclei_count, "
-              f"{a.repeats} runs per side (medians)")
-        ij_runs, fb_runs = [], []
+              f"{a.repeats} runs per side in alternation (medians), {os.cpu_count()} cores")
+        sides: dict[str, list[dict]] = {"ij": [], "fb": [], "base": []}
         for rep in range(a.repeats):
-            st: dict = {}
-            _, done = imagej_alone(tiffs, code, work, st)
-            assert done == n
-            ij_runs.append((st["wall"], st["cpu"]))
-            cmd = [sys.executable, "-m", "fiji_bridge.cli", "batch", "--plate", uri, "--macro", "nuclei_count",
-                   *[f"--arg={k}={v}" for k, v in ARGS.items()], "--out", f"zarr://{work}/out_{rep}.zarr", "--workers", "1"]
-            cpu0, t0 = children_cpu(), time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            wall, cpu = time.perf_counter() - t0, children_cpu() - cpu0
-            if r.returncode != 0:
-                raise RuntimeError(f"fiji-bridge batch failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-            fb_runs.append((wall, cpu))
-        ij_wall, ij_cpu = (float(np.median([r[i] for r in ij_runs])) for i in (0, 1))
-        fb_wall, fb_cpu = (float(np.median([r[i] for r in fb_runs])) for i in (0, 1))
-        print(f"ImageJ alone (java -batch, one JVM):   {ij_wall:6.2f} s wall, {n / ij_wall:5.2f} units/s; "
-              f"CPU {ij_cpu:6.2f} s = {1000 * ij_cpu / n:5.0f} ms/unit   runs {[(round(w, 1), round(c, 1)) for w, c in ij_runs]}")
-        print(f"fiji-bridge batch --workers 1 (CLI):   {fb_wall:6.2f} s wall, {n / fb_wall:5.2f} units/s; "
-              f"CPU {fb_cpu:6.2f} s = {1000 * fb_cpu / n:5.0f} ms/unit   runs {[(round(w, 1), round(c, 1)) for w, c in fb_runs]}")
-        print(f"ratio (speed of fiji-bridge / ImageJ alone): {ij_wall / fb_wall:.2f}x wall, {ij_cpu / fb_cpu:.2f}x CPU")
+            sides["ij"].append(run_imagej(tiffs, code, work))
+            sides["fb"].append(run_cli(uri, f"zarr://{work}/out_{rep}.zarr", a.workers, str(ROOT), n))
+            if a.baseline:
+                sides["base"].append(run_cli(uri, f"zarr://{work}/base_{rep}.zarr", a.workers, a.baseline, n))
+        print(_line("ImageJ alone (java -batch, one JVM):", sides["ij"], n))
+        print(_line(f"fiji-bridge batch --workers {a.workers} (CLI):", sides["fb"], n))
+        ij_wall, ij_cpu = _median(sides["ij"], "wall"), _median(sides["ij"], "cpu")
+        fb_wall, fb_cpu = _median(sides["fb"], "wall"), _median(sides["fb"], "cpu")
+        if a.baseline:
+            print(_line(f"baseline {a.baseline}:", sides["base"], n))
+            b_wall, b_cpu = _median(sides["base"], "wall"), _median(sides["base"], "cpu")
+            print(f"baseline / ImageJ alone: {ij_wall / b_wall:.2f}x wall, {ij_cpu / b_cpu:.2f}x CPU")
+        print(f"ratio (speed of fiji-bridge / ImageJ alone): {ij_wall / fb_wall:.2f}x wall, {ij_cpu / fb_cpu:.2f}x CPU "
+              f"(target >= 1.0x wall)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -19,9 +19,12 @@ tables the markers list: no unit is counted twice.
 Where the macro runs (:mod:`fiji_bridge.batch_workers`; the markers and the
 plate tables are :mod:`fiji_bridge.batch_tables`):
 
-* ``workers=N``: N bridges on this machine (spawned on free ports, or the
-  ``ports`` given), each running one unit at a time while the next unit is
-  loaded, so ImageJ stays busy;
+* ``workers=N``: N engine workers of the batch itself
+  (:mod:`fiji_bridge.batch_engines`: the JVM processes a bridge would
+  supervise, supervised by the batch directly, with no bridge process
+  between), each running one unit with the next one queued behind it;
+* ``ports=``: the bridges on those ports (spawned if none answers, left
+  running), each running one unit at a time while the next is loaded;
 * ``scheduler=``: a Dask distributed cluster (an address, a ``Client`` or a
   cluster); each worker process owns one bridge, started once by a worker
   plugin, not per task.
@@ -44,6 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -59,7 +63,8 @@ from .client import free_port_pair
 from .components import Calibration, normalize_well
 from .macros import Macro, resolve
 from .objects import declared_labels, parse_label_specs
-from .outputs import save_result, slug, table_file_name
+from .backends.base import columns_to_csv
+from .outputs import save_result, slug, table_file_name, unit_columns
 from .upload import key_of
 
 __all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "run_unit", "batch_command", "print_report",
@@ -194,9 +199,9 @@ def run_batch(
     are checked against its ``#@`` header before anything runs.
     ``out_uri``: the derived plate (default ``<source>_<macro>`` in the
     source's store). ``wells``: ``"all"``, ``"A01,B02"`` or a list.
-    ``workers``: local bridges (spawned on free ports and shut down at the
-    end), or ``ports``: bridges to use (spawned if none answers, left
-    running). ``scheduler``: a Dask scheduler address, Client or cluster.
+    ``workers``: engine workers of this batch (JVM processes started now and
+    stopped at the end, see :mod:`fiji_bridge.batch_engines`), or ``ports``:
+    bridges to use (spawned if none answers, left running). ``scheduler``: a Dask scheduler address, Client or cluster.
     ``resume``: skip units already done in an existing derived plate.
     ``spill_dir``: the uploader's folder for a remote derived plate (default
     ``<spill root>/<store>_plate_<id>``, see :func:`fiji_bridge.upload.spill_root`);
@@ -270,6 +275,16 @@ def run_batch(
                          f"{type(dst_backend).__name__} does not store them yet (use --out zarr:///path/plate.zarr)")
     failures: list[dict] = []
     counts = {"done": 0, "failed": 0}
+    engines = None
+    if pending and scheduler is None and not ports:  # this batch's own engine workers: their JVMs start now
+        from .batch_engines import BatchEngines, engines_for
+
+        n_engines = engines_for(int(workers), len(pending))  # no idle JVMs, none beyond the cores
+        if n_engines < int(workers):
+            log.warning("starting %d engine worker(s) of the %d asked: %s", n_engines, int(workers),
+                        "no more than units to run" if n_engines == len(pending) else "no more than the cores left beside the batch's writer")
+        engines = BatchEngines(n_engines, asked=int(workers)).start()
+    warm = _prewarm(dst_backend)
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
 
     def ensure_plate(imagej: str) -> str:
@@ -280,11 +295,15 @@ def run_batch(
             state["uploader"] = _uploader(dst_backend, state["plate"], spill_dir, upload_options)
         return state["plate"]
 
+    #: units this run wrote to a local store: (marker, {table: CSV text}), for the plate tables
+    written_now: dict[tuple[str, int], tuple[dict, dict[str, str]]] = {}
+
     def emit(o: UnitOutcome) -> None:
         """The single writer: outputs, then the unit's marker."""
         pid = ensure_plate(o.imagej)
         up = state["uploader"]
         requires: list[str] = []
+        texts: dict[str, str] = {}
         marker: dict[str, Any] = {"well": o.well, "field": o.site, "elapsed": round(o.elapsed, 4),
                                   "worker": o.worker, "imagej": o.imagej,
                                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -296,6 +315,8 @@ def run_batch(
                                       input=lambda: _Field(src_backend.load_field(src_id, o.well, o.site),
                                                            structure.channel_names, structure.calibration))
                 requires = sorted({key_of(p) for p in written})
+                texts = {t: columns_to_csv(unit_columns(cols, plate=src_id, well=o.well, site=o.site))
+                         for t, cols in o.result.tables.items()} if up is None else {}
                 marker.update(status="done", written=written,
                               tables={t: f"/{dst_backend.scheme}/plate_{pid}/{o.well}/{table_file_name(t, o.site)}.csv" for t in o.result.tables},
                               images=list(o.result.images))
@@ -311,6 +332,7 @@ def run_batch(
                 up.submit(marker, path, key=f"{path}#{marker['status']}", requires=requires)
             else:
                 dst_backend.save(marker, path)
+                written_now[(o.well, o.site)] = (marker, texts if o.ok else {})
         except Exception as e:  # pragma: no cover - the unit is redone on resume
             log.error("could not write the marker of %s/%s: %s", o.well, o.site, e)
         counts["done" if o.ok else "failed"] += 1
@@ -320,18 +342,20 @@ def run_batch(
         if pending:
             if scheduler is not None:
                 where = run_dask(pending, plate_uri, code, src_id, timeout, structure, scheduler, emit)
-            else:
-                own = ports is None
-                n_workers = max(1, min(int(workers), len(pending)))  # no idle JVMs
-                use = list(ports) if ports else [free_port_pair() for _ in range(n_workers)]
-                if own:  # distinct ports even if the OS hands one out twice
-                    use = list(dict.fromkeys(use))
+            elif ports:
                 where = run_local(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
-                                   timeout, structure, use, own, emit)
+                                   timeout, structure, list(ports), False, emit)
+            else:  # engine workers of this batch, no bridge between
+                from .batch_engines import run_engines
+
+                where = run_engines(pending, lambda w, s: src_backend.load_field(src_id, w, s), code, src_id,
+                                    timeout, structure, engines, emit)
         else:
             where = "nothing to run"
     finally:
         prog.close()
+        closing = _close_in_background(engines)
+    warm.join()
     pid = ensure_plate("")
     if pid != dst_id:  # a store that numbers its plates (OMERO): name the plate that was made
         from .backends import PlateURI
@@ -339,7 +363,8 @@ def run_batch(
         derived_uri = str(PlateURI.parse(derived_uri).with_plate(pid))
     up = state["uploader"]
     if up is None:
-        tables = assemble(dst_backend, pid, units, well_order, failures)
+        tables = assemble(dst_backend, pid, units, well_order, failures, known=written_now)
+        closing.join()
         report = _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before, failures, tables,
                          t_start, where)
         try:
@@ -347,9 +372,40 @@ def run_batch(
         except Exception as e:  # pragma: no cover
             log.error("could not write batch.json: %s", e)
         return report
+    closing.join()
     return _finish_remote(up, dst_backend, pid, units, well_order, failures,
                           lambda tables: _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before,
                                                  failures, tables, t_start, where))
+
+
+#: modules a derived plate's writes need, by store class: imported while the JVMs start
+_WRITE_MODULES = {"ZarrPlateStore": ("ome_zarr.writer", "ngio", "ngio.tables")}
+
+
+def _prewarm(backend: Any) -> threading.Thread:
+    """Import what writing to ``backend`` will need, in the background: the
+    first unit's outputs would otherwise wait for it (ome-zarr pulls in dask,
+    xarray and pandas: about a second)."""
+    import importlib
+
+    def run() -> None:
+        for name in _WRITE_MODULES.get(type(backend).__name__, ()):
+            try:
+                importlib.import_module(name)
+            except Exception:  # pragma: no cover - the write itself reports it
+                pass
+
+    t = threading.Thread(target=run, daemon=True, name="fiji-bridge-prewarm")
+    t.start()
+    return t
+
+
+def _close_in_background(engines: Any) -> threading.Thread:
+    """Stop the batch's engine workers while the plate tables are assembled."""
+    t = threading.Thread(target=engines.close if engines is not None else (lambda: None), daemon=True,
+                         name="fiji-bridge-engines-close")
+    t.start()
+    return t
 
 
 def _report(plate_uri: str, derived_uri: str, pid: str, m: Macro, values: dict, units: Sequence[Any],

@@ -66,22 +66,28 @@ def read_marker(backend: Any, plate: str, well: str, site: int) -> Optional[dict
 
 
 def assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_order: Mapping[str, int],
-              failures: list[dict], save_table: Optional[Callable[[str, str, str], str]] = None) -> dict[str, str]:
+              failures: list[dict], save_table: Optional[Callable[[str, str, str], str]] = None,
+              known: Optional[Mapping[tuple[str, int], tuple[dict, Mapping[str, str]]]] = None) -> dict[str, str]:
     """Plate tables from the per-unit tables of every done unit (in plate
     order: well, field, row), per-well summaries, and the failures table.
-    ``save_table(plate, name, text) -> path`` writes them (default: the backend's)."""
+    ``save_table(plate, name, text) -> path`` writes them (default: the backend's).
+    ``known``: (marker, {table: CSV text}) of units this run wrote, exactly
+    as written: those are not read back; the others (earlier runs) are."""
     save_table = save_table or backend.save_table
+    known = known or {}
     per_table: dict[str, list[tuple[tuple[int, int], list[str], list[list[str]]]]] = {}
     failed: list[dict] = []
     for w, s in sorted(units, key=lambda u: (well_order.get(u[0], 1 << 30), u[1])):
-        marker = read_marker(backend, plate, w, s)
+        marker, texts = known.get((w, s)) or (read_marker(backend, plate, w, s), {})
         if not marker:
             continue
         if marker.get("status") != "done":
             failed.append({"well": w, "field": s, **(marker.get("error") or {})})
             continue
         for title, path in (marker.get("tables") or {}).items():
-            text = backend.load(f"/{backend.scheme}/{path.lstrip('/').split('/', 1)[1]}")  # a fallback plate too
+            text = texts.get(title)
+            if text is None:
+                text = backend.load(f"/{backend.scheme}/{path.lstrip('/').split('/', 1)[1]}")  # a fallback plate too
             header, rows = _csv_rows(text if isinstance(text, str) else str(text))
             per_table.setdefault(title, []).append(((well_order.get(w, 0), s), header, rows))
     written: dict[str, str] = {}

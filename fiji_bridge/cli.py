@@ -176,7 +176,7 @@ def import_cmd(folder: str, plate_uri: str, pattern: Optional[str], name: Option
 @click.option("--arg", "args", multiple=True, help="macro parameter key=value (repeatable)")
 @click.option("--out", "out_uri", default=None, help="derived plate URI (default: beside the source)")
 @click.option("--wells", default="all", show_default=True, help="A01,B02 or all")
-@click.option("--workers", type=int, default=1, show_default=True, help="local bridge workers")
+@click.option("--workers", type=int, default=1, show_default=True, help="ImageJ engine workers (JVM processes) this batch starts and supervises")
 @click.option("--scheduler", default=None, help="Dask scheduler address, tcp://host:8786")
 @click.option("--resume", is_flag=True, help="skip units whose outputs exist")
 @click.option("--timeout", type=float, default=600, show_default=True, help="per-unit macro timeout (s)")

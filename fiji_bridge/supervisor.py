@@ -244,8 +244,11 @@ class EngineSupervisor:
         engine: str = "auto",
         display: bool = False,
         on_ready: Optional[Callable[[], None]] = None,
+        env: Optional[dict[str, str]] = None,
     ) -> None:
         self.ctx = ctx
+        #: the worker's environment (None: this process's)
+        self.env = env
         self.runtime_dir = Path(runtime_dir)
         self.engine = engine
         self.display = display
@@ -301,7 +304,7 @@ class EngineSupervisor:
             cmd.append("--display")
         logf = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, close_fds=True)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, close_fds=True, env=self.env)
         finally:
             logf.close()
         self.state = "starting" if self.restarts == 0 and self.version is None else "restarting"

@@ -421,3 +421,26 @@ def test_results_do_not_leak_between_runs_while_the_results_window_is_kept(engin
     one[0, 0, 0, 60:70, 60:110] = 0
     again = engine.run_macro(code, image=one)
     assert list(again.tables["Results"]["Area"]) == [float((one > 500).sum())]
+
+
+def test_a_kept_table_window_carries_nothing_into_the_next_run(engine):
+    """A macro's own table window ("Counts") stays open between runs, emptied
+    (so Table.create does not build a window and wait for it): each run sees
+    only the rows and columns it wrote, a run that writes none gets no such
+    table, and the counts are numpy's."""
+    img = np.zeros((1, 1, 1, 64, 64), np.uint16)
+    img[0, 0, 0, 5:15, 5:15] = 900
+    img[0, 0, 0, 30:40, 30:60] = 900
+    code = ('setThreshold(500, 65535); run("Convert to Mask"); run("Analyze Particles...", "clear"); '
+            'Table.create("Counts"); Table.set("Count", 0, nResults, "Counts"); Table.set("Mean", 0, 9, "Counts"); Table.update("Counts");')
+    first = engine.run_macro(code, image=img)
+    assert first.tables["Counts"]["Count"].tolist() == [2.0]
+    nothing = engine.run_macro('print(isOpen("Counts") + " " + Table.size("Counts"));')
+    assert "Counts" not in nothing.tables and nothing.log.strip().endswith("0")
+    one = img.copy()
+    one[0, 0, 0, 30:40, 30:60] = 0
+    again = engine.run_macro(code.replace('Table.set("Mean", 0, 9, "Counts"); ', ""), image=one)
+    assert again.tables["Counts"]["Count"].tolist() == [1.0]
+    assert list(again.tables["Counts"]) == ["Count"]  # no column of the first run
+    created_empty = engine.run_macro('Table.create("Other"); Table.update("Other");')
+    assert "Other" in created_empty.tables and "Counts" not in created_empty.tables

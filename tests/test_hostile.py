@@ -681,7 +681,8 @@ def test_many_tiny_stacks_hit_the_cap_with_their_real_cost(tmp_path):
 # --------------------------------------------------------------------------- owners that die
 
 
-def _bridges_of(parent: int) -> list[int]:
+def _bridges_of(parent: int, flag: bytes = b"--parent-pid") -> list[int]:
+    """Live bridges (or, ``flag=b"--parent"``, engine workers) that ``parent`` owns."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -689,7 +690,7 @@ def _bridges_of(parent: int) -> list[int]:
                 cmd = (d / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"--parent-pid" in cmd and cmd[cmd.index(b"--parent-pid") + 1] == str(parent).encode() and alive(int(d.name)):
+            if flag in cmd and cmd[cmd.index(flag) + 1] == str(parent).encode() and alive(int(d.name)):
                 out.append(int(d.name))
     return out
 
@@ -743,7 +744,7 @@ BATCH_MACRO = textwrap.dedent("""\
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_batch_leaves_no_bridge_and_resumes(tmp_path):
+def test_a_killed_batch_leaves_no_engine_worker_and_resumes(tmp_path):
     from fiji_bridge.backends import open_plate
     from fiji_bridge.synthetic import make_plate, write_plate
 
@@ -760,10 +761,10 @@ def test_a_killed_batch_leaves_no_bridge_and_resumes(tmp_path):
     deadline = time.monotonic() + 150
     while len(markers()) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    spawned = _bridges_of(proc.pid)
+    spawned = _bridges_of(proc.pid, flag=b"--parent")  # the batch's engine workers (JVM, Xvfb below)
     tree = spawned + [d for b in spawned for d in descendants(b)]
     took = _kill_owner(proc, tree)
-    assert spawned, "the batch spawned no bridge of its own"
+    assert spawned, "the batch started no engine worker of its own"
     done_before = len(markers())
     assert 2 <= done_before < len(plate.fields)
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=200, env=env)

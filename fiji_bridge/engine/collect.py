@@ -45,18 +45,24 @@ def table_columns(rt: Any) -> dict[str, np.ndarray]:
     return {h: _column(rt, h) for h in headings if h.strip() and h != " "}
 
 
-def read_tables() -> dict[str, dict[str, np.ndarray]]:
-    """Every ResultsTable: the system one as "Results", others by window title."""
+def read_tables(emptied: Iterable[str] = ()) -> dict[str, dict[str, np.ndarray]]:
+    """Every ResultsTable: the system one as "Results", others by window title.
+    ``emptied``: titles of table windows the reset kept, emptied: left out
+    while they are still empty and without columns (as ImageJ's own
+    ``saveAs`` leaves such a table out): the run did not fill them."""
     RT, WM = J("ij.measure.ResultsTable"), J("ij.WindowManager")
     tables: dict[str, dict[str, np.ndarray]] = {}
     system = RT.getResultsTable()
     if system is not None and (system.size() > 0 or system.getLastColumn() >= 0):
         tables["Results"] = table_columns(system)
+    emptied = set(emptied)
     for title in [str(t) for t in (WM.getNonImageTitles() or [])]:
         if title in ("Log", "Results") or title in tables:
             continue
         rt = RT.getResultsTable(title)
         if rt is not None:
+            if title in emptied and rt.size() == 0 and rt.getLastColumn() < 0:
+                continue
             tables[title] = table_columns(rt)
     return tables
 
@@ -119,9 +125,14 @@ class ImageJState:
     live display windows would not show.
     """
 
+    #: table windows kept (emptied) from one run to the next, at most
+    KEPT_TABLES = 8
+
     def __init__(self) -> None:
         self.retained: list[Any] = []
         self.protected_ids: set[int] = set()  # live display windows: never touched
+        #: titles of table windows the last reset emptied and kept (see :meth:`reset`)
+        self.emptied_tables: list[str] = []
         self._defaults = self._settings()
         self.ensure_roi_manager()
 
@@ -160,10 +171,17 @@ class ImageJState:
         kept = _clear_results_window(system)
         if system is not None and not kept:
             system.reset()
+        TextWindow = J("ij.text.TextWindow")
+        emptied: list[str] = []
         for frame in list(WM.getNonImageWindows() or []):
             title = str(frame.getTitle())
-            if title not in ("Log", "ROI Manager") and isinstance(frame, J("ij.text.TextWindow")) and not (kept and title == "Results"):
+            if title in ("Log", "ROI Manager") or not isinstance(frame, TextWindow) or (kept and title == "Results"):
+                continue
+            if title != "Results" and len(emptied) < self.KEPT_TABLES and title not in emptied and _empty_table_window(frame):
+                emptied.append(title)
+            else:
                 frame.close(False)
+        self.emptied_tables = emptied
         rm = self.ensure_roi_manager()
         if rm is not None:
             rm.reset()
@@ -216,9 +234,23 @@ def _clear_results_window(system: Any) -> bool:
     win = J("ij.WindowManager").getWindow("Results")
     if win is None or not isinstance(win, J("ij.text.TextWindow")):
         return False
+    return _empty_window(win, system)
 
+
+def _empty_table_window(win: Any) -> bool:
+    """Empty a table window (``Table.create("Counts")``'s) and keep it: a
+    macro's ``Table.create`` then resets it instead of building a window and
+    waiting up to 200 ms for it to come to the front (ImageJ's
+    ``Functions.resetTable``), about 20 ms a run on a virtual display. On the
+    event thread, as for the Results window. False: not a table, not emptied."""
+    rt = win.getResultsTable()
+    return rt is not None and _empty_window(win, rt)
+
+
+def _empty_window(win: Any, rt: Any) -> bool:
+    """Reset ``rt`` and clear its window ``win`` on the event thread; False if that failed."""
     def clear() -> None:
-        system.reset()
+        rt.reset()
         win.getTextPanel().clear()
 
     try:

@@ -276,7 +276,7 @@ class ImageJ1Engine(Engine):
                 result = MacroResult(
                     images=images,
                     image_info=infos,
-                    tables=read_tables(),
+                    tables=read_tables(state.emptied_tables),
                     log=self._read_log(),
                     rois=read_rois(named),
                     elapsed=elapsed,

@@ -255,7 +255,7 @@ class PyImageJEngine(ImageJ1Engine):
             if err is not None:
                 raise err
             return MacroResult(
-                image_info=infos, tables=read_tables(), log=self._read_log(), elapsed=elapsed,
+                image_info=infos, tables=read_tables(self._state.emptied_tables), log=self._read_log(), elapsed=elapsed,
                 notes=list(hs.notes) if hs else [], outputs=outputs,
             )
 

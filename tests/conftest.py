@@ -163,3 +163,23 @@ def fiji_engine(fiji_dir):
 def engine(request):
     """The engine contract's subject: ImageJ 1 (in-process) and Fiji (child process)."""
     return request.getfixturevalue("ij" if request.param == "imagej1" else "fiji_engine")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._fiji_bridge_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without shutting the in-process JVM down (the ``ij`` fixture's):
+    JPype's shutdown of a JVM that ran AWT can crash the interpreter's exit
+    now and then (SIGSEGV after every test passed), which would turn a green
+    run red. Every report is written by now; the exit status is pytest's."""
+    import sys
+
+    jpype = sys.modules.get("jpype")
+    status = getattr(config, "_fiji_bridge_status", None)
+    if status is not None and jpype is not None and jpype.isJVMStarted():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

@@ -100,20 +100,15 @@ def initial_heap_options(display: bool) -> list[str]:
     one, 0.6 s in the default heap. Never above FIJI_BRIDGE_JVM_HEAP."""
     if not display:
         return []
-    from .stack_memory import warm_bytes
+    from .stack_memory import parse_size, warm_bytes
 
     try:
         mib = 2 * warm_bytes() >> 20  # the warm stack's arrays and as much again: G1 grows a fuller heap
+        heap = os.environ.get("FIJI_BRIDGE_JVM_HEAP", "").strip()
+        if heap:
+            mib = min(mib, parse_size(heap, "FIJI_BRIDGE_JVM_HEAP") >> 20)
     except ValueError:
-        return []  # the bridge says what is wrong with it
-    heap = os.environ.get("FIJI_BRIDGE_JVM_HEAP", "").strip().lower()
-    if heap:
-        units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1 << 20}
-        try:
-            cap = float(heap[:-1]) * units[heap[-1]] if heap[-1] in units else float(heap) / (1 << 20)
-        except ValueError:
-            return []  # the JVM will say what is wrong with it
-        mib = min(mib, int(cap))
+        return []  # the bridge (warm-up) or the JVM (heap) says what is wrong with it
     return [f"-Xms{mib}m", "-XX:+AlwaysPreTouch"] if mib >= 64 else []
 
 
@@ -237,12 +232,11 @@ class Worker:
         return {"ok": True}
 
     def _staged(self, key: str, desc: dict) -> np.ndarray:
-        """The shared storage (or staging segment) of live stack ``key``,
-        mapped once and kept while the bridge keeps sending the same one."""
+        """The staging segment of live stack ``key`` (a stack not in shared
+        memory), mapped once and kept while the bridge keeps sending the same one."""
         name = desc.get("shm")
         held = self._staging.get(key)
-        need = int(np.prod(desc["shape"], dtype=np.int64)) * np.dtype(desc["dtype"]).itemsize
-        if held is None or held[0] != name or need > len(held[2]):  # new, or grown in place
+        if held is None or held[0] != name:
             self._drop_staging(key)
             arr, mm = attach_array(desc, whole=True)
             held = self._staging[key] = (name, arr, mm)

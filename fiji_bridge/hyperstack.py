@@ -109,15 +109,20 @@ class PlaneReader:
     fills ``out`` (a plane of a stack's storage) with it. A stack reads it
     straight into its place (e.g. from a producer's shared memory), so no
     copy is made in between; when ``read`` raises, the plane at that place
-    is gone and the error propagates."""
+    is gone and the error propagates. ``close`` releases the source."""
 
-    ndim = 2
-
-    def __init__(self, shape: tuple[int, int], dtype: Any, read: Callable[[np.ndarray], Optional[tuple[float, float]]]) -> None:
-        self.shape = (int(shape[0]), int(shape[1])) if len(shape) == 2 else tuple(int(v) for v in shape)
+    def __init__(
+        self,
+        shape: Sequence[int],
+        dtype: Any,
+        read: Callable[[np.ndarray], Optional[tuple[float, float]]],
+        close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.shape = tuple(int(v) for v in shape)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(dtype)
         self._read = read
+        self.close = close
 
     def read_into(self, out: np.ndarray) -> Optional[tuple[float, float]]:
         """Fill ``out``; the plane's (min, max) when the read took it on the way, else None."""
@@ -210,6 +215,12 @@ class HeapMemory:
 
     def desc(self, array: np.ndarray) -> Optional[dict]:
         return None
+
+    def released(self) -> list[str]:
+        """Shared segments given up since the last call (none here)."""
+        return []
+
+    pooled_bytes = 0  #: bytes of freed storage kept for reuse
 
     def close(self) -> None:
         pass
@@ -472,9 +483,8 @@ class Hyperstack:
         t, z, c = cap
         present = np.zeros(chosen, dtype=bool)
         present[:t, :z, :c] = self._present
-        undefined = np.ones(chosen, dtype=bool)
-        undefined[:t, :z, :c] = self._undefined if self._undefined is not None else False
         data = self._memory.grow(self._data, cap, chosen) if t else None  # the planes stay in their memory
+        zeroed = False  # whether the positions beyond the old capacity read as zeros
         if data is not None and chosen[1:] != cap[1:]:
             self.moves += 1  # planes moved within their memory
         if data is None:
@@ -486,11 +496,10 @@ class Hyperstack:
                     f"{where}: not enough memory to grow the stack to T,Z,C = {chosen} "
                     f"({_gib(new_bytes)}); check the indices or close stacks"
                 ) from None
-            if zeroed:
-                undefined[:] = False
-                undefined[:t, :z, :c] = self._undefined if self._undefined is not None else False
             data[:t, :z, :c] = self._data
             self._memory.free(self._data)
+        undefined = np.full(chosen, not zeroed, dtype=bool)
+        undefined[:t, :z, :c] = self._undefined if self._undefined is not None else False
         self._data, self._present, self._nbytes = data, present, new_bytes
         self._undefined = undefined if undefined.any() else None
 

@@ -212,9 +212,7 @@ class SegmentReader:
             except TransportError as e:
                 raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from None
 
-        reader = PlaneReader(seg.shape, seg.dtype, read)
-        reader.close = seg.close  # type: ignore[attr-defined]
-        return reader
+        return PlaneReader(seg.shape, seg.dtype, read, close=seg.close)
 
     def clear(self) -> None:
         self._scratch.clear()

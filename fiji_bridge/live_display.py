@@ -94,13 +94,8 @@ class LiveDisplay:
         self.sup.drop_display_jobs(key)
         self.sup.drop_staging(key)  # a job in flight keeps its own mapping
         if self._shown.pop(key, None) is not None:
-            body = {"key": key, "released": self._released()}
+            body = {"key": key, "released": self.store.memory.released()}  # the worker drops those mappings
             self.sup.submit(WorkerJob("close_stack", body, timeout=30.0, kind="display"))
-
-    def _released(self) -> list[str]:
-        """The stack segments unlinked since the worker last heard: it drops their mappings."""
-        released = getattr(self.store.memory, "released", None)
-        return released() if released is not None else []
 
     def poll_ms(self) -> int:
         """How long the loop may sleep: 50 ms. A push never waits for it: it
@@ -146,7 +141,7 @@ class LiveDisplay:
             }
             if shared is not None:  # the worker reads the planes where they were assembled
                 body["storage"] = shared
-                body["released"] = self._released()
+                body["released"] = self.store.memory.released()
                 self.store.memory.pin(shared["shm"])
             else:
                 try:

@@ -463,7 +463,7 @@ class BridgeServer:
             "display_pending": self.live.pending,
             "stacks": stacks,
             "memory": {"used": self.ingest.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free(),
-                       "warm": self.warmed, "pooled": getattr(self.store.memory, "pooled_bytes", 0)},
+                       "warm": self.warmed, "pooled": self.store.memory.pooled_bytes},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),

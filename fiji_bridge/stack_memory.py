@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -60,18 +61,22 @@ POOL_BYTES = 2 << 30
 WARM_BYTES = 1 << 30
 
 
+def parse_size(raw: str, name: str) -> int:
+    """Bytes from ``raw``: a number with an optional k/m/g/t suffix (the
+    JVM's own spelling: ``4g``, ``512m``); ValueError naming ``name`` else."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    raw = raw.strip().lower()
+    try:
+        return int(float(raw[:-1]) * units[raw[-1]]) if raw and raw[-1] in units else int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a size such as 1g, 256m or 0") from None
+
+
 def warm_bytes(env: Optional[dict] = None) -> int:
     """The warm-up size: FIJI_BRIDGE_WARM (bytes, or with a k/m/g suffix;
     0 = none), default :data:`WARM_BYTES`, at most 1/8 of the RAM."""
-    raw = ((env if env is not None else os.environ).get("FIJI_BRIDGE_WARM") or "").strip().lower()
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    if not raw:
-        n = WARM_BYTES
-    else:
-        try:
-            n = int(float(raw[:-1]) * units[raw[-1]]) if raw[-1] in units else int(raw)
-        except ValueError:
-            raise ValueError(f"FIJI_BRIDGE_WARM={raw!r} is not a size such as 1g, 256m or 0") from None
+    raw = ((env if env is not None else os.environ).get("FIJI_BRIDGE_WARM") or "").strip()
+    n = parse_size(raw, "FIJI_BRIDGE_WARM") if raw else WARM_BYTES
     try:
         n = min(n, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
     except (ValueError, OSError, AttributeError):  # pragma: no cover
@@ -203,8 +208,6 @@ class SharedStackMemory(HeapMemory):
         """Put a segment of ``nbytes`` with every page touched into the pool
         (start-up: the first stack then finds warm memory). Returns the
         seconds it took."""
-        import time
-
         t0 = time.perf_counter()
         if nbytes <= 0:
             return 0.0

@@ -201,6 +201,10 @@ def test_engines_close_their_processes_and_segments(monkeypatch):
     monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "4")
     with BatchEngines(2) as engines:
         pids = [s.pid for s in engines.sups]
+        deadline = time.monotonic() + 30  # between fork and exec a child still shows this process's environment
+        while not all(b"fiji_bridge.engine_worker" in Path(f"/proc/{p}/cmdline").read_bytes() for p in pids):
+            assert time.monotonic() < deadline, "the engine workers did not start"
+            time.sleep(0.02)
         environ = [Path(f"/proc/{p}/environ").read_bytes().split(b"\0") for p in pids]
         want = b"-XX:ActiveProcessorCount=2"
         assert all(any(e.startswith(b"JAVA_TOOL_OPTIONS=") and want in e for e in env) for env in environ)

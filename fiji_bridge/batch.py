@@ -378,14 +378,16 @@ def run_batch(
                                                  failures, tables, t_start, where))
 
 
-#: modules a derived plate's writes need, by store class: imported while the JVMs start
-_WRITE_MODULES = {"ZarrPlateStore": ("ome_zarr.writer", "ngio", "ngio.tables")}
+#: modules a derived plate's NGFF tables (plate tables, labels) need, by
+#: store class: imported while the JVMs start, when a core is mostly idle
+#: (ngio pulls in dask, xarray and pandas: about 1.3 CPU-s; the plate tables
+#: at the end would otherwise wait for it). Images, CSV tables and the NGFF
+#: metadata need none of them.
+_WRITE_MODULES = {"ZarrPlateStore": ("ngio", "ngio.tables")}
 
 
 def _prewarm(backend: Any) -> threading.Thread:
-    """Import what writing to ``backend`` will need, in the background: the
-    first unit's outputs would otherwise wait for it (ome-zarr pulls in dask,
-    xarray and pandas: about a second)."""
+    """Import what writing to ``backend`` will need, in the background."""
     import importlib
 
     def run() -> None:

@@ -7,9 +7,12 @@ field-level primitives (``_read_layout``, ``_field_info``, ``_read_plane``,
 ``_read_extra``/``_write_extra``). Everything path-shaped lives here, so the
 OME-Zarr and OME-TIFF stores behave the same.
 
-Tables live in ``<plate folder>/tables/[<well>/]<name>.csv|json`` and are
-recorded in the plate's metadata under ``fiji_bridge.tables`` (keyed by their
-path relative to the plate, ``results.csv`` or ``A01/cells.csv``).
+Tables live in ``<plate folder>/tables/[<well>/]<name>.csv|json``, each
+written atomically; a plate's tables are the files there (keyed by their
+path under ``tables/``, ``results.csv`` or ``A01/cells.csv``). Earlier
+versions also listed them in the plate's metadata (``fiji_bridge.tables``):
+one read-modify-write of a growing document per table, which a plate of
+thousands of fields felt; that list is no longer written nor needed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from ..components import Calibration, ComponentError, PlaneComponents, VirtualPa
 from .base import BackendError, Data, NotFound, PlateStructure, VirtualBackend, columns_to_csv
 
 TABLE_SUFFIXES = (".csv", ".json")
+#: file names no table may take: the metadata of a zarr group (an OME-Zarr
+#: plate's ``tables/`` folder is one: ngio's tables live there too)
+RESERVED_TABLE_NAMES = frozenset({"zarr.json", ".zattrs", ".zgroup", ".zarray"})
 #: pixel types every store (and ImageJ) handles
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 _SLUG_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -130,6 +136,14 @@ def decode_table(raw: bytes, path: str) -> Data:
     return json.loads(text) if path.endswith(".json") else text
 
 
+def _is_well_folder(name: str) -> bool:
+    """A folder of well tables: named as the well is (``A01``)."""
+    try:
+        return normalize_well(name) == name
+    except (ComponentError, ValueError):
+        return False
+
+
 def atomic_write(path: Path, raw: bytes) -> None:
     """Write ``raw`` to ``path`` so readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +194,7 @@ class LocalPlateStore(VirtualBackend):
         self.metadata_reads = 0
         self._structures: dict[str, PlateStructure] = {}
         self._layouts: dict[str, Layout] = {}
+        self._plates_seen: set[Path] = set()  # plate folders found to be plates (refresh forgets them)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
@@ -285,9 +300,11 @@ class LocalPlateStore(VirtualBackend):
         if plate is None:
             self._structures.clear()
             self._layouts.clear()
+            self._plates_seen.clear()
         else:
             self._structures.pop(plate, None)
             self._layouts.pop(plate, None)
+            self._plates_seen.discard(self.plate_dir(plate))
 
     def _well_sites(self, plate: str, well: str, site: Optional[int] = None) -> Optional[dict[int, str]]:
         """The fields of a well (site -> store path), or None. On a miss (no
@@ -351,7 +368,6 @@ class LocalPlateStore(VirtualBackend):
             "version": 1,
             "created": now_iso(),
             "provenance": dict(provenance or {}),
-            "tables": {},
         }
         if like is not None:
             extra["like"] = {"plate": like.plate, "name": like.name}
@@ -367,10 +383,13 @@ class LocalPlateStore(VirtualBackend):
         """The plate's folder; a plate written to without ``create_plate``
         is created on the fly (local stores only)."""
         d = self.plate_dir(plate)
+        if d in self._plates_seen:  # a unit writes several files: the plate is looked for once
+            return d
         if not (d.is_dir() and self._is_plate_dir(d)):
             with plate_lock(self.root / ".locks" / plate):
                 if not (d.is_dir() and self._is_plate_dir(d)):
-                    self._init_plate(d, plate, plate, 0, 0, {"version": 1, "created": now_iso(), "provenance": {}, "tables": {}})
+                    self._init_plate(d, plate, plate, 0, 0, {"version": 1, "created": now_iso(), "provenance": {}})
+        self._plates_seen.add(d)
         return d
 
     # ------------------------------------------------------------------ fields
@@ -436,7 +455,7 @@ class LocalPlateStore(VirtualBackend):
         if vp.name is not None:
             raise NotFound(f"{directory} is a file, not a folder")
         d = self._existing_plate_dir(vp.plate)
-        tables = sorted(self._read_extra(d).get("tables", {}))
+        tables = list(self._table_files(d))
         base = f"/{self.scheme}/plate_{vp.plate}"
         if vp.well is None:
             s = self.plate_structure(vp.plate)
@@ -566,6 +585,9 @@ class LocalPlateStore(VirtualBackend):
     def _check_table_name(self, vp: VirtualPath, path: str) -> None:
         if not vp.name or not vp.name.endswith(TABLE_SUFFIXES) or vp.name.startswith("."):
             raise ComponentError(f"bad file name in {path!r}: tables end in .csv or .json, planes follow the plane naming")
+        if vp.name in RESERVED_TABLE_NAMES:
+            raise ComponentError(f"bad file name in {path!r}: {vp.name} is the name of zarr's own metadata; "
+                                 f"give the table another name")
 
     def _table_file(self, d: Path, vp: VirtualPath) -> Path:
         return d / "tables" / (vp.well or "") / str(vp.name)
@@ -574,19 +596,29 @@ class LocalPlateStore(VirtualBackend):
         d = self._ensure_plate(vp.plate)
         if vp.well is not None:
             self.plate_structure(vp.plate)  # well tables need no field, but the plate must exist
-        f = self._table_file(d, vp)
-        atomic_write(f, raw)
-        key = f"{vp.well}/{vp.name}" if vp.well else str(vp.name)
-        with plate_lock(d):
-            extra = self._read_extra(d)
-            tables = extra.setdefault("tables", {})
-            tables[key] = {
-                "path": str(f.relative_to(d)),
-                "format": Path(str(vp.name)).suffix[1:],
-                "well": vp.well,
-                "saved": now_iso(),
-            }
-            self._write_extra(d, extra)
+        atomic_write(self._table_file(d, vp), raw)
+
+    def _table_files(self, d: Path) -> dict[str, tuple[Optional[str], Path]]:
+        """The tables of the plate folder ``d``: key (``results.csv``,
+        ``A01/cells_s000.csv``) -> (well or None, file)."""
+        out: dict[str, tuple[Optional[str], Path]] = {}
+
+        def is_table(e: os.DirEntry) -> bool:
+            return (e.name.endswith(TABLE_SUFFIXES) and not e.name.startswith(".")
+                    and e.name not in RESERVED_TABLE_NAMES and e.is_file())
+
+        try:
+            entries = list(os.scandir(d / "tables"))
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        for e in entries:
+            if is_table(e):
+                out[e.name] = (None, Path(e.path))
+            elif e.is_dir() and _is_well_folder(e.name):
+                for f in os.scandir(e.path):
+                    if is_table(f):
+                        out[f"{e.name}/{f.name}"] = (e.name, Path(f.path))
+        return dict(sorted(out.items()))
 
     def save_table(self, plate, name, table, *, well=None, site=None) -> str:  # type: ignore[override]
         """As :meth:`VirtualBackend.save_table`; a site's table is named
@@ -602,8 +634,15 @@ class LocalPlateStore(VirtualBackend):
         return super().save_table(plate, name, table, well=well)
 
     def tables(self, plate: str) -> dict[str, dict]:
-        """The tables recorded in the plate's metadata, by relative path."""
-        return dict(self._read_extra(self._existing_plate_dir(plate)).get("tables", {}))
+        """The plate's tables, by path under ``tables/``: each with its
+        ``path`` (relative to the plate folder), ``format``, ``well`` and
+        ``saved`` (the file's modification time)."""
+        d = self._existing_plate_dir(plate)
+        out = {}
+        for key, (well, f) in self._table_files(d).items():
+            saved = datetime.fromtimestamp(f.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+            out[key] = {"path": str(f.relative_to(d)), "format": f.suffix[1:], "well": well, "saved": saved}
+        return out
 
 
 def update_json(path: Path, fn: Callable[[dict], None]) -> dict:

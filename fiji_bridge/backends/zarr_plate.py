@@ -9,10 +9,12 @@ Layout of a plate ``<root>/<plate>.zarr`` (as omero-cli-zarr writes them)::
           labels/<name>/           label images (NGFF ``image-label``), written with ngio
           tables/<name>/           field tables in ngio's layout (feature, ROI, ...)
       tables/<name>/               plate-level tables in ngio's layout
-      tables/[<well>/]<name>.csv   CSV tables (recorded under ``fiji_bridge.tables``)
+      tables/[<well>/]<name>.csv   CSV tables (found by their files)
 
-Written with ome-zarr-py (``write_plate_metadata``, ``write_well_metadata``,
-``write_image`` with ``scale_factors=[]``: one resolution level) on zarr 3.
+The NGFF documents (``plate``, ``well``, ``multiscales`` with one
+resolution level, ``omero``) are those ome-zarr-py writes
+(:mod:`.ngff_meta`, checked against it); the array metadata is zarr 3's own;
+the pixels go as chunk files, one a plane (:mod:`.zarr_chunks`).
 The default is zarr format 2 = NGFF 0.4, what OMERO's OME-Zarr support,
 napari-ome-zarr and Fiji's readers expect; ``zarr_format=3`` (or the
 environment ``FIJI_BRIDGE_NGFF_VERSION=0.5``, ``fiji-bridge batch --ngff 0.5``)
@@ -27,7 +29,6 @@ metadata (under a plate lock shared by threads and processes).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -41,7 +42,9 @@ from ..colours import channel_hex
 from ..components import Calibration, format_well, normalize_well, parse_well
 from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells
 from .base import BackendError, NotFound, ObjectTable, PlateStructure
+from .ngff_meta import ensure_groups, group_format, image_attrs, plate_attrs, read_attrs, well_attrs, write_group
 from .ngff_tables import TABLE_BACKENDS, write_label, write_tables
+from .zarr_chunks import ArrayTemplates, blosc_of, read_planes, write_planes
 
 __all__ = ["NGFF_VERSION_ENV", "TABLE_BACKEND_ENV", "ZarrPlateStore"]
 
@@ -62,26 +65,6 @@ _TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "ms": "millis
 _IJ_SPACE = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm",
              "meter": "m", "inch": "inch"}
 _IJ_TIME = {"second": "s", "millisecond": "ms", "minute": "min", "hour": "h"}
-
-
-def _attrs_of(d: Path) -> Optional[dict]:
-    """The attributes of the zarr group at ``d`` (v2 .zattrs or v3 zarr.json), or None."""
-    v2 = d / ".zattrs"
-    if v2.is_file():
-        return json.loads(v2.read_text() or "{}")
-    v3 = d / "zarr.json"
-    if v3.is_file():
-        return json.loads(v3.read_text()).get("attributes", {})
-    if (d / ".zgroup").is_file():
-        return {}
-    return None
-
-
-def _open_group(d: Path) -> Any:
-    """The zarr group at ``d`` for writing, its format read from the files
-    (zarr would otherwise probe v3, v2 and consolidated metadata)."""
-    fmt = 2 if (d / ".zgroup").is_file() else 3
-    return zarr.open_group(str(d), mode="r+", zarr_format=fmt, use_consolidated=False)
 
 
 def _ome(attrs: dict) -> dict:
@@ -112,15 +95,16 @@ class ZarrPlateStore(LocalPlateStore):
         self.compression = compression
         self.table_backend = table_backend
         self._images: dict[tuple[str, str], tuple[Any, str]] = {}
+        self._arrays = ArrayTemplates()  # array metadata as zarr wrote it, by kind
 
     # ------------------------------------------------------------------ reading
 
     def _is_plate_dir(self, d: Path) -> bool:
-        attrs = _attrs_of(d)
+        attrs = read_attrs(d)
         return attrs is not None and ("plate" in _ome(attrs) or "fiji_bridge" in attrs)
 
     def _read_layout(self, plate: str, d: Path) -> tuple[PlateStructure, Layout]:
-        attrs = _attrs_of(d) or {}
+        attrs = read_attrs(d) or {}
         self.metadata_reads += 1
         extra = attrs.get("fiji_bridge", {})
         meta = _ome(attrs).get("plate", {})
@@ -130,7 +114,7 @@ class ZarrPlateStore(LocalPlateStore):
         for w in meta.get("wells", []):
             wpath = str(w["path"])
             name = _well_name(wpath, rows, cols, w.get("rowIndex"), w.get("columnIndex"))
-            wattrs = _attrs_of(d / wpath) or {}
+            wattrs = read_attrs(d / wpath) or {}
             self.metadata_reads += 1
             images = _ome(wattrs).get("well", {}).get("images", [])
             sites: dict[int, str] = {}
@@ -146,7 +130,7 @@ class ZarrPlateStore(LocalPlateStore):
         cal = Calibration()
         if wells:
             first = layout.wells[wells[0]][min(layout.wells[wells[0]])]
-            img_attrs = _attrs_of(d / first) or {}
+            img_attrs = read_attrs(d / first) or {}
             self.metadata_reads += 1
             info = self._field_info(plate, first)
             t, z, c, y, x = info.shape
@@ -173,7 +157,7 @@ class ZarrPlateStore(LocalPlateStore):
         if hit is not None:
             return hit
         d = self.plate_dir(plate) / rel
-        attrs = _attrs_of(d)
+        attrs = read_attrs(d)
         if attrs is None:
             raise NotFound(f"field image {rel} of plate {plate!r} is missing on disk")
         ms = _ome(attrs).get("multiscales")
@@ -212,7 +196,9 @@ class ZarrPlateStore(LocalPlateStore):
 
     def _read_field(self, plate: str, rel: str) -> np.ndarray:
         arr, axes = self._image(plate, rel)
-        data = np.asarray(arr[...])
+        data = read_planes(arr)  # the store's own layout, chunk file by chunk file
+        if data is None:  # another layout: zarr reads it
+            data = np.asarray(arr[...])
         missing = [a for a in _AXES if a not in axes]
         for _ in missing:
             data = data[np.newaxis]
@@ -220,7 +206,7 @@ class ZarrPlateStore(LocalPlateStore):
         return np.ascontiguousarray(data.transpose([order.index(a) for a in "tzcyx"]))
 
     def _read_extra(self, d: Path) -> dict:
-        attrs = _attrs_of(d)
+        attrs = read_attrs(d)
         if attrs is None:
             raise NotFound(f"no plate at {d}")
         return dict(attrs.get("fiji_bridge", {}))
@@ -228,8 +214,9 @@ class ZarrPlateStore(LocalPlateStore):
     # ------------------------------------------------------------------ writing
 
     def _write_extra(self, d: Path, extra: dict) -> None:
-        g = zarr.open_group(str(d), mode="r+")
-        g.attrs["fiji_bridge"] = extra
+        attrs = read_attrs(d) or {}
+        attrs["fiji_bridge"] = extra
+        write_group(d, group_format(d) or self.zarr_format, attrs)
 
     def _init_plate(self, d: Path, plate: str, name: str, rows: int, columns: int, extra: dict) -> None:
         d.parent.mkdir(parents=True, exist_ok=True)
@@ -258,18 +245,16 @@ class ZarrPlateStore(LocalPlateStore):
         channel_names: Sequence[str],
         calibration: Calibration,
     ) -> str:
-        from ome_zarr.writer import write_well_metadata
-
-        d = self.plate_dir(plate)  # the zarr format (NGFF version) follows the plate group
+        d = self.plate_dir(plate)
+        fmt = group_format(d) or self.zarr_format  # the zarr format (NGFF version) follows the plate group
         wpath = self._well_path(d, well)
         tczyx = np.ascontiguousarray(array).transpose(0, 2, 1, 3, 4)  # a view: each (y, x) plane stays contiguous
-        tmp_name = f"tmp_{site}_{uuid.uuid4().hex[:12]}"
-        wg = _open_group(d).require_group(wpath)
-        tmp = wg.create_group(tmp_name)
+        tmp = d / wpath / f"tmp_{site}_{uuid.uuid4().hex[:12]}"
+        ensure_groups(d, wpath, fmt)
         try:
-            _write_image(tmp, tczyx, name, channel_names, calibration, self._compressor())
+            self._write_image(tmp, fmt, tczyx, name, channel_names, calibration)
         except Exception:
-            shutil.rmtree(d / wpath / tmp_name, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         final = d / wpath / str(site)
         with plate_lock(d):
@@ -277,10 +262,10 @@ class ZarrPlateStore(LocalPlateStore):
             if final.exists():
                 trash = d / wpath / f"trash_{uuid.uuid4().hex[:12]}"
                 os.rename(final, trash)
-            os.rename(d / wpath / tmp_name, final)
+            os.rename(tmp, final)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
-            self._register_field(d, well, wpath, site, write_well_metadata)
+            self._register_field(d, fmt, well, wpath, site)
         self._images.pop((plate, f"{wpath}/{site}"), None)
         return f"{wpath}/{site}"
 
@@ -313,7 +298,7 @@ class ZarrPlateStore(LocalPlateStore):
         if not tables:
             return []
         d = self._existing_plate_dir(plate)
-        if "plate" not in _ome(_attrs_of(d) or {}):
+        if "plate" not in _ome(read_attrs(d) or {}):
             raise BackendError(f"cannot write plate tables {[t.name for t in tables]}: plate {plate!r} has no fields yet "
                                f"(NGFF plate metadata comes with its first field)")
         with plate_lock(d):
@@ -324,7 +309,7 @@ class ZarrPlateStore(LocalPlateStore):
         """``row/column`` of a well: the plate's own names when it has the well's
         row or column already (foreign plates may pad), else ``A/1`` style."""
         r, c = parse_well(well)
-        attrs = _attrs_of(d) or {}
+        attrs = read_attrs(d) or {}
         meta = _ome(attrs).get("plate", {})
         for w in meta.get("wells", []):
             rows = [str(x["name"]) for x in meta.get("rows", [])]
@@ -333,19 +318,16 @@ class ZarrPlateStore(LocalPlateStore):
                 return str(w["path"])
         return f"{format_well(r, 0)[:-2]}/{c + 1}"
 
-    def _register_field(self, d: Path, well: str, wpath: str, site: int, write_well_metadata: Any) -> None:
+    def _register_field(self, d: Path, fmt: int, well: str, wpath: str, site: int) -> None:
         """Add the field to its well's and the well to the plate's metadata
         (caller holds the plate lock)."""
-        from ome_zarr.writer import write_plate_metadata
-
-        root = _open_group(d)
-        wg = root.require_group(wpath)
-        images = _ome(dict(wg.attrs)).get("well", {}).get("images", [])
+        wattrs = read_attrs(d / wpath) or {}
+        images = _ome(wattrs).get("well", {}).get("images", [])
         paths = {str(im["path"]) for im in images}
         if str(site) not in paths:
             images = sorted(images + [{"path": str(site)}], key=lambda im: (not str(im["path"]).isdigit(), int(im["path"]) if str(im["path"]).isdigit() else 0, str(im["path"])))
-            write_well_metadata(wg, images)
-        attrs = dict(root.attrs)
+            write_group(d / wpath, fmt, well_attrs(fmt, images, wattrs))
+        attrs = read_attrs(d) or {}
         extra = attrs.get("fiji_bridge", {})
         meta = _ome(attrs).get("plate", {})
         rows = [str(x["name"]) for x in meta.get("rows", [])]
@@ -381,13 +363,51 @@ class ZarrPlateStore(LocalPlateStore):
                 and wells == [str(w["path"]) for w in meta.get("wells", [])]
                 and field_count == meta.get("field_count") and name == meta.get("name"))
         if not same:  # a new well, row, column or field index: rewrite the plate's metadata
-            write_plate_metadata(root, rows, cols, wells, name=name, field_count=field_count)
+            write_group(d, fmt, plate_attrs(fmt, rows, cols, wells, name=name, field_count=field_count, existing=attrs,
+                                            acquisitions=meta.get("acquisitions")))
 
     def _write_planes(self, plate: str, rel: str, info: FieldInfo, planes: Sequence[tuple[int, int, int, np.ndarray]]) -> None:
         arr, axes = self._image(plate, rel)
         for t, z, c, p in planes:
             at = {"t": t, "z": z, "c": c}
             arr[tuple(at[a] if a in at else slice(None) for a in axes)] = p
+
+    def _write_image(self, tmp: Path, fmt: int, tczyx: np.ndarray, name: str, channel_names: Sequence[str],
+                     calibration: Calibration) -> None:
+        """One OME-Zarr image (one resolution level ``s0``) at ``tmp``: the
+        group and its NGFF metadata (:mod:`.ngff_meta`: axes, scale and
+        translation, ``omero``), the array's metadata as zarr writes it
+        (:class:`~.zarr_chunks.ArrayTemplates`), then the pixels, one chunk a
+        plane (:func:`~.zarr_chunks.write_planes`)."""
+        t, c, z, y, x = tczyx.shape
+        scale, units = _scale_units(calibration)
+        datasets = [{"path": "s0", "coordinateTransformations": [
+            {"type": "scale", "scale": [scale[a] for a in _AXES]},
+            {"type": "translation", "translation": [0.0] * len(_AXES)},
+        ]}]
+        axes = [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space"), **({"unit": units[a]} if a in units else {})}
+                for a in _AXES]
+        write_group(tmp, fmt, image_attrs(fmt, datasets=datasets, axes=axes, name=name,
+                                          omero=_omero_meta(tczyx, channel_names, name)),
+                    atomic=False)  # the folder joins the plate by its rename
+        compressor = self._compressor()
+        kwargs: dict[str, Any] = dict(shape=tczyx.shape, dtype=tczyx.dtype, chunks=(1, 1, 1, min(y, 4096), min(x, 4096)),
+                                      compressors=[compressor], fill_value=0)
+        if fmt == 3:
+            kwargs["dimension_names"] = list(_AXES)
+            kwargs["chunk_key_encoding"] = {"name": "default", "separator": "/"}
+        else:
+            kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+
+        def create() -> Any:
+            return zarr.open_group(str(tmp), mode="r+", zarr_format=fmt, use_consolidated=False).create_array("s0", **kwargs)
+
+        kind = (fmt, tczyx.shape, tczyx.dtype.str, kwargs["chunks"], self.compression)
+        meta = self._arrays.make(kind, tmp / "s0", create)
+        if y <= 4096 and x <= 4096:
+            write_planes(tmp / "s0", tczyx, blosc_of(compressor), meta.encode_chunk_key)
+        else:  # planes of several chunks: zarr's own writer
+            zarr.open_array(str(tmp / "s0"), mode="r+", zarr_format=fmt)[...] = tczyx
 
     def _grow_field(self, plate: str, rel: str, info: FieldInfo, shape: tuple[int, ...]) -> None:
         arr, axes = self._image(plate, rel)
@@ -410,95 +430,6 @@ class ZarrPlateStore(LocalPlateStore):
                 else:
                     g.attrs["omero"] = ome["omero"]
         self._images.pop((plate, rel), None)
-
-
-# ----------------------------------------------------------------- pixels + metadata
-
-
-def _write_image(group: Any, tczyx: np.ndarray, name: str, channel_names: Sequence[str], calibration: Calibration,
-                 compressor: Any) -> None:
-    """One OME-Zarr image (one resolution level ``s0``) in ``group``: the
-    pixels (:func:`_write_planes_fast`), then the metadata ome-zarr-py's own
-    writers make (``write_multiscales_metadata``: axes, scale and
-    translation; ``omero``), the same as ``write_image`` wrote."""
-    from ome_zarr.format import FormatV04, FormatV05
-    from ome_zarr.writer import add_metadata, write_multiscales_metadata
-
-    v3 = group.metadata.zarr_format == 3
-    t, c, z, y, x = tczyx.shape
-    kwargs: dict[str, Any] = dict(shape=tczyx.shape, dtype=tczyx.dtype, chunks=(1, 1, 1, min(y, 4096), min(x, 4096)),
-                                  compressors=[compressor], fill_value=0)
-    if v3:
-        kwargs["dimension_names"] = list(_AXES)
-        kwargs["chunk_key_encoding"] = {"name": "default", "separator": "/"}
-    else:
-        kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
-    arr = group.create_array("s0", **kwargs)
-    if y <= 4096 and x <= 4096:
-        _write_planes_fast(arr, group, tczyx, compressor)
-    else:  # planes of several chunks: zarr's own writer
-        arr[...] = tczyx
-    scale, units = _scale_units(calibration)
-    fmt = FormatV05() if v3 else FormatV04()
-    datasets = [{"path": "s0", "coordinateTransformations": [
-        {"type": "scale", "scale": [scale[a] for a in _AXES]},
-        {"type": "translation", "translation": [0.0] * len(_AXES)},
-    ]}]
-    axes = [{"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space"), **({"unit": units[a]} if a in units else {})}
-            for a in _AXES]
-    write_multiscales_metadata(group, datasets=datasets, fmt=fmt, axes=axes, name=name)
-    omero = _omero_meta(tczyx, channel_names, name)
-    if v3:
-        add_metadata(group, {"omero": dict(omero, version=fmt.version)})
-    else:
-        group.attrs["omero"] = omero
-
-
-def _write_planes_fast(arr: Any, group: Any, tczyx: np.ndarray, compressor: Any) -> None:
-    """Every plane (one chunk each) compressed with the array's own Blosc
-    settings and written as the chunk file zarr names it, planes in parallel
-    threads (Blosc releases the GIL). zarr 3's asyncio write path costs about
-    3x the compression itself here (0.15 against 0.5-0.9 GB/s on 2 cores for
-    1024x1024 uint16); the bytes are what zarr writes: v2 a Blosc frame, v3
-    the ``bytes`` (little endian) + ``blosc`` codecs' output. Chunks that are
-    all zero are not written (zarr's default: they read as the fill value)."""
-    from numcodecs import Blosc
-
-    if isinstance(compressor, Blosc):
-        codec = compressor
-    else:  # zarr v3 BloscCodec -> the numcodecs Blosc it wraps (same frame)
-        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-        codec = Blosc(cname=str(compressor.cname.value if hasattr(compressor.cname, "value") else compressor.cname),
-                      clevel=int(compressor.clevel),
-                      shuffle=shuffle[str(compressor.shuffle.value if hasattr(compressor.shuffle, "value") else compressor.shuffle)])
-    root = Path(str(group.store.root)) / group.path / "s0"
-    le = tczyx.astype(tczyx.dtype.newbyteorder("<"), copy=False)
-    t, c, z = tczyx.shape[:3]
-
-    def one(i: int) -> None:
-        ti, rest = divmod(i, c * z)
-        ci, zi = divmod(rest, z)
-        plane = le[ti, ci, zi]
-        if not plane.any():
-            return
-        path = root / arr.metadata.encode_chunk_key((ti, ci, zi, 0, 0))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(codec.encode(plane))
-
-    list(_writer_pool().map(one, range(t * c * z)))
-
-
-_POOL: Optional[Any] = None
-
-
-def _writer_pool() -> Any:
-    """Threads compressing and writing planes, shared by the stores of a process."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="zarr-planes")
-    return _POOL
 
 
 # ----------------------------------------------------------------- metadata

@@ -158,6 +158,9 @@ def bench_omero_write(planes: int = 8) -> list[str]:
             b.close(), r.close()
         finally:
             srv.unregister()
+    return lines
+
+
 ROUNDS = 3
 
 
@@ -294,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         ):
             for line in bench_store(name, make, wells, a.fields, a.c, a.z, a.size):
                 print(line, flush=True)
-    print("== OMERO write path (test double, uint16 planes)")
-    for line in bench_omero_write():
-        print(line, flush=True)
+        print("== OMERO write path (test double, uint16 planes)")
+        for line in bench_omero_write():
+            print(line, flush=True)
         print(f"== OME-Zarr writer and NGFF outputs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         for line in bench_zarr_writes(Path(tmp) / "writes", a.wells * a.fields // 2 or 1, a.c, a.z, a.size):
             print(line, flush=True)

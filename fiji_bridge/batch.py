@@ -52,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -136,6 +136,70 @@ def _resolve_out(plate_uri: str, src_id: str, macro: Macro, out_uri: Optional[st
 # --------------------------------------------------------------------------- the batch
 
 
+def _early_engines(workers: int) -> Any:
+    """The batch's engine workers, started before its plates are opened (as
+    many as the cores allow; :meth:`~fiji_bridge.batch_engines.BatchEngines.trim`
+    takes them down to the units once those are known)."""
+    from .batch_engines import BatchEngines, engines_for
+
+    return BatchEngines(engines_for(int(workers), 1 << 30), asked=int(workers)).start()
+
+
+class _Plates(NamedTuple):
+    """The plates of a batch: the source, its units, the derived plate."""
+
+    src_backend: Any
+    src_id: str
+    structure: Any
+    units: list[tuple[str, int]]
+    well_order: dict[str, int]
+    derived_uri: str
+    dst_backend: Any
+    dst_id: str
+    exists: bool  # the derived plate exists already (resume)
+    done_before: set[tuple[str, int]]  # units it has done
+
+
+def _open_plates(plate_uri: str, m: Macro, wells: Any, out_uri: Optional[str], resume: bool) -> _Plates:
+    """The source plate and its units (of ``wells``), the derived plate and
+    the units it has done already."""
+    from .backends import BackendError, open_plate
+
+    src_backend, src_id = open_plate(plate_uri)
+    if not src_id:
+        raise BatchError(f"{plate_uri!r} names a store, not a plate")
+    try:
+        structure = src_backend.plate_structure(src_id)
+    except BackendError as e:
+        raise BatchError(f"cannot read plate {plate_uri!r}: {e}") from e
+    units = structure.units()
+    if wells not in (None, "all", "", ["all"]):
+        wanted = [normalize_well(w) for w in (wells.split(",") if isinstance(wells, str) else wells) if str(w).strip()]
+        unknown = [w for w in wanted if w not in structure.wells]
+        if unknown:
+            raise BatchError(f"well(s) {', '.join(unknown)} not in plate {src_id!r} (it has {', '.join(structure.wells)})")
+        units = [u for u in units if u[0] in set(wanted)]
+    if not units:
+        raise BatchError(f"plate {src_id!r} has no fields to process")
+    well_order = {w: i for i, w in enumerate(structure.wells)}
+
+    derived_uri = _resolve_out(plate_uri, src_id, m, out_uri)
+    dst_backend, dst_id = open_plate(derived_uri)
+    exists = dst_backend.exists(f"/{dst_backend.scheme}/plate_{dst_id}")
+    if exists and not resume:
+        raise BatchError(
+            f"the derived plate {derived_uri} exists already: use --resume to finish it, "
+            f"or --out to write another plate"
+        )
+    done_before: set[tuple[str, int]] = set()
+    if exists:
+        for w, s in units:
+            marker = read_marker(dst_backend, dst_id, w, s)
+            if marker and marker.get("status") == "done":
+                done_before.add((w, s))
+    return _Plates(src_backend, src_id, structure, units, well_order, derived_uri, dst_backend, dst_id, exists, done_before)
+
+
 class _Progress:
     """Rich progress on a terminal, plain log lines otherwise."""
 
@@ -213,46 +277,21 @@ def run_batch(
     is then the source field when the macro leaves no other image;
     ``labels_to_source``: write them into the source plate's fields too.
     """
-    from .backends import BackendError, open_plate
-
     t_start = time.perf_counter()
     m = macro if isinstance(macro, Macro) else resolve(macro)
     values = m.check(args)  # MacroArgumentError before anything runs
     code = m.bind(args)
     specs = parse_label_specs(labels) if labels else declared_labels(m.code)
 
-    src_backend, src_id = open_plate(plate_uri)
-    if not src_id:
-        raise BatchError(f"{plate_uri!r} names a store, not a plate")
+    # this batch's own engine workers start first: their JVMs come up while the plate opens
+    early = _early_engines(workers) if scheduler is None and not ports and not resume else None
     try:
-        structure = src_backend.plate_structure(src_id)
-    except BackendError as e:
-        raise BatchError(f"cannot read plate {plate_uri!r}: {e}") from e
-    units = structure.units()
-    if wells not in (None, "all", "", ["all"]):
-        wanted = [normalize_well(w) for w in (wells.split(",") if isinstance(wells, str) else wells) if str(w).strip()]
-        unknown = [w for w in wanted if w not in structure.wells]
-        if unknown:
-            raise BatchError(f"well(s) {', '.join(unknown)} not in plate {src_id!r} (it has {', '.join(structure.wells)})")
-        units = [u for u in units if u[0] in set(wanted)]
-    if not units:
-        raise BatchError(f"plate {src_id!r} has no fields to process")
-    well_order = {w: i for i, w in enumerate(structure.wells)}
-
-    derived_uri = _resolve_out(plate_uri, src_id, m, out_uri)
-    dst_backend, dst_id = open_plate(derived_uri)
-    exists = dst_backend.exists(f"/{dst_backend.scheme}/plate_{dst_id}")
-    if exists and not resume:
-        raise BatchError(
-            f"the derived plate {derived_uri} exists already: use --resume to finish it, "
-            f"or --out to write another plate"
-        )
-    done_before: set[tuple[str, int]] = set()
-    if exists:
-        for w, s in units:
-            marker = read_marker(dst_backend, dst_id, w, s)
-            if marker and marker.get("status") == "done":
-                done_before.add((w, s))
+        src_backend, src_id, structure, units, well_order, derived_uri, dst_backend, dst_id, exists, done_before = \
+            _open_plates(plate_uri, m, wells, out_uri, resume)
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
     pending = [u for u in units if u not in done_before]
 
     provenance = {
@@ -268,23 +307,30 @@ def run_batch(
     }
     state: dict[str, Any] = {"plate": dst_id if exists else None, "uploader": None}
     remote = bool(getattr(dst_backend, "is_remote", False))
+    problem = None
     if labels_to_source and (not specs or getattr(src_backend, "is_remote", False)):
-        raise BatchError("--labels-to-source needs --labels (or the macro's 'Output labels:') and a local source plate")
-    if specs and remote:
-        raise BatchError(f"--labels: label images go to OME-Zarr or OME-TIFF derived plates; "
-                         f"{type(dst_backend).__name__} does not store them yet (use --out zarr:///path/plate.zarr)")
+        problem = "--labels-to-source needs --labels (or the macro's 'Output labels:') and a local source plate"
+    elif specs and remote:
+        problem = (f"--labels: label images go to OME-Zarr or OME-TIFF derived plates; "
+                   f"{type(dst_backend).__name__} does not store them yet (use --out zarr:///path/plate.zarr)")
+    if problem is not None:
+        if early is not None:
+            early.close()
+        raise BatchError(problem)
     failures: list[dict] = []
     counts = {"done": 0, "failed": 0}
     engines = None
-    if pending and scheduler is None and not ports:  # this batch's own engine workers: their JVMs start now
+    if pending and scheduler is None and not ports:  # this batch's own engine workers
         from .batch_engines import BatchEngines, engines_for
 
         n_engines = engines_for(int(workers), len(pending))  # no idle JVMs, none beyond the cores
         if n_engines < int(workers):
             log.warning("starting %d engine worker(s) of the %d asked: %s", n_engines, int(workers),
                         "no more than units to run" if n_engines == len(pending) else "no more than the cores left beside the batch's writer")
-        engines = BatchEngines(n_engines, asked=int(workers)).start()
-    warm = _prewarm(dst_backend)
+        engines = early.trim(n_engines) if early is not None else BatchEngines(n_engines, asked=int(workers)).start()
+    elif early is not None:
+        early.close()
+    warm = _Prewarm(dst_backend)  # started by the first unit's outcome
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
 
     def ensure_plate(imagej: str) -> str:
@@ -300,6 +346,7 @@ def run_batch(
 
     def emit(o: UnitOutcome) -> None:
         """The single writer: outputs, then the unit's marker."""
+        warm.start()
         pid = ensure_plate(o.imagej)
         up = state["uploader"]
         requires: list[str] = []
@@ -379,27 +426,39 @@ def run_batch(
 
 
 #: modules a derived plate's NGFF tables (plate tables, labels) need, by
-#: store class: imported while the JVMs start, when a core is mostly idle
-#: (ngio pulls in dask, xarray and pandas: about 1.3 CPU-s; the plate tables
-#: at the end would otherwise wait for it). Images, CSV tables and the NGFF
-#: metadata need none of them.
+#: store class (ngio pulls in dask, xarray and pandas: about 1.7 CPU-s).
+#: Images, CSV tables and the NGFF metadata need none of them.
 _WRITE_MODULES = {"ZarrPlateStore": ("ngio", "ngio.tables")}
 
 
-def _prewarm(backend: Any) -> threading.Thread:
-    """Import what writing to ``backend`` will need, in the background."""
-    import importlib
+class _Prewarm:
+    """Imports what writing to a store will need (:data:`_WRITE_MODULES`),
+    in a thread started once the first unit is done: the plate tables at
+    the end would otherwise wait for it, and started earlier it would take
+    the CPU the JVMs start with (measured on 2 cores: the first unit 1.5 s
+    later), while a batch that runs leaves part of a core free."""
 
-    def run() -> None:
-        for name in _WRITE_MODULES.get(type(backend).__name__, ()):
+    def __init__(self, backend: Any) -> None:
+        self.names = _WRITE_MODULES.get(type(backend).__name__, ())
+        self._t: Optional[threading.Thread] = None
+
+    def _run(self) -> None:
+        import importlib
+
+        for name in self.names:
             try:
                 importlib.import_module(name)
             except Exception:  # pragma: no cover - the write itself reports it
                 pass
 
-    t = threading.Thread(target=run, daemon=True, name="fiji-bridge-prewarm")
-    t.start()
-    return t
+    def start(self) -> None:
+        if self._t is None and self.names:
+            self._t = threading.Thread(target=self._run, daemon=True, name="fiji-bridge-prewarm")
+            self._t.start()
+
+    def join(self) -> None:
+        if self._t is not None:
+            self._t.join()
 
 
 def _close_in_background(engines: Any) -> threading.Thread:

@@ -128,6 +128,19 @@ class BatchEngines:
             self.sups.append(sup)
         return self
 
+    def trim(self, n: int) -> "BatchEngines":
+        """Keep the first ``n`` workers (at least one), stopping the others:
+        a batch starts its JVMs before it knows how many units it has."""
+        n = max(1, int(n))
+        extra, self.sups = self.sups[n:], self.sups[:n]
+        for sup in extra:
+            try:
+                sup.close()
+            except Exception:  # pragma: no cover - best effort
+                log.exception("stopping an engine worker failed")
+        self.n = len(self.sups)
+        return self
+
     def describe(self) -> str:
         opts = f" ({' '.join(self.java_options)})" if self.java_options else ""
         capped = (f"; {self.asked} asked, {self.n} started: {usable_cores()} core(s), one kept for the batch's writer"

@@ -214,3 +214,38 @@ def test_engines_close_their_processes_and_segments(monkeypatch):
         assert not Path(f"/proc/{p}").exists() or b"zombie" in Path(f"/proc/{p}/status").read_bytes().lower()
     assert not [s for s in os.listdir("/dev/shm") if s.startswith((f"fjbs_{os.getpid()}_", f"fjbw_{os.getpid()}_"))]
     json.dumps(engines.describe())
+
+
+@pytest.mark.timeout(120)
+def test_jvms_started_before_the_plates_open_stop_when_they_cannot(synthetic, tmp_path, monkeypatch):
+    """A batch starts its JVMs before it opens its plates; when the plates
+    say no (the derived plate exists, an unknown well), it stops them: no
+    JVM and no shared memory is left, and the error is the plates'."""
+    from fiji_bridge.batch import BatchError
+
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "3")  # two JVMs start: both must go
+    _, uri, _ = synthetic
+    out = tmp_path / "exists.zarr"
+    ZarrPlateStore = type(open_plate(uri)[0])
+    ZarrPlateStore(tmp_path).create_plate("exists")
+    with pytest.raises(BatchError, match="exists already"):
+        run_batch(uri, "nuclei_count", {"channel": 1}, out_uri=f"zarr://{out}", workers=2, progress=False)
+    with pytest.raises(BatchError, match="not in plate"):
+        run_batch(uri, "nuclei_count", {"channel": 1}, out_uri=f"zarr://{tmp_path}/new.zarr", wells="H12",
+                  workers=2, progress=False)
+    deadline = time.monotonic() + 10
+    while engine_workers_of(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_workers_of(os.getpid()) == []
+    assert not [s for s in os.listdir("/dev/shm") if s.startswith((f"fjbs_{os.getpid()}_", f"fjbw_{os.getpid()}_"))]
+
+
+@pytest.mark.timeout(120)
+def test_trim_keeps_the_first_workers_and_stops_the_rest(monkeypatch):
+    monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "4")
+    with BatchEngines(3) as engines:
+        pids = [s.pid for s in engines.sups]
+        assert engines.trim(1) is engines and engines.n == 1 and [s.pid for s in engines.sups] == pids[:1]
+        for p in pids[1:]:
+            assert not Path(f"/proc/{p}").exists() or b"zombie" in Path(f"/proc/{p}/status").read_bytes().lower()
+        assert Path(f"/proc/{pids[0]}").exists()

@@ -114,15 +114,22 @@ def write_planes(root: Path, data: np.ndarray, codec: Any, chunk_key: Callable[[
     list(writer_pool().map(one, _plane_indices(data.shape)))
 
 
-def read_planes(arr: Any) -> Optional[np.ndarray]:
+def read_planes(arr: Any, out: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """The whole zarr array ``arr`` (opened from a local folder), read chunk
     file by chunk file, or None when :func:`plane_codec` does not know its
-    layout. A missing chunk reads as the fill value."""
+    layout. A missing chunk reads as the fill value. ``out``: where to put
+    it (the array's shape and dtype; each (y, x) plane contiguous, as in a
+    transposed view of a field in another axis order), else a new array."""
     codec = plane_codec(arr)
     if codec is None:
         return None
     root = Path(str(arr.store.root)) / arr.path
-    out = np.empty(arr.shape, dtype=np.dtype(arr.dtype).newbyteorder("="))
+    dtype = np.dtype(arr.dtype).newbyteorder("=")
+    if out is None:
+        out = np.empty(arr.shape, dtype=dtype)
+    elif out.shape != tuple(arr.shape) or out.dtype != dtype or not out[(0,) * (out.ndim - 2)].flags.c_contiguous:
+        raise ValueError(f"read_planes: out is {out.shape} {out.dtype}, the array {tuple(arr.shape)} {dtype} "
+                         f"(with contiguous planes)")
     fill = arr.metadata.fill_value
     encode = arr.metadata.encode_chunk_key
 

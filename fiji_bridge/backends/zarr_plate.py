@@ -196,7 +196,12 @@ class ZarrPlateStore(LocalPlateStore):
 
     def _read_field(self, plate: str, rel: str) -> np.ndarray:
         arr, axes = self._image(plate, rel)
-        data = read_planes(arr)  # the store's own layout, chunk file by chunk file
+        if axes == _AXES:  # the store's own axes: planes decoded straight into the TZCYX field
+            t, c, z, y, x = arr.shape
+            field = np.empty((t, z, c, y, x), dtype=np.dtype(arr.dtype).newbyteorder("="))
+            if read_planes(arr, out=field.transpose(0, 2, 1, 3, 4)) is not None:
+                return field
+        data = read_planes(arr)  # chunk file by chunk file where the layout allows
         if data is None:  # another layout: zarr reads it
             data = np.asarray(arr[...])
         missing = [a for a in _AXES if a not in axes]

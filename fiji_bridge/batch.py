@@ -330,7 +330,7 @@ def run_batch(
         engines = early.trim(n_engines) if early is not None else BatchEngines(n_engines, asked=int(workers)).start()
     elif early is not None:
         early.close()
-    warm = _Prewarm(dst_backend)  # started by the first unit's outcome
+    ngff = _NgffWriting(dst_backend, labels=bool(specs))  # started by the first unit's outcome
     prog = _Progress(len(pending), len(done_before), progress, f"{m.name} on {src_id}")
 
     def ensure_plate(imagej: str) -> str:
@@ -346,7 +346,7 @@ def run_batch(
 
     def emit(o: UnitOutcome) -> None:
         """The single writer: outputs, then the unit's marker."""
-        warm.start()
+        ngff.start()
         pid = ensure_plate(o.imagej)
         up = state["uploader"]
         requires: list[str] = []
@@ -402,7 +402,6 @@ def run_batch(
     finally:
         prog.close()
         closing = _close_in_background(engines)
-    warm.join()
     pid = ensure_plate("")
     if pid != dst_id:  # a store that numbers its plates (OMERO): name the plate that was made
         from .backends import PlateURI
@@ -410,7 +409,10 @@ def run_batch(
         derived_uri = str(PlateURI.parse(derived_uri).with_plate(pid))
     up = state["uploader"]
     if up is None:
-        tables = assemble(dst_backend, pid, units, well_order, failures, known=written_now)
+        try:
+            tables = assemble(dst_backend, pid, units, well_order, failures, known=written_now, ngff_writer=ngff.writer())
+        finally:
+            ngff.close()
         closing.join()
         report = _report(plate_uri, derived_uri, pid, m, values, units, counts, done_before, failures, tables,
                          t_start, where)
@@ -425,40 +427,61 @@ def run_batch(
                                                  failures, tables, t_start, where))
 
 
-#: modules a derived plate's NGFF tables (plate tables, labels) need, by
-#: store class (ngio pulls in dask, xarray and pandas: about 1.7 CPU-s).
-#: Images, CSV tables and the NGFF metadata need none of them.
-_WRITE_MODULES = {"ZarrPlateStore": ("ngio", "ngio.tables")}
+class _NgffWriting:
+    """Gets ngio ready for the derived plate's NGFF tables and labels, once
+    the first unit is done (ngio pulls in dask, xarray, pandas and anndata:
+    about 1.7 CPU-s; started before, it takes the CPU the JVMs start with:
+    measured on 2 cores, the first unit 1.5 s later):
 
+    * a batch that writes label images (per unit, in this process) imports
+      ngio in a thread;
+    * otherwise only the plate tables at the end need ngio: a
+      :class:`~fiji_bridge.backends.ngff_tables.TableWriterProcess` is
+      started, at the lowest priority, and imports it on the cores the JVMs
+      leave idle; :meth:`writer` gives it to :func:`~fiji_bridge.batch_tables.assemble`.
 
-class _Prewarm:
-    """Imports what writing to a store will need (:data:`_WRITE_MODULES`),
-    in a thread started once the first unit is done: the plate tables at
-    the end would otherwise wait for it, and started earlier it would take
-    the CPU the JVMs start with (measured on 2 cores: the first unit 1.5 s
-    later), while a batch that runs leaves part of a core free."""
+    Stores without NGFF tables (OME-TIFF, OMERO) need neither."""
 
-    def __init__(self, backend: Any) -> None:
-        self.names = _WRITE_MODULES.get(type(backend).__name__, ())
-        self._t: Optional[threading.Thread] = None
+    def __init__(self, backend: Any, labels: bool) -> None:
+        from .backends.zarr_plate import ZarrPlateStore
 
-    def _run(self) -> None:
-        import importlib
-
-        for name in self.names:
-            try:
-                importlib.import_module(name)
-            except Exception:  # pragma: no cover - the write itself reports it
-                pass
+        self.ngff = isinstance(backend, ZarrPlateStore)
+        self.labels = labels
+        self._thread: Optional[threading.Thread] = None
+        self._writer: Any = None
+        self._started = False
 
     def start(self) -> None:
-        if self._t is None and self.names:
-            self._t = threading.Thread(target=self._run, daemon=True, name="fiji-bridge-prewarm")
-            self._t.start()
+        if self._started or not self.ngff:
+            return
+        self._started = True
+        if self.labels:
+            self._thread = threading.Thread(target=_import_ngio, daemon=True, name="fiji-bridge-ngio")
+            self._thread.start()
+            return
+        from .backends.ngff_tables import TableWriterProcess
 
-    def join(self) -> None:
-        if self._t is not None:
-            self._t.join()
+        try:
+            self._writer = TableWriterProcess()
+        except OSError as e:  # pragma: no cover - no process to spare: the tables are written here
+            log.warning("no table writer process (%s): the NGFF plate tables are written in this one", e)
+
+    def writer(self) -> Any:
+        """The writer process for the plate tables (None: write them here)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _import_ngio() -> None:
+    try:
+        import ngio.tables  # noqa: F401
+    except Exception:  # pragma: no cover - the write itself reports it
+        pass
 
 
 def _close_in_background(engines: Any) -> threading.Thread:

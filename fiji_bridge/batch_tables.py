@@ -67,12 +67,15 @@ def read_marker(backend: Any, plate: str, well: str, site: int) -> Optional[dict
 
 def assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_order: Mapping[str, int],
               failures: list[dict], save_table: Optional[Callable[[str, str, str], str]] = None,
-              known: Optional[Mapping[tuple[str, int], tuple[dict, Mapping[str, str]]]] = None) -> dict[str, str]:
+              known: Optional[Mapping[tuple[str, int], tuple[dict, Mapping[str, str]]]] = None,
+              ngff_writer: Any = None) -> dict[str, str]:
     """Plate tables from the per-unit tables of every done unit (in plate
     order: well, field, row), per-well summaries, and the failures table.
     ``save_table(plate, name, text) -> path`` writes them (default: the backend's).
     ``known``: (marker, {table: CSV text}) of units this run wrote, exactly
-    as written: those are not read back; the others (earlier runs) are."""
+    as written: those are not read back; the others (earlier runs) are.
+    ``ngff_writer``: the process that writes the NGFF copies of the plate
+    tables (:class:`~fiji_bridge.backends.ngff_tables.TableWriterProcess`)."""
     save_table = save_table or backend.save_table
     known = known or {}
     per_table: dict[str, list[tuple[tuple[int, int], list[str], list[list[str]]]]] = {}
@@ -107,7 +110,7 @@ def assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_or
         ngff[name] = (header, rows)
         ngff[f"{name}_per_well"] = _csv_rows(per_well)
     try:
-        save_plate_ngff(backend, plate, ngff)
+        save_plate_ngff(backend, plate, ngff, writer=ngff_writer)
     except Exception as e:  # the CSV tables are written: say so, keep the batch's result
         log.error("could not write the plate tables for the NGFF tools: %s", e)
     # failures from this run first, then units still failed from earlier runs

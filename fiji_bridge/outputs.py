@@ -341,10 +341,13 @@ def _rows(columns: Mapping[str, Any]) -> int:
     return max((len(v) for v in columns.values()), default=0)
 
 
-def save_plate_ngff(backend: Any, plate: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]) -> list[str]:
+def save_plate_ngff(backend: Any, plate: str, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]],
+                    writer: Any = None) -> list[str]:
     """Plate-level tables (name -> CSV header and rows, as the batch assembles
     them) as typed tables for the NGFF tools, on stores that hold them;
-    numeric columns become numbers. Returns where they went ([] otherwise)."""
+    numeric columns become numbers. Returns where they went ([] otherwise).
+    ``writer``: a :class:`~fiji_bridge.backends.ngff_tables.TableWriterProcess`
+    to write them (an OME-Zarr store's)."""
     from .backends.base import ObjectTable
 
     if not tables or not _has_ngff(backend):
@@ -356,7 +359,7 @@ def save_plate_ngff(backend: Any, plate: str, tables: Mapping[str, tuple[Sequenc
             vals = [r[i] if i < len(r) else "" for r in rows]
             cols[h] = _numeric(vals)
         out.append(ObjectTable(slug(name), cols))
-    return backend.save_plate_tables(plate, out)
+    return backend.save_plate_tables(plate, out, writer=writer) if writer is not None else backend.save_plate_tables(plate, out)
 
 
 def _numeric(vals: list[str]) -> list:

@@ -127,6 +127,12 @@ def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge, monkeypat
     # the truth of the synthetic plate, independently of both paths
     backend, pid = open_plate(one.derived)
     counts = list(csv.DictReader(io.StringIO(backend.load(one.tables["Counts"]))))
+    # the NGFF copy of a plate table (written by the batch's table writer process) is the CSV's, as ngio reads it
+    import ngio
+
+    ngff = ngio.open_ome_zarr_plate(str(backend.plate_dir(pid))).get_table("counts").dataframe.reset_index()
+    assert [int(v) for v in ngff["Count"]] == [int(float(r["Count"])) for r in counts]
+    assert list(ngff["well"]) == [r["well"] for r in counts]
     # the plate tables assembled from this run's tables in memory are those read back from the store
     from fiji_bridge.batch_tables import assemble
 

@@ -304,3 +304,36 @@ def test_macro_rois_become_roi_tables_and_labels(data_dir, tmp_path, bridge, kin
         # the ROI table's boxes are the objects' bounding boxes
         for c in ("x_micrometer", "y_micrometer", "len_x_micrometer", "len_y_micrometer"):
             np.testing.assert_allclose(rois[c].to_numpy(float), masking[c].to_numpy(float))
+
+
+@pytest.mark.timeout(120)
+def test_table_writer_process_writes_what_ngio_reads(tmp_path):
+    """Plate tables through the low-priority writer process: ngio reads what
+    was sent; it writes once; a child that died leaves the writing to the
+    caller's process; ngio's refusal comes back as the error."""
+    from fiji_bridge.backends.base import BackendError, ObjectTable
+    from fiji_bridge.backends.ngff_tables import TableWriterProcess
+    from fiji_bridge.backends.zarr_plate import ZarrPlateStore
+    import os
+
+    st = ZarrPlateStore(tmp_path)
+    pid = st.create_plate("p")
+    st.save_field(pid, "A01", 0, np.ones((1, 1, 1, 8, 8), np.uint16))
+    cols = {"well": ["A01", "B02"], "Count": [3, 5], "MeanArea": [1.5, float("nan")]}
+    w = TableWriterProcess()
+    assert os.getpriority(os.PRIO_PROCESS, w.proc.pid) == 19
+    st.save_plate_tables(pid, [ObjectTable("counts", cols)], writer=w)
+    df = ngio.open_ome_zarr_plate(str(tmp_path / "p.zarr")).get_table("counts").dataframe.reset_index()
+    assert list(df["well"]) == cols["well"] and list(df["Count"]) == cols["Count"]
+    assert df["MeanArea"].iloc[0] == 1.5 and np.isnan(df["MeanArea"].iloc[1])
+    with pytest.raises(BackendError, match="already"):
+        w.write(tmp_path / "p.zarr", [ObjectTable("again", cols)], plate=True)
+
+    dead = TableWriterProcess()
+    dead.proc.kill()
+    dead.proc.wait()
+    st.save_plate_tables(pid, [ObjectTable("other", {"x": [1.0, 2.0]})], writer=dead)
+    assert "other" in ngio.open_ome_zarr_plate(str(tmp_path / "p.zarr")).list_tables()
+
+    with pytest.raises(BackendError, match="cannot write tables"):
+        TableWriterProcess().write(tmp_path / "not_a_plate", [ObjectTable("t", cols)], plate=True)

@@ -16,18 +16,30 @@ backend; an AnnData table takes ~8x as long to write: ~100 ms against
 ~12 ms), ``anndata`` or ``csv`` on request. The NGFF version (0.4 / 0.5) follows the
 image's. A label that is a projection of a Z stack (one plane per T) is
 stored with Z = 1.
+
+:class:`TableWriterProcess` writes tables with ngio in a child process at
+the lowest CPU priority: importing ngio costs about 1.7 CPU-seconds (dask,
+xarray, pandas, anndata), which a batch that only needs its plate tables at
+the end spends on the cores its JVMs leave idle, not on theirs.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .base import BackendError, ObjectTable
 
-__all__ = ["TABLE_BACKENDS", "write_label", "write_tables"]
+__all__ = ["TABLE_BACKENDS", "TableWriterProcess", "write_label", "write_tables"]
+
+log = logging.getLogger("fiji_bridge.backends")
 
 #: ngio table storage backends
 TABLE_BACKENDS = ("anndata", "parquet", "csv")
@@ -132,3 +144,86 @@ def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool 
         raise
     except Exception as e:
         raise BackendError(f"cannot write tables {[t.name for t in tables]} in {group_dir}: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------- a child process that writes tables
+
+
+class TableWriterProcess:
+    """A child process (``python -m fiji_bridge.backends.ngff_tables``, at
+    nice 19) that imports ngio at once and then writes one set of tables
+    with :func:`write_tables`: :meth:`write` sends them and waits. It exits
+    after that write, or when its parent goes (its stdin closes)."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = subprocess.Popen(
+            [sys.executable, "-m", "fiji_bridge.backends.ngff_tables"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
+        except OSError:  # pragma: no cover - gone already, or not permitted: it still writes
+            pass
+
+    def write(self, group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool = False, backend: str = "parquet",
+              timeout: float = 600) -> None:
+        """As :func:`write_tables`, in the child (once). Raises BackendError
+        with ngio's reason when the tables could not be written; a child that
+        died before it answered leaves the writing to this process."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            raise BackendError("this table writer process has written its tables already")
+        doc = {"group": str(group_dir), "plate": plate, "backend": backend,
+               "tables": [{"name": t.name, "kind": t.kind, "label": t.label,
+                           "columns": {k: np.asarray(v).tolist() for k, v in t.columns.items()}} for t in tables]}
+        try:
+            out, err = proc.communicate(json.dumps(doc).encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise BackendError(f"the table writer process took more than {timeout:.0f} s") from None
+        try:
+            reply = json.loads(out.decode() or "{}")
+        except ValueError:
+            reply = {}
+        if reply.get("ok") and proc.returncode == 0:
+            return
+        if "error" in reply:  # the tables themselves: ngio said why
+            raise BackendError(str(reply["error"]))
+        # the child died before it could answer (killed, no ngio...): write them here
+        last = err.decode(errors="replace").strip().splitlines()[-1:]
+        log.warning("the table writer process ended (exit %s%s): writing the tables in this process",
+                    proc.returncode, f": {last[0]}" if last else "")
+        write_tables(group_dir, tables, plate=plate, backend=backend)
+
+    def close(self) -> None:
+        """Stop the child if it has not written (a batch that ends without tables)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.communicate()
+
+
+def _serve() -> int:
+    """The child of :class:`TableWriterProcess`: ngio first, then one request."""
+    _ngio()
+    import ngio.tables  # noqa: F401  (the table classes: most of the import)
+
+    try:
+        doc = json.loads(sys.stdin.buffer.read() or b"null")
+    except ValueError as e:
+        print(json.dumps({"ok": False, "error": f"bad request: {e}"}))
+        return 2
+    if doc is None:  # the parent went without a request
+        return 0
+    try:
+        tables = [ObjectTable(t["name"], t["columns"], kind=t["kind"], label=t["label"]) for t in doc["tables"]]
+        write_tables(Path(doc["group"]), tables, plate=bool(doc["plate"]), backend=str(doc["backend"]))
+    except BackendError as e:
+        print(json.dumps({"ok": False, "error": str(e)}))
+        return 1
+    print(json.dumps({"ok": True}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())

@@ -297,8 +297,9 @@ class ZarrPlateStore(LocalPlateStore):
             write_tables(d, tables, backend=self.table_backend)
         return [f"/{self.scheme}/plate_{plate}/{normalize_well(well)}/s{int(site):03d}/tables/{t.name}" for t in tables]
 
-    def save_plate_tables(self, plate: str, tables: Sequence[ObjectTable]) -> list[str]:
-        """Tables in ``<plate>.zarr/tables/`` in ngio's layout."""
+    def save_plate_tables(self, plate: str, tables: Sequence[ObjectTable], *, writer: Any = None) -> list[str]:
+        """Tables in ``<plate>.zarr/tables/`` in ngio's layout (written by
+        ``writer``, a :class:`~.ngff_tables.TableWriterProcess`, when given)."""
         tables = list(tables)
         if not tables:
             return []
@@ -307,7 +308,7 @@ class ZarrPlateStore(LocalPlateStore):
             raise BackendError(f"cannot write plate tables {[t.name for t in tables]}: plate {plate!r} has no fields yet "
                                f"(NGFF plate metadata comes with its first field)")
         with plate_lock(d):
-            write_tables(d, tables, plate=True, backend=self.table_backend)
+            (writer.write if writer is not None else write_tables)(d, tables, plate=True, backend=self.table_backend)
         return [f"/{self.scheme}/plate_{plate}/tables/{t.name}" for t in tables]
 
     def _well_path(self, d: Path, well: str) -> str:

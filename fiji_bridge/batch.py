@@ -438,7 +438,9 @@ class _NgffWriting:
     * otherwise only the plate tables at the end need ngio: a
       :class:`~fiji_bridge.backends.ngff_tables.TableWriterProcess` is
       started, at the lowest priority, and imports it on the cores the JVMs
-      leave idle; :meth:`writer` gives it to :func:`~fiji_bridge.batch_tables.assemble`.
+      leave idle; :meth:`writer` gives it to :func:`~fiji_bridge.batch_tables.assemble`
+      (which writes them itself when the child has not had the idle cycles to
+      get ready: a busy machine makes it wait for nothing).
 
     Stores without NGFF tables (OME-TIFF, OMERO) need neither."""
 

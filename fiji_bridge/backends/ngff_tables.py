@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -151,32 +153,70 @@ def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool 
 
 class TableWriterProcess:
     """A child process (``python -m fiji_bridge.backends.ngff_tables``, at
-    nice 19) that imports ngio at once and then writes one set of tables
-    with :func:`write_tables`: :meth:`write` sends them and waits. It exits
-    after that write, or when its parent goes (its stdin closes)."""
+    nice 19) that imports ngio at once, says ``ready``, and then writes one
+    set of tables with :func:`write_tables`: :meth:`write` sends them and
+    waits. A child not ready by then (a machine too busy to give it its
+    idle cycles) is stopped and the tables are written in the caller's
+    process, so a batch never waits on a starved child. It exits after that
+    write, or when its parent goes (its stdin closes)."""
 
     def __init__(self) -> None:
+        self._err = tempfile.TemporaryFile()
+        self._ready = False
         self.proc: Optional[subprocess.Popen] = subprocess.Popen(
             [sys.executable, "-m", "fiji_bridge.backends.ngff_tables"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=self._err)
         try:
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
         except OSError:  # pragma: no cover - gone already, or not permitted: it still writes
             pass
 
+    def ready(self) -> bool:
+        """Whether the child has imported ngio and waits for its tables (or
+        has died: then False, and for good)."""
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            return False
+        if self._ready:
+            return True
+        if not select.select([proc.stdout], [], [], 0)[0]:
+            return False
+        self._ready = proc.stdout.readline() == b"ready\n"  # "" = it died
+        return self._ready
+
+    def _stderr(self) -> str:
+        self._err.seek(0)
+        lines = self._err.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
     def write(self, group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool = False, backend: str = "parquet",
               timeout: float = 600) -> None:
-        """As :func:`write_tables`, in the child (once). Raises BackendError
-        with ngio's reason when the tables could not be written; a child that
-        died before it answered leaves the writing to this process."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        """As :func:`write_tables`, in the child (once) when it is ready,
+        else here. Raises BackendError with ngio's reason when the tables
+        could not be written."""
+        if self.proc is None:
             raise BackendError("this table writer process has written its tables already")
+        try:
+            self._write(group_dir, tables, plate, backend, timeout)
+        finally:
+            self._err.close()
+
+    def _write(self, group_dir: Path, tables: Sequence[ObjectTable], plate: bool, backend: str, timeout: float) -> None:
+        ready = self.ready()
+        proc, self.proc = self.proc, None
+        assert proc is not None
+        if not ready:
+            proc.kill()
+            proc.communicate()
+            why = self._stderr() if proc.returncode not in (None, -9) else "not ready yet"
+            log.info("the table writer process is %s: writing the tables in this process", why or f"gone (exit {proc.returncode})")
+            write_tables(group_dir, tables, plate=plate, backend=backend)
+            return
         doc = {"group": str(group_dir), "plate": plate, "backend": backend,
                "tables": [{"name": t.name, "kind": t.kind, "label": t.label,
                            "columns": {k: np.asarray(v).tolist() for k, v in t.columns.items()}} for t in tables]}
         try:
-            out, err = proc.communicate(json.dumps(doc).encode(), timeout=timeout)
+            out, _ = proc.communicate(json.dumps(doc).encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
@@ -189,10 +229,9 @@ class TableWriterProcess:
             return
         if "error" in reply:  # the tables themselves: ngio said why
             raise BackendError(str(reply["error"]))
-        # the child died before it could answer (killed, no ngio...): write them here
-        last = err.decode(errors="replace").strip().splitlines()[-1:]
-        log.warning("the table writer process ended (exit %s%s): writing the tables in this process",
-                    proc.returncode, f": {last[0]}" if last else "")
+        # the child died before it could answer: write them here
+        log.warning("the table writer process ended (exit %s: %s): writing the tables in this process",
+                    proc.returncode, self._stderr())
         write_tables(group_dir, tables, plate=plate, backend=backend)
 
     def close(self) -> None:
@@ -201,6 +240,7 @@ class TableWriterProcess:
         if proc is not None:
             proc.kill()
             proc.communicate()
+            self._err.close()
 
 
 def _serve() -> int:
@@ -208,6 +248,8 @@ def _serve() -> int:
     _ngio()
     import ngio.tables  # noqa: F401  (the table classes: most of the import)
 
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     try:
         doc = json.loads(sys.stdin.buffer.read() or b"null")
     except ValueError as e:

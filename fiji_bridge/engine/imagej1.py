@@ -140,7 +140,8 @@ class ImageJ1Engine(Engine):
         if IJ.getInstance() is None and not J("java.awt.GraphicsEnvironment").isHeadless():
             ImageJ(ImageJ.NO_SHOW)
         self._runner = MacroRunner()
-        self._state = ImageJState()
+        # on the engine's private Xvfb nobody sees a window: text windows need not draw
+        self._state = ImageJState(quiet_windows=self._xvfb is not None)
         self._display = LiveDisplay(self.display, self._state.protected_ids)
 
     def _read_log(self) -> str:

@@ -1,0 +1,110 @@
+"""What an ImageJ 1 engine run costs beyond the macro's own work, and that
+cutting it kept the behaviour: real ImageJ, a real JVM and Xvfb.
+
+* On the engine's private Xvfb the text windows kept between runs (Log,
+  Results, a macro's tables) do not draw; oracle: AWT's own paint events,
+  counted by a listener on the event thread, with a window that does draw
+  (a fresh one) as the control; their text is still what the macro wrote.
+* A finished run's record (its input image, its interpreter) is not held
+  by the Java side: oracle: a weak reference, after a Python-only collection.
+* The ImageJ 1 engine starts its JVM without scyjava and without a
+  ``java -version`` child process: oracle: the child processes the start
+  spawned, recorded in a fresh interpreter, and a macro that runs there.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.imagej, pytest.mark.timeout(120)]
+
+
+class _PaintCounter:
+    """Counts AWT paint events by the title of the window they are for."""
+
+    def __init__(self) -> None:
+        from jpype import JImplements, JOverride
+
+        from fiji_bridge.engine.transfer import J
+
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        counter = self
+        Swing, Window = J("javax.swing.SwingUtilities"), J("java.awt.Window")
+
+        @JImplements("java.awt.event.AWTEventListener")
+        class Listener:
+            @JOverride
+            def eventDispatched(self, event):  # on the event thread
+                try:
+                    src = event.getSource()
+                    win = src if isinstance(src, Window) else Swing.getWindowAncestor(src)
+                    title = str(win.getTitle()) if win is not None else "?"
+                    with counter._lock:
+                        counter.counts[title] = counter.counts.get(title, 0) + 1
+                except Exception:
+                    pass
+
+        self._listener = Listener()
+        self._toolkit = J("java.awt.Toolkit").getDefaultToolkit()
+        self._toolkit.addAWTEventListener(self._listener, J("java.awt.AWTEvent").PAINT_EVENT_MASK)
+
+    def close(self) -> None:
+        self._toolkit.removeAWTEventListener(self._listener)
+
+
+def _drain_event_thread() -> None:
+    """Wait until the event thread has handled everything queued so far (twice:
+    a repaint queued while handling the first batch is handled by the second)."""
+    from fiji_bridge.engine.collect import on_event_thread
+
+    for _ in range(2):
+        on_event_thread(lambda: None)
+
+
+FILL = ('print("hello from the macro"); setResult("A", 0, 1); setResult("A", 1, 2); updateResults(); '
+        'Table.create("Kept"); Table.set("B", 0, 3, "Kept"); Table.update("Kept");')
+
+
+def test_kept_text_windows_do_not_draw_on_the_private_screen_but_keep_their_text(ij):
+    if getattr(ij, "_xvfb", None) is None:
+        pytest.skip("this engine draws on a real DISPLAY: its windows draw as ImageJ's do")
+    from fiji_bridge.engine.transfer import J
+
+    # the first run builds the windows; the reset before the second one
+    # empties them, keeps them and stops them drawing (hiding their parts
+    # once exposes what lay beneath: a few paints then, none afterwards)
+    ij.run_macro(FILL)
+    ij.run_macro(FILL)
+    counter = _PaintCounter()
+    try:
+        _drain_event_thread()
+        counter.counts.clear()
+        r = ij.run_macro(FILL + ' Table.create("Fresh"); Table.set("C", 0, 4, "Fresh"); Table.update("Fresh"); '
+                                'print(isOpen("Results") + " " + isOpen("Kept") + " " + isOpen("Log"));')
+        _drain_event_thread()
+        counts = dict(counter.counts)
+    finally:
+        counter.close()
+    assert counts.get("Fresh", 0) > 0, f"the control window drew nothing: {counts}"  # the listener sees paints
+    assert {t: n for t, n in counts.items() if t in ("Log", "Results", "Kept")} == {}, counts
+    # the quiet windows are open and showing, and hold what the macro wrote
+    assert r.tables["Results"]["A"].tolist() == [1.0, 2.0]
+    assert r.tables["Kept"]["B"].tolist() == [3.0] and r.tables["Fresh"]["C"].tolist() == [4.0]
+    assert "hello from the macro" in r.log and r.log.strip().endswith("1 1 1")
+    WM = J("ij.WindowManager")
+    for title in ("Log", "Results", "Kept"):
+        win = WM.getWindow(title)
+        assert win is not None and win.isShowing(), title
+    assert "hello from the macro" in str(WM.getWindow("Log").getTextPanel().getText())
+    # the next run still starts from empty tables and an empty Log
+    nothing = ij.run_macro('print(nResults + " " + Table.size("Kept"));')
+    assert nothing.log.strip() == "0 0" and "Results" not in nothing.tables and "Kept" not in nothing.tables

@@ -108,3 +108,21 @@ def test_kept_text_windows_do_not_draw_on_the_private_screen_but_keep_their_text
     # the next run still starts from empty tables and an empty Log
     nothing = ij.run_macro('print(nResults + " " + Table.size("Kept"));')
     assert nothing.log.strip() == "0 0" and "Results" not in nothing.tables and "Kept" not in nothing.tables
+
+
+def test_a_finished_run_holds_nothing_of_its_record(ij):
+    """The record of a run (input image, interpreter) is freed by Python's
+    own reference counting once the caller drops it: the finished Java
+    thread, which lives until a Java GC, does not keep it."""
+    from fiji_bridge.engine.runner import RunRecord
+    from fiji_bridge.engine.transfer import to_imageplus
+
+    imp = to_imageplus(np.zeros((1, 1, 1, 256, 256), np.uint16), "held")
+    record = RunRecord("run(\"Invert\");", "", imp, None)
+    ref = weakref.ref(record)
+    ij._runner.run(record, 30)
+    ij._state.end_batch_mode(ij._state.open_images())
+    ij._state.reset()
+    del record, imp
+    gc.collect()  # Python's collector only: no Java GC ran
+    assert ref() is None

@@ -126,3 +126,34 @@ def test_a_finished_run_holds_nothing_of_its_record(ij):
     del record, imp
     gc.collect()  # Python's collector only: no Java GC ran
     assert ref() is None
+
+
+def test_imagej1_jvm_starts_without_scyjava_or_a_java_version_child(tmp_path):
+    """A fresh interpreter starts the ImageJ 1 engine: no ``java`` child
+    process was spawned (scyjava would start two to ask ``java -version``),
+    scyjava was not even imported, and a macro runs."""
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        spawned = []
+        orig = subprocess.Popen.__init__
+        def init(self, args, *a, **k):
+            spawned.append(os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args)))
+            orig(self, args, *a, **k)
+        subprocess.Popen.__init__ = init
+        from fiji_bridge.engine import open_engine
+        eng = open_engine("imagej1").start()
+        r = eng.run_macro('print(2 + 3);')
+        print("SPAWNED", ",".join(spawned))
+        print("SCYJAVA", "scyjava" in sys.modules)
+        print("LOG", r.log.strip())
+        sys.stdout.flush()
+        os._exit(0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, cwd=str(tmp_path),
+                         env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])})
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0] in ("SPAWNED", "SCYJAVA", "LOG"))
+    assert lines.get("LOG") == "5", out.stdout + out.stderr
+    assert "java" not in lines.get("SPAWNED", "").split(","), lines
+    assert lines.get("SCYJAVA") == "False"

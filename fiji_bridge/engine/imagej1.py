@@ -131,7 +131,7 @@ class ImageJ1Engine(Engine):
             options = [f"-Dplugins.dir={fiji}", f"-Dij.dir={fiji}", *options]
         self.fiji_dir = fiji
         self._start_display()
-        start_jvm(classpath, options)
+        start_jvm(classpath, options, scyjava_start=False)  # local jars, no scyjava callbacks
 
     def _init_imagej(self) -> None:
         """ImageJ's hidden main instance (error reporting and macros need one)

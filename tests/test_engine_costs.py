@@ -10,6 +10,8 @@ cutting it kept the behaviour: real ImageJ, a real JVM and Xvfb.
 * The ImageJ 1 engine starts its JVM without scyjava and without a
   ``java -version`` child process: oracle: the child processes the start
   spawned, recorded in a fresh interpreter, and a macro that runs there.
+* The private Xvfb comes up while the JVM starts (launch, then wait):
+  oracle: an X client (xdpyinfo) on the display it reports.
 """
 
 from __future__ import annotations
@@ -157,3 +159,29 @@ def test_imagej1_jvm_starts_without_scyjava_or_a_java_version_child(tmp_path):
     assert lines.get("LOG") == "5", out.stdout + out.stderr
     assert "java" not in lines.get("SPAWNED", "").split(","), lines
     assert lines.get("SCYJAVA") == "False"
+
+
+@pytest.mark.timeout(60)
+def test_a_launched_virtual_display_serves_x_clients_once_waited_for():
+    import shutil
+
+    from fiji_bridge.engine.xvfb import VirtualDisplay
+
+    if shutil.which("xdpyinfo") is None:
+        pytest.skip("no xdpyinfo to check the display with")
+    d = VirtualDisplay()
+    d.launch()
+    try:
+        assert d.running and d.display is None  # not waited for yet
+        display = d.wait()
+        assert display.startswith(":") and d.wait() == display and d.start() == display
+        out = subprocess.run(["xdpyinfo", "-display", display], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0 and "1600x1200" in out.stdout
+    finally:
+        d.stop()
+    assert not d.running
+    again = d.start()  # a stopped display starts anew, with its own number
+    try:
+        assert d.running and subprocess.run(["xdpyinfo", "-display", again], capture_output=True, timeout=20).returncode == 0
+    finally:
+        d.stop()

@@ -119,10 +119,19 @@ class ImageJ1Engine(Engine):
             return self
 
     def _start_display(self) -> None:
+        self._launch_display()
+        self._await_display()
+
+    def _launch_display(self) -> None:
+        """Start the private Xvfb (when wanted) without waiting for it."""
         want = self.xvfb if self.xvfb is not None else not os.environ.get("DISPLAY")
         if want:
             self._xvfb = VirtualDisplay()
-            os.environ["DISPLAY"] = self._xvfb.start()
+            self._xvfb.launch()
+
+    def _await_display(self) -> None:
+        if self._xvfb is not None:
+            os.environ["DISPLAY"] = self._xvfb.wait()  # before AWT reads it (_init_imagej)
 
     def _start_jvm(self) -> None:
         jar = self.ij_jar or find_ij_jar()
@@ -134,7 +143,7 @@ class ImageJ1Engine(Engine):
             classpath = [jar, *(j for j in plugin_classpath(fiji) if j != jar)]
             options = [f"-Dplugins.dir={fiji}", f"-Dij.dir={fiji}", *options]
         self.fiji_dir = fiji
-        self._start_display()
+        self._launch_display()  # Xvfb comes up while the JVM starts (no AWT before _init_imagej)
         java_home = find_java_home()
         self._archive = plan_archive(java_home, classpath)
         if self._archive is not None:
@@ -143,6 +152,7 @@ class ImageJ1Engine(Engine):
         start_jvm(classpath, options, java_home=java_home, scyjava_start=False)
         if self._archive is not None and self._archive.use:
             self._archive.check_mapped()
+        self._await_display()
 
     def _init_imagej(self) -> None:
         """ImageJ's hidden main instance (error reporting and macros need one)

@@ -128,11 +128,15 @@ class ImageJState:
     #: table windows kept (emptied) from one run to the next, at most
     KEPT_TABLES = 8
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_windows: bool = False) -> None:
         self.retained: list[Any] = []
         self.protected_ids: set[int] = set()  # live display windows: never touched
         #: titles of table windows the last reset emptied and kept (see :meth:`reset`)
         self.emptied_tables: list[str] = []
+        #: the screen is the engine's own (a private Xvfb nobody sees): the
+        #: text windows kept between runs (Log, Results, tables) stop drawing
+        #: (see :func:`_quiet`)
+        self.quiet_windows = quiet_windows
         self._defaults = self._settings()
         self.ensure_roi_manager()
 
@@ -167,25 +171,50 @@ class ImageJState:
                 imp = WM.getImage(int(i))
                 if imp is not None:
                     _close(imp)
+        IJ.log("\\Clear")
         system = RT.getResultsTable()
-        kept = _clear_results_window(system)
-        if system is not None and not kept:
-            system.reset()
         TextWindow = J("ij.text.TextWindow")
-        emptied: list[str] = []
+        results_win = WM.getWindow("Results") if system is not None else None
+        if results_win is not None and not isinstance(results_win, TextWindow):
+            results_win = None
+        # windows to empty and keep (the Results window, up to KEPT_TABLES
+        # table windows), emptied together in one visit to the event thread
+        keep: list[tuple[Any, Any]] = [(results_win, system)] if results_win is not None else []
+        titles: list[str] = []
+        others: list[Any] = []  # text windows to close (unless kept)
+        quiet: list[Any] = []
         for frame in list(WM.getNonImageWindows() or []):
             title = str(frame.getTitle())
-            if title in ("Log", "ROI Manager") or not isinstance(frame, TextWindow) or (kept and title == "Results"):
+            if title == "ROI Manager" or not isinstance(frame, TextWindow):
                 continue
-            if title != "Results" and len(emptied) < self.KEPT_TABLES and title not in emptied and _empty_table_window(frame):
-                emptied.append(title)
+            if title == "Log":
+                quiet.append(frame)
+            elif title == "Results":
+                if results_win is None:
+                    others.append(frame)
+            elif len(titles) < self.KEPT_TABLES and title not in titles and frame.getResultsTable() is not None:
+                keep.append((frame, frame.getResultsTable()))
+                titles.append(title)
             else:
-                frame.close(False)
-        self.emptied_tables = emptied
+                others.append(frame)
+        emptied_ok = _empty_windows(keep, quiet if self.quiet_windows else None)
+        if results_win is not None:
+            kept_results = emptied_ok.pop(0)
+            if not kept_results:
+                others.append(results_win)
+        else:
+            kept_results = False
+        if system is not None and not kept_results:
+            system.reset()
+        self.emptied_tables = [t for t, ok in zip(titles, emptied_ok) if ok]
+        for (frame, _), ok in zip(keep[len(keep) - len(titles):], emptied_ok):
+            if not ok:
+                others.append(frame)
+        for frame in others:
+            frame.close(False)
         rm = self.ensure_roi_manager()
         if rm is not None:
             rm.reset()
-        IJ.log("\\Clear")
         d = self._defaults
         J("ij.plugin.filter.Analyzer").setMeasurements(d.measurements)
         J("ij.plugin.filter.Analyzer").setPrecision(d.precision)
@@ -223,41 +252,55 @@ class ImageJState:
         return [imp for imp in self.retained if not _is_closed(imp) and imp.getWindow() is None]
 
 
-def _clear_results_window(system: Any) -> bool:
-    """Empty the system ResultsTable and its open "Results" window, keeping
-    the window: ImageJ would build it anew (~10 ms) for the next run's first
-    measurement. Done on the event thread, which paints the window from the
-    table (emptying it elsewhere raced that repaint: TextCanvas exceptions).
-    False when there is no such window or it could not be emptied."""
-    if system is None:
-        return False
-    win = J("ij.WindowManager").getWindow("Results")
-    if win is None or not isinstance(win, J("ij.text.TextWindow")):
-        return False
-    return _empty_window(win, system)
+def _empty_windows(windows: list[tuple[Any, Any]], quiet: Optional[list[Any]] = None) -> list[bool]:
+    """Empty each ``(window, table)``: reset the table and clear the window,
+    keeping the window: ImageJ would build the Results window anew (~10 ms)
+    for the next run's first measurement, and a macro's ``Table.create``
+    would build a table window and wait up to 200 ms for it to come to the
+    front (ImageJ's ``Functions.resetTable``), about 20 ms a run on a
+    virtual display. Done on the event thread, which paints the windows
+    from their tables (emptying them elsewhere raced that repaint:
+    TextCanvas exceptions), in one visit. ``quiet``: also make these
+    windows, and the emptied ones, stop drawing (:func:`_quiet`). One flag
+    per window: False where it could not be emptied (close it then)."""
+    done = [False] * len(windows)
+    if not windows and not quiet:
+        return done
 
-
-def _empty_table_window(win: Any) -> bool:
-    """Empty a table window (``Table.create("Counts")``'s) and keep it: a
-    macro's ``Table.create`` then resets it instead of building a window and
-    waiting up to 200 ms for it to come to the front (ImageJ's
-    ``Functions.resetTable``), about 20 ms a run on a virtual display. On the
-    event thread, as for the Results window. False: not a table, not emptied."""
-    rt = win.getResultsTable()
-    return rt is not None and _empty_window(win, rt)
-
-
-def _empty_window(win: Any, rt: Any) -> bool:
-    """Reset ``rt`` and clear its window ``win`` on the event thread; False if that failed."""
-    def clear() -> None:
-        rt.reset()
-        win.getTextPanel().clear()
+    def run() -> None:
+        for i, (win, rt) in enumerate(windows):
+            try:
+                rt.reset()
+                win.getTextPanel().clear()
+                done[i] = True
+            except Exception:  # pragma: no cover - then the window is closed as before
+                pass
+        if quiet is not None:
+            for win in [*quiet, *(w for (w, _), ok in zip(windows, done) if ok)]:
+                _quiet(win)
 
     try:
-        on_event_thread(clear)
-        return True
-    except Exception:  # pragma: no cover - then the window is closed as before
-        return False
+        on_event_thread(run)
+    except Exception:  # pragma: no cover - defensive
+        pass
+    return done
+
+
+def _quiet(win: Any) -> None:
+    """Stop a text window from drawing, on a screen nobody sees: its text
+    area and scroll bars are hidden, so ImageJ's updates (every row a
+    macro adds to Results, every ``print``) queue no repaint: on the
+    engine's Xvfb these repaints cost the event thread and the X server
+    ~5 ms a run of the nuclei macro. The window itself stays open and
+    showing (``selectWindow``, ``isOpen``, the Log's and the tables' text
+    are unchanged); ImageJ's TextPanel keeps its text whether it draws or
+    not. On the event thread."""
+    try:
+        for c in win.getTextPanel().getComponents():
+            if c.isVisible():
+                c.setVisible(False)
+    except Exception:  # pragma: no cover - a window that still draws costs only time
+        pass
 
 
 def on_event_thread(fn: Any) -> None:

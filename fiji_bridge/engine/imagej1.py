@@ -3,6 +3,7 @@
 ``ImageJ1Engine`` puts together the pieces of this package:
 
 * :mod:`.java` finds Java and the ij.jar and starts the JVM offline;
+* :mod:`.cds` keeps an archive of the classes a run loads, for faster starts;
 * :mod:`.xvfb` gives AWT a private screen when there is no DISPLAY;
 * :mod:`.transfer` moves pixels in bulk (numpy <-> ImagePlus);
 * :mod:`.runner` runs a macro on a ``Run$_`` thread and turns every dialog,
@@ -25,10 +26,11 @@ import numpy as np
 
 from ..components import Calibration
 from .base import DIMS, Engine, EngineError, ImageLike, MacroError, MacroResult
+from .cds import ClassArchive, plan_archive
 from .collect import ImageJState, collect_images, read_log, read_rois, read_tables
 from .display import LiveDisplay
 from .fiji import plugin_classpath
-from .java import fiji_of_ij_jar, find_ij_jar, start_jvm
+from .java import fiji_of_ij_jar, find_ij_jar, find_java_home, start_jvm
 from .params import apply_args, inject_dialog_options
 from .runner import MacroRunner, RunRecord
 from .transfer import J, normalize_image, to_imageplus
@@ -99,6 +101,8 @@ class ImageJ1Engine(Engine):
         self._runner: Optional[MacroRunner] = None
         self._state: Optional[ImageJState] = None
         self._display: Optional[LiveDisplay] = None
+        #: the JVM's class archive (FIJI_BRIDGE_CDS, see :mod:`.cds`): used, or recorded and written at close
+        self._archive: Optional[ClassArchive] = None
         self.fiji_dir: Optional[Path] = None  # the Fiji.app whose ij.jar and plugins run here
 
     # -- lifecycle -------------------------------------------------------------------
@@ -115,10 +119,19 @@ class ImageJ1Engine(Engine):
             return self
 
     def _start_display(self) -> None:
+        self._launch_display()
+        self._await_display()
+
+    def _launch_display(self) -> None:
+        """Start the private Xvfb (when wanted) without waiting for it."""
         want = self.xvfb if self.xvfb is not None else not os.environ.get("DISPLAY")
         if want:
             self._xvfb = VirtualDisplay()
-            os.environ["DISPLAY"] = self._xvfb.start()
+            self._xvfb.launch()
+
+    def _await_display(self) -> None:
+        if self._xvfb is not None:
+            os.environ["DISPLAY"] = self._xvfb.wait()  # before AWT reads it (_init_imagej)
 
     def _start_jvm(self) -> None:
         jar = self.ij_jar or find_ij_jar()
@@ -130,8 +143,16 @@ class ImageJ1Engine(Engine):
             classpath = [jar, *(j for j in plugin_classpath(fiji) if j != jar)]
             options = [f"-Dplugins.dir={fiji}", f"-Dij.dir={fiji}", *options]
         self.fiji_dir = fiji
-        self._start_display()
-        start_jvm(classpath, options)
+        self._launch_display()  # Xvfb comes up while the JVM starts (no AWT before _init_imagej)
+        java_home = find_java_home()
+        self._archive = plan_archive(java_home, classpath)
+        if self._archive is not None:
+            options = [*options, *self._archive.jvm_options()]
+        # local jars, no scyjava callbacks: JPype starts it
+        start_jvm(classpath, options, java_home=java_home, scyjava_start=False)
+        if self._archive is not None and self._archive.use:
+            self._archive.check_mapped()
+        self._await_display()
 
     def _init_imagej(self) -> None:
         """ImageJ's hidden main instance (error reporting and macros need one)
@@ -140,7 +161,8 @@ class ImageJ1Engine(Engine):
         if IJ.getInstance() is None and not J("java.awt.GraphicsEnvironment").isHeadless():
             ImageJ(ImageJ.NO_SHOW)
         self._runner = MacroRunner()
-        self._state = ImageJState()
+        # on the engine's private Xvfb nobody sees a window: text windows need not draw
+        self._state = ImageJState(quiet_windows=self._xvfb is not None)
         self._display = LiveDisplay(self.display, self._state.protected_ids)
 
     def _read_log(self) -> str:
@@ -159,6 +181,8 @@ class ImageJ1Engine(Engine):
                 if self._xvfb:
                     self._xvfb.stop()
                 return
+            if self._archive is not None and not self._archive.use:
+                self._archive.dump()  # the classes this JVM loaded, for the next start (see .cds)
             try:
                 if self._display:
                     self._display.close_all()

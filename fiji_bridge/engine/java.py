@@ -99,15 +99,20 @@ def fiji_of_ij_jar(jar: Path) -> Optional[Path]:
     return None
 
 
-def configure_offline(java_home: Path) -> None:
-    """Make scyjava use ``java_home`` and never fetch a JDK or Maven artifacts."""
-    import scyjava
-
+def _use_java_home(java_home: Path) -> None:
+    """JAVA_HOME and PATH name ``java_home`` (for JPype and for child processes)."""
     os.environ["JAVA_HOME"] = str(java_home)
     bin_dir = str(java_home / "bin")
     path = os.environ.get("PATH", "")
     if bin_dir not in path.split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
+def configure_offline(java_home: Path) -> None:
+    """Make scyjava use ``java_home`` and never fetch a JDK or Maven artifacts."""
+    import scyjava
+
+    _use_java_home(java_home)
     scyjava.config.set_java_constraints(fetch="never")
 
 
@@ -145,18 +150,33 @@ def start_jvm(
     *,
     endpoints: Sequence[str] = (),
     java_home: Optional[Path] = None,
+    scyjava_start: bool = True,
 ) -> None:
     """Start the JVM of this process with ``classpath`` (idempotent).
 
     ``endpoints`` are Maven coordinates for scyjava (empty for a local
     ImageJ or Fiji: then nothing is resolved from Maven, and Maven
     endpoints other code added, such as imglyb's, are dropped).
-    """
-    import scyjava
 
+    ``scyjava_start=False`` (local jars only, nothing that registers
+    scyjava start-up callbacks, as ImageJ 1's engine): JPype starts the
+    JVM directly, as scyjava would with the same class path and options
+    (``interrupt=True``; JPype shuts the JVM down at exit and frees no
+    resources then). This skips what scyjava adds for a JVM it must find
+    or fetch: its import (~0.1 s, jgo's mostly) and the two ``java
+    -version`` processes it starts to check a JDK this module has already
+    found and read the version of (``release``).
+    """
     if jvm_started():
         return
     java_home = java_home or find_java_home()
+    java = java_feature_version(java_home) or 17
+    opts = [*(ADD_OPENS if java >= 9 else ()), *heap_option(), *options]
+    if not scyjava_start and not endpoints:
+        _start_jpype(java_home, classpath, opts)
+        return
+    import scyjava
+
     configure_offline(java_home)
     if not endpoints:
         scyjava.config.endpoints.clear()
@@ -164,10 +184,28 @@ def start_jvm(
         scyjava.config.add_classpath(str(jar))
     if endpoints:
         scyjava.config.endpoints.extend(endpoints)
-    java = java_feature_version(java_home) or 17
-    opts = [*(ADD_OPENS if java >= 9 else ()), *heap_option(), *options]
     scyjava.config.add_options(opts)
     try:
         scyjava.start_jvm()
+    except Exception as e:  # JPype raises plain OSError/RuntimeError here
+        raise EngineError(f"could not start the JVM at {java_home}: {e}") from e
+
+
+def _start_jpype(java_home: Path, classpath: Sequence[Path], options: Sequence[str]) -> None:
+    """Start the JVM at ``java_home`` through JPype alone (see :func:`start_jvm`)."""
+    import jpype
+    import jpype.config
+
+    _use_java_home(java_home)
+    libjvm = next((p for p in (java_home / "lib" / "server" / "libjvm.so", java_home / "jre" / "lib" / "server" / "libjvm.so")
+                   if p.is_file()), None)
+    for jar in classpath:
+        jpype.addClassPath(str(jar))
+    jpype.config.free_resources = False  # as scyjava: freeing them at exit could crash it
+    try:
+        if libjvm is not None:
+            jpype.startJVM(str(libjvm), *options, interrupt=True)
+        else:  # another layout (macOS, Windows): JPype finds it from JAVA_HOME
+            jpype.startJVM(*options, interrupt=True)
     except Exception as e:  # JPype raises plain OSError/RuntimeError here
         raise EngineError(f"could not start the JVM at {java_home}: {e}") from e

@@ -4,7 +4,9 @@ Plain ImageJ 1 builds AWT dialogs for most commands; under
 ``java.awt.headless=true`` they throw HeadlessException. So the engine gives
 AWT a screen of its own: ``Xvfb -displayfd`` picks a free display number, the
 server dies with us (parent-death signal, atexit, close()), and no zombie is
-left behind.
+left behind. ``launch()`` then ``wait()`` lets the server come up while the
+caller does other work (the engine starts its JVM meanwhile); ``start()``
+does both.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class VirtualDisplay:
         self.start_timeout = start_timeout
         self.display: Optional[str] = None
         self._proc: Optional[subprocess.Popen] = None
+        self._rfd = -1  # the -displayfd pipe between launch() and wait()
+        self._deadline = 0.0
 
     @property
     def running(self) -> bool:
@@ -53,9 +57,18 @@ class VirtualDisplay:
 
     def start(self) -> str:
         """Start Xvfb on a free display; returns e.g. ``":3"``."""
-        if self.running:
-            assert self.display is not None
+        if self.running and self.display is not None:
             return self.display
+        self.launch()
+        return self.wait()
+
+    def launch(self) -> None:
+        """Start the server without waiting for it (:meth:`wait` gives its
+        display): it comes up (~60 ms) while the caller does other work,
+        such as starting a JVM, which needs no display until AWT starts."""
+        if self.running:
+            return
+        self.display = None
         exe = shutil.which("Xvfb")
         if not exe:
             raise EngineUnavailable(
@@ -73,12 +86,25 @@ class VirtualDisplay:
                 # safe from the main thread (a worker thread may end before us)
                 preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
             )
+        except BaseException:
+            os.close(rfd)
+            raise
+        finally:
             os.close(wfd)
-            wfd = -1
-            number = b""
-            deadline = time.monotonic() + self.start_timeout
-            while not number.endswith(b"\n"):
-                left = deadline - time.monotonic()
+        self._rfd = rfd
+        self._deadline = time.monotonic() + self.start_timeout
+        atexit.register(self.stop)
+
+    def wait(self) -> str:
+        """The display of the server :meth:`launch` started, once it is up
+        (at most ``start_timeout`` seconds after the launch)."""
+        if self.display is not None and self.running:
+            return self.display
+        rfd, self._rfd = self._rfd, -1
+        number = b""
+        try:
+            while rfd >= 0 and not number.endswith(b"\n"):
+                left = self._deadline - time.monotonic()
                 if left <= 0 or not select.select([rfd], [], [], left)[0]:
                     break
                 chunk = os.read(rfd, 16)
@@ -86,18 +112,19 @@ class VirtualDisplay:
                     break
                 number += chunk
         finally:
-            os.close(rfd)
-            if wfd >= 0:
-                os.close(wfd)
+            if rfd >= 0:
+                os.close(rfd)
         if not number.strip().isdigit():
             self.stop()
             raise EngineUnavailable(f"Xvfb did not start within {self.start_timeout} s")
         self.display = f":{int(number)}"
-        atexit.register(self.stop)
         return self.display
 
     def stop(self) -> None:
         """Stop the server and reap it (idempotent)."""
+        if self._rfd >= 0:
+            os.close(self._rfd)
+            self._rfd = -1
         proc, self._proc = self._proc, None
         if proc is None:
             return

@@ -120,8 +120,6 @@ class BatchEngines:
         # a worker does no linear algebra: OpenBLAS's thread pool, started
         # with numpy, cost ~0.1 s of CPU at each worker start
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        # a class data sharing archive (see fiji_bridge.engine.cds) unless asked otherwise
-        env.setdefault("FIJI_BRIDGE_CDS", "1")
         if self.java_options:
             env["JAVA_TOOL_OPTIONS"] = " ".join([env.get("JAVA_TOOL_OPTIONS", ""), *self.java_options]).strip()
         for i in range(self.n):

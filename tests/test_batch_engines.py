@@ -206,7 +206,6 @@ def test_killed_cli_batch_leaves_no_jvm_and_resumes_exactly_once(tmp_path, probe
 def test_engines_close_their_processes_and_segments(monkeypatch):
     monkeypatch.setenv("FIJI_BRIDGE_BATCH_CORES", "4")
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    monkeypatch.delenv("FIJI_BRIDGE_CDS", raising=False)
     with BatchEngines(2) as engines:
         pids = [s.pid for s in engines.sups]
         deadline = time.monotonic() + 30  # between fork and exec a child still shows this process's environment
@@ -217,7 +216,6 @@ def test_engines_close_their_processes_and_segments(monkeypatch):
         want = b"-XX:ActiveProcessorCount=2"
         assert all(any(e.startswith(b"JAVA_TOOL_OPTIONS=") and want in e for e in env) for env in environ)
         assert all(b"OPENBLAS_NUM_THREADS=1" in env for env in environ)  # no BLAS thread pool in a worker
-        assert all(b"FIJI_BRIDGE_CDS=1" in env for env in environ)  # a class data sharing archive (engine.cds)
         root = engines.root
     assert not root.exists()
     for p in pids:

@@ -3,7 +3,6 @@
 ``ImageJ1Engine`` puts together the pieces of this package:
 
 * :mod:`.java` finds Java and the ij.jar and starts the JVM offline;
-* :mod:`.cds` keeps an archive of the classes a run loads, for faster starts;
 * :mod:`.xvfb` gives AWT a private screen when there is no DISPLAY;
 * :mod:`.transfer` moves pixels in bulk (numpy <-> ImagePlus);
 * :mod:`.runner` runs a macro on a ``Run$_`` thread and turns every dialog,
@@ -26,11 +25,10 @@ import numpy as np
 
 from ..components import Calibration
 from .base import DIMS, Engine, EngineError, ImageLike, MacroError, MacroResult
-from .cds import ClassArchive, plan_archive
 from .collect import ImageJState, collect_images, read_log, read_rois, read_tables
 from .display import LiveDisplay
 from .fiji import plugin_classpath
-from .java import fiji_of_ij_jar, find_ij_jar, find_java_home, start_jvm
+from .java import fiji_of_ij_jar, find_ij_jar, start_jvm
 from .params import apply_args, inject_dialog_options
 from .runner import MacroRunner, RunRecord
 from .transfer import J, normalize_image, to_imageplus
@@ -101,8 +99,6 @@ class ImageJ1Engine(Engine):
         self._runner: Optional[MacroRunner] = None
         self._state: Optional[ImageJState] = None
         self._display: Optional[LiveDisplay] = None
-        #: the JVM's class archive (FIJI_BRIDGE_CDS, see :mod:`.cds`): used, or recorded and written at close
-        self._archive: Optional[ClassArchive] = None
         self.fiji_dir: Optional[Path] = None  # the Fiji.app whose ij.jar and plugins run here
 
     # -- lifecycle -------------------------------------------------------------------
@@ -144,14 +140,7 @@ class ImageJ1Engine(Engine):
             options = [f"-Dplugins.dir={fiji}", f"-Dij.dir={fiji}", *options]
         self.fiji_dir = fiji
         self._launch_display()  # Xvfb comes up while the JVM starts (no AWT before _init_imagej)
-        java_home = find_java_home()
-        self._archive = plan_archive(java_home, classpath)
-        if self._archive is not None:
-            options = [*options, *self._archive.jvm_options()]
-        # local jars, no scyjava callbacks: JPype starts it
-        start_jvm(classpath, options, java_home=java_home, scyjava_start=False)
-        if self._archive is not None and self._archive.use:
-            self._archive.check_mapped()
+        start_jvm(classpath, options, scyjava_start=False)  # local jars, no scyjava callbacks: JPype starts it
         self._await_display()
 
     def _init_imagej(self) -> None:
@@ -181,8 +170,6 @@ class ImageJ1Engine(Engine):
                 if self._xvfb:
                     self._xvfb.stop()
                 return
-            if self._archive is not None and not self._archive.use:
-                self._archive.dump()  # the classes this JVM loaded, for the next start (see .cds)
             try:
                 if self._display:
                     self._display.close_all()

@@ -268,4 +268,6 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve())
+    code = _serve()
+    sys.stdout.flush()
+    os._exit(code)  # the answer is out: no teardown of dask, pandas and ngio for the parent to wait on

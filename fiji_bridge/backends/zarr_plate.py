@@ -201,9 +201,11 @@ class ZarrPlateStore(LocalPlateStore):
             field = np.empty((t, z, c, y, x), dtype=np.dtype(arr.dtype).newbyteorder("="))
             if read_planes(arr, out=field.transpose(0, 2, 1, 3, 4)) is not None:
                 return field
-        data = read_planes(arr)  # chunk file by chunk file where the layout allows
-        if data is None:  # another layout: zarr reads it
-            data = np.asarray(arr[...])
+            data = np.asarray(arr[...])  # another layout: zarr reads it
+        else:
+            data = read_planes(arr)  # chunk file by chunk file where the layout allows
+            if data is None:
+                data = np.asarray(arr[...])
         missing = [a for a in _AXES if a not in axes]
         for _ in missing:
             data = data[np.newaxis]

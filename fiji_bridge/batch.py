@@ -429,26 +429,29 @@ def run_batch(
 
 class _NgffWriting:
     """Gets ngio ready for the derived plate's NGFF tables and labels, once
-    the first unit is done (ngio pulls in dask, xarray, pandas and anndata:
-    about 1.7 CPU-s; started before, it takes the CPU the JVMs start with:
-    measured on 2 cores, the first unit 1.5 s later):
+    the first unit is done, when they need it (ngio pulls in dask, xarray,
+    pandas and anndata: about 2.5 CPU-s; started before, it takes the CPU the
+    JVMs start with: measured on 2 cores, the first unit 1.5 s later):
 
     * a batch that writes label images (per unit, in this process) imports
       ngio in a thread;
-    * otherwise only the plate tables at the end need ngio: a
-      :class:`~fiji_bridge.backends.ngff_tables.TableWriterProcess` is
-      started, at the lowest priority, and imports it on the cores the JVMs
-      leave idle; :meth:`writer` gives it to :func:`~fiji_bridge.batch_tables.assemble`
+    * a batch whose plate tables are AnnData (the store's ``table_backend``)
+      starts a :class:`~fiji_bridge.backends.ngff_tables.TableWriterProcess`
+      at the lowest priority, which imports ngio on the cores the JVMs leave
+      idle; :meth:`writer` gives it to :func:`~fiji_bridge.batch_tables.assemble`
       (which writes them itself when the child has not had the idle cycles to
-      get ready: a busy machine makes it wait for nothing).
+      get ready: a busy machine makes it wait for nothing);
+    * otherwise (parquet and CSV plate tables, the default) the tables are
+      written with pyarrow at the end, and ngio is not needed at all.
 
-    Stores without NGFF tables (OME-TIFF, OMERO) need neither."""
+    Stores without NGFF tables (OME-TIFF, OMERO) need none of this."""
 
     def __init__(self, backend: Any, labels: bool) -> None:
         from .backends.zarr_plate import ZarrPlateStore
 
         self.ngff = isinstance(backend, ZarrPlateStore)
         self.labels = labels
+        self.anndata = self.ngff and getattr(backend, "table_backend", None) == "anndata"
         self._thread: Optional[threading.Thread] = None
         self._writer: Any = None
         self._started = False
@@ -460,6 +463,8 @@ class _NgffWriting:
         if self.labels:
             self._thread = threading.Thread(target=_import_ngio, daemon=True, name="fiji-bridge-ngio")
             self._thread.start()
+            return
+        if not self.anndata:
             return
         from .backends.ngff_tables import TableWriterProcess
 

@@ -311,14 +311,14 @@ def test_macro_rois_become_roi_tables_and_labels(data_dir, tmp_path, bridge, kin
 
 @pytest.mark.timeout(120)
 def test_table_writer_process_writes_what_ngio_reads(tmp_path):
-    """Plate tables through the low-priority writer process: ngio reads what
-    was sent; it writes once; a child that died leaves the writing to the
-    caller's process; ngio's refusal comes back as the error."""
+    """AnnData plate tables through the low-priority writer process: ngio
+    reads what was sent; it writes once; a child that died leaves the writing
+    to the caller's process; ngio's refusal comes back as the error."""
     from fiji_bridge.backends.base import BackendError, ObjectTable
     from fiji_bridge.backends.ngff_tables import TableWriterProcess
     from fiji_bridge.backends.zarr_plate import ZarrPlateStore
 
-    st = ZarrPlateStore(tmp_path)
+    st = ZarrPlateStore(tmp_path, table_backend="anndata")
     pid = st.create_plate("p")
     st.save_field(pid, "A01", 0, np.ones((1, 1, 1, 8, 8), np.uint16))
     cols = {"well": ["A01", "B02"], "Count": [3, 5], "MeanArea": [1.5, float("nan")]}
@@ -354,4 +354,110 @@ def test_table_writer_process_writes_what_ngio_reads(tmp_path):
         assert time.monotonic() < deadline + 60
         time.sleep(0.05)
     with pytest.raises(BackendError, match="cannot write tables"):  # ngio's refusal, from the child
-        bad.write(tmp_path / "not_a_plate", [ObjectTable("t", cols)], plate=True)
+        bad.write(tmp_path / "not_a_plate", [ObjectTable("t", cols)], plate=True, backend="anndata")
+
+    # parquet tables need no ngio: written here, the child stopped unused
+    idle = TableWriterProcess()
+    ZarrPlateStore(tmp_path).save_plate_tables(pid, [ObjectTable("fourth", {"x": [4]})], writer=idle)
+    assert idle.proc is None
+    assert list(ngio.open_ome_zarr_plate(str(tmp_path / "p.zarr")).get_table("fourth").dataframe["x"]) == [4]
+
+
+GENERIC_COLUMNS = {
+    "well": ["A01", "B02", "C03"],
+    "field": [0, 1, 2],
+    "Count": [3.0, 4.5, float("nan")],
+    "n": np.array([1, 2, 3], np.int32),
+    "flag": [True, False, True],
+    "mixed": [1, "a", 2.5],
+    "huge": [1, 2**70, 3],
+}
+
+
+def _ngio_generic(plate_dir: Path, name: str, columns: dict, backend: str) -> None:
+    """The oracle: ngio's own GenericTable from the DataFrame pandas makes
+    of the columns (object columns as strings)."""
+    import pandas as pd
+    from ngio.tables import GenericTable
+
+    df = pd.DataFrame({k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else list(v) for k, v in columns.items()})
+    for k in df.columns:
+        if df[k].dtype == object:
+            df[k] = df[k].astype(str)
+    ngio.open_ome_zarr_plate(str(plate_dir)).add_table(name, GenericTable(df), backend=backend, overwrite=True)
+
+
+def _tree(d: Path) -> dict:
+    """Every file under ``d`` but the tables' data: path -> JSON document."""
+    import json
+
+    return {str(p.relative_to(d)): json.loads(p.read_text()) for p in sorted(d.rglob("*"))
+            if p.is_file() and not p.name.startswith("table.")}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("backend", ["parquet", "csv"])
+def test_generic_tables_without_ngio_are_what_ngio_writes(tmp_path, zarr_format, backend):
+    """Generic tables written with pyarrow alone (a batch's plate tables):
+    the same group files as ngio's own, and ngio reads back the same frame
+    from both, dtypes included; a second write replaces a table and keeps
+    the list of tables in order, next to ngio's own tables."""
+    import pandas as pd
+
+    from fiji_bridge.backends.base import ObjectTable
+    from fiji_bridge.backends.zarr_plate import ZarrPlateStore
+
+    dirs = {}
+    for who in ("ours", "ngio"):
+        st = ZarrPlateStore(tmp_path / who, zarr_format=zarr_format, table_backend=backend)
+        pid = st.create_plate("p")
+        st.save_field(pid, "A01", 0, np.ones((1, 1, 1, 8, 8), np.uint16))
+        dirs[who] = (st, pid, tmp_path / who / "p.zarr")
+    st, pid, ours = dirs["ours"]
+    _, _, theirs = dirs["ngio"]
+    _ngio_generic(ours, "first", {"x": [1]}, backend)  # a table ngio wrote before ours
+    _ngio_generic(theirs, "first", {"x": [1]}, backend)
+    st.save_plate_tables(pid, [ObjectTable("counts", GENERIC_COLUMNS), ObjectTable("other", {"y": [0.5]})])
+    _ngio_generic(theirs, "counts", GENERIC_COLUMNS, backend)
+    _ngio_generic(theirs, "other", {"y": [0.5]}, backend)
+    assert _tree(ours / "tables") == _tree(theirs / "tables")
+    for name in ("first", "counts", "other"):
+        assert (ours / "tables" / name / f"table.{backend}").is_file()
+    a, b = (ngio.open_ome_zarr_plate(str(d)) for d in (ours, theirs))
+    assert a.list_tables() == b.list_tables() == ["first", "counts", "other"]
+    for name in ("counts", "other"):
+        pd.testing.assert_frame_equal(a.get_table(name).dataframe, b.get_table(name).dataframe)
+    if backend == "parquet":  # CSV has no types: a column of digits reads back as numbers, from ngio's too
+        assert a.get_table("counts").dataframe["huge"].tolist()[1] == str(2**70)
+
+    # replaced: new columns, the old file gone, the list unchanged
+    st.save_plate_tables(pid, [ObjectTable("counts", {"z": ["q"]})])
+    _ngio_generic(theirs, "counts", {"z": ["q"]}, backend)
+    assert _tree(ours / "tables") == _tree(theirs / "tables")
+    a = ngio.open_ome_zarr_plate(str(ours))
+    assert a.list_tables() == ["first", "counts", "other"]
+    pd.testing.assert_frame_equal(a.get_table("counts").dataframe,
+                                  ngio.open_ome_zarr_plate(str(theirs)).get_table("counts").dataframe)
+    assert sorted(p.name for p in (ours / "tables").iterdir() if p.name.startswith(".")) == sorted(
+        p.name for p in (theirs / "tables").iterdir() if p.name.startswith("."))  # no temporary folders left
+
+
+@pytest.mark.timeout(120)
+def test_generic_tables_refuse_what_ngio_refuses(tmp_path):
+    """A ``tables`` group whose attributes are not ngio's list: ngio refuses
+    to add to it, and so does the pyarrow writer; nothing is written."""
+    from fiji_bridge.backends.base import BackendError, ObjectTable
+    from fiji_bridge.backends.ngff_meta import write_group
+    from fiji_bridge.backends.zarr_plate import ZarrPlateStore
+
+    st = ZarrPlateStore(tmp_path, zarr_format=2)
+    pid = st.create_plate("p")
+    st.save_field(pid, "A01", 0, np.ones((1, 1, 1, 8, 8), np.uint16))
+    d = tmp_path / "p.zarr"
+    write_group(d / "tables", 2, {"something": "else"})
+    with pytest.raises(Exception):
+        _ngio_generic(d, "t", {"x": [1]}, "parquet")
+    with pytest.raises(BackendError, match="not ngio's list of tables"):
+        st.save_plate_tables(pid, [ObjectTable("t", {"x": [1]})])
+    assert sorted(p.name for p in (d / "tables").iterdir()) == [".zattrs", ".zgroup"]

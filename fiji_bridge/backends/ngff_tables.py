@@ -17,10 +17,20 @@ backend; an AnnData table takes ~8x as long to write: ~100 ms against
 image's. A label that is a projection of a Z stack (one plane per T) is
 stored with Z = 1.
 
+Generic tables in the ``parquet`` and ``csv`` backends (a batch's plate
+tables) are written with pyarrow alone, in the layout ngio 1.1 gives them
+(``ngio/tables/_tables_container.py`` ``TablesContainer.add``,
+``backends/_py_arrow_backends.py``): the group ``tables/<name>/`` whose only
+attribute is ``{"backend": ...}``, the file ``table.parquet`` (or
+``table.csv``) beside it, and the name appended to the ``tables`` list of
+the ``tables/`` group. pyarrow imports in ~0.2 CPU-s, ngio in ~2.5 (dask,
+xarray, pandas, anndata). ``tests/test_ngff_outputs.py`` reads them back
+with ngio and compares them with the tables ngio itself writes.
+
 :class:`TableWriterProcess` writes tables with ngio in a child process at
-the lowest CPU priority: importing ngio costs about 1.7 CPU-seconds (dask,
-xarray, pandas, anndata), which a batch that only needs its plate tables at
-the end spends on the cores its JVMs leave idle, not on theirs.
+the lowest CPU priority, for a batch whose plate tables need ngio (the
+``anndata`` backend): importing ngio costs about 2.5 CPU-seconds, which the
+batch spends on the cores its JVMs leave idle, not on theirs.
 """
 
 from __future__ import annotations
@@ -29,17 +39,20 @@ import json
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .base import BackendError, ObjectTable
+from .ngff_meta import group_format, read_attrs, write_group
 
-__all__ = ["TABLE_BACKENDS", "TableWriterProcess", "write_label", "write_tables"]
+__all__ = ["TABLE_BACKENDS", "TableWriterProcess", "needs_ngio", "write_label", "write_tables"]
 
 log = logging.getLogger("fiji_bridge.backends")
 
@@ -130,13 +143,22 @@ def _ngio_table(table: ObjectTable) -> Any:
     return GenericTable(_frame(table.columns, None))
 
 
+def needs_ngio(tables: Sequence[ObjectTable], backend: str) -> bool:
+    """Whether writing ``tables`` in ``backend`` takes ngio (typed tables,
+    AnnData); generic parquet and CSV tables are written with pyarrow."""
+    return backend == "anndata" or any(t.kind != "generic" for t in tables)
+
+
 def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool = False,
                  backend: str = "parquet") -> None:
     """Write ``tables`` into the image (or, with ``plate``, the plate) group
-    at ``group_dir`` with ngio, replacing tables of the same names."""
-    ngio = _ngio()
+    at ``group_dir`` in ngio's layout, replacing tables of the same names."""
     if backend not in TABLE_BACKENDS:
         raise BackendError(f"table backend {backend!r} is not one of {', '.join(TABLE_BACKENDS)}")
+    if not needs_ngio(tables, backend):
+        _write_generic_tables(group_dir, tables, backend)
+        return
+    ngio = _ngio()
     try:
         owner = (ngio.open_ome_zarr_plate(str(group_dir), cache=True) if plate
                  else ngio.open_ome_zarr_container(str(group_dir), cache=True))
@@ -146,6 +168,83 @@ def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool 
         raise
     except Exception as e:
         raise BackendError(f"cannot write tables {[t.name for t in tables]} in {group_dir}: {type(e).__name__}: {e}") from None
+
+
+def _arrow_column(values: Sequence[Any]) -> Any:
+    """A column as pandas types it from a list, then ngio stores it:
+    bools, int64, float64 (ints and floats mixed, NaN), else strings
+    (``str()`` of every cell, as :func:`_frame` makes object columns)."""
+    import pyarrow as pa
+
+    vals = np.asarray(values).tolist() if isinstance(values, np.ndarray) else list(values)
+    kinds = {type(v) for v in vals}
+    try:
+        if kinds and kinds <= {bool}:
+            return pa.array(vals, type=pa.bool_())
+        if kinds and kinds <= {int}:
+            return pa.array(vals, type=pa.int64())
+        if kinds and kinds <= {int, float}:
+            return pa.array([float(v) for v in vals], type=pa.float64())
+    except (OverflowError, pa.ArrowInvalid):  # ints beyond int64: pandas keeps them as objects
+        pass
+    return pa.array([str(v) for v in vals], type=pa.string())
+
+
+def _write_generic_tables(group_dir: Path, tables: Sequence[ObjectTable], backend: str) -> None:
+    """Generic tables with pyarrow, as ngio lays them out (module docstring)."""
+    import pyarrow as pa
+
+    fmt = group_format(group_dir)
+    if fmt is None:
+        raise BackendError(f"cannot write tables {[t.name for t in tables]}: {group_dir} is not a zarr group")
+    root = group_dir / "tables"
+    attrs = read_attrs(root)
+    if attrs is None:
+        attrs = {}
+    elif attrs and not isinstance(attrs.get("tables"), list):  # as ngio's TablesContainer refuses it
+        raise BackendError(f"cannot write tables in {root}: its attributes are not ngio's list of tables "
+                           f"({json.dumps(attrs)[:200]})")
+    names = list(attrs.get("tables", []))
+    for t in tables:
+        if not t.name or "/" in t.name or t.name.startswith("."):
+            raise BackendError(f"bad table name {t.name!r}: a table is a folder of {root}")
+        try:
+            data = pa.table({str(k): _arrow_column(v) for k, v in t.columns.items()})
+        except (pa.ArrowException, ValueError, TypeError) as e:
+            raise BackendError(f"cannot write table {t.name!r}: {type(e).__name__}: {e}") from None
+        tmp = root / f".{t.name}.{uuid.uuid4().hex[:12]}"
+        write_group(tmp, fmt, {"backend": backend}, atomic=False)
+        try:
+            if backend == "parquet":
+                import pyarrow.parquet as pq
+
+                pq.write_table(data, str(tmp / "table.parquet"))
+            else:
+                import pyarrow.csv as pa_csv
+
+                pa_csv.write_csv(data, str(tmp / "table.csv"))
+            _replace_dir(tmp, root / t.name)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, pa.ArrowException)):
+                raise BackendError(f"cannot write table {t.name!r} in {root}: {type(e).__name__}: {e}") from None
+            raise
+        if t.name not in names:
+            names.append(t.name)
+    if not root.is_dir() or attrs.get("tables") != names or group_format(root) != fmt:
+        write_group(root, fmt, {**attrs, "tables": names})
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """``new`` renamed to ``final``, an old ``final`` moved aside first and
+    removed after (a reader sees the old table or the new one)."""
+    trash = None
+    if final.exists():
+        trash = final.parent / f".trash-{final.name}.{uuid.uuid4().hex[:12]}"
+        os.rename(final, trash)
+    os.rename(new, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------- a child process that writes tables
@@ -205,6 +304,11 @@ class TableWriterProcess:
         ready = self.ready()
         proc, self.proc = self.proc, None
         assert proc is not None
+        if not needs_ngio(tables, backend):  # pyarrow's: no reason to send them over
+            proc.kill()
+            proc.communicate()
+            write_tables(group_dir, tables, plate=plate, backend=backend)
+            return
         if not ready:
             proc.kill()
             proc.communicate()

@@ -380,7 +380,7 @@ class Worker:
             frames, self._frames = self._frames.frames, FrameSink()
             self.sock.send_multipart(encode({"op": "reply", "id": m.get("id"), **reply}, frames))
             if self._watch_quit and _imagej_quit():
-                print(f"ImageJ was quit during {op!r}: leaving, so that the supervisor starts a fresh one", file=open("/tmp/fjbtrace.log", "a"), flush=True)
+                print(f"ImageJ was quit during {op!r}: leaving, so that the supervisor starts a fresh one", file=sys.stderr, flush=True)
                 sys.stdout.flush()
                 time.sleep(0.2)  # let the reply leave (linger)
                 os._exit(EXIT_IMAGEJ_QUIT)

@@ -418,15 +418,17 @@ def test_generic_tables_without_ngio_are_what_ngio_writes(tmp_path, zarr_format,
     _, _, theirs = dirs["ngio"]
     _ngio_generic(ours, "first", {"x": [1]}, backend)  # a table ngio wrote before ours
     _ngio_generic(theirs, "first", {"x": [1]}, backend)
-    st.save_plate_tables(pid, [ObjectTable("counts", GENERIC_COLUMNS), ObjectTable("other", {"y": [0.5]})])
+    st.save_plate_tables(pid, [ObjectTable("counts", GENERIC_COLUMNS), ObjectTable("other", {"y": [0.5]}),
+                               ObjectTable("none", {"x": [], "y": []})])
     _ngio_generic(theirs, "counts", GENERIC_COLUMNS, backend)
     _ngio_generic(theirs, "other", {"y": [0.5]}, backend)
+    _ngio_generic(theirs, "none", {"x": [], "y": []}, backend)
     assert _tree(ours / "tables") == _tree(theirs / "tables")
     for name in ("first", "counts", "other"):
         assert (ours / "tables" / name / f"table.{backend}").is_file()
     a, b = (ngio.open_ome_zarr_plate(str(d)) for d in (ours, theirs))
-    assert a.list_tables() == b.list_tables() == ["first", "counts", "other"]
-    for name in ("counts", "other"):
+    assert a.list_tables() == b.list_tables() == ["first", "counts", "other", "none"]
+    for name in ("counts", "other", "none"):
         pd.testing.assert_frame_equal(a.get_table(name).dataframe, b.get_table(name).dataframe)
     if backend == "parquet":  # CSV has no types: a column of digits reads back as numbers, from ngio's too
         assert a.get_table("counts").dataframe["huge"].tolist()[1] == str(2**70)
@@ -436,7 +438,7 @@ def test_generic_tables_without_ngio_are_what_ngio_writes(tmp_path, zarr_format,
     _ngio_generic(theirs, "counts", {"z": ["q"]}, backend)
     assert _tree(ours / "tables") == _tree(theirs / "tables")
     a = ngio.open_ome_zarr_plate(str(ours))
-    assert a.list_tables() == ["first", "counts", "other"]
+    assert a.list_tables() == ["first", "counts", "other", "none"]
     pd.testing.assert_frame_equal(a.get_table("counts").dataframe,
                                   ngio.open_ome_zarr_plate(str(theirs)).get_table("counts").dataframe)
     assert sorted(p.name for p in (ours / "tables").iterdir() if p.name.startswith(".")) == sorted(

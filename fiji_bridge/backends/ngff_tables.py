@@ -173,21 +173,34 @@ def write_tables(group_dir: Path, tables: Sequence[ObjectTable], *, plate: bool 
 def _arrow_column(values: Sequence[Any]) -> Any:
     """A column as pandas types it from a list, then ngio stores it:
     bools, int64, float64 (ints and floats mixed, NaN), else strings
-    (``str()`` of every cell, as :func:`_frame` makes object columns)."""
+    (``str()`` of every cell, as :func:`_frame` makes object columns).
+
+    Built from its buffers: ``pa.array`` imports pandas (~0.45 CPU-s) to
+    look for pandas types first."""
     import pyarrow as pa
 
     vals = np.asarray(values).tolist() if isinstance(values, np.ndarray) else list(values)
+    n = len(vals)
     kinds = {type(v) for v in vals}
     try:
-        if kinds and kinds <= {bool}:
-            return pa.array(vals, type=pa.bool_())
-        if kinds and kinds <= {int}:
-            return pa.array(vals, type=pa.int64())
-        if kinds and kinds <= {int, float}:
-            return pa.array([float(v) for v in vals], type=pa.float64())
-    except (OverflowError, pa.ArrowInvalid):  # ints beyond int64: pandas keeps them as objects
+        if not kinds:  # no rows: as ngio reads an empty column back
+            return pa.Array.from_buffers(pa.float64(), 0, [None, pa.py_buffer(np.zeros(0))])
+        if kinds <= {bool}:
+            bits = np.packbits(np.array(vals, dtype=bool), bitorder="little")
+            return pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(bits)])
+        if kinds <= {int}:
+            return pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(np.array(vals, dtype=np.int64))])
+        if kinds <= {int, float}:
+            return pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(np.array(vals, dtype=np.float64))])
+    except OverflowError:  # ints beyond int64: pandas keeps them as objects
         pass
-    return pa.array([str(v) for v in vals], type=pa.string())
+    encoded = [str(v).encode() for v in vals]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise BackendError(f"a text column of {offsets[-1]} bytes: over the 2 GiB of one table column")
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                  pa.py_buffer(b"".join(encoded))])
 
 
 def _write_generic_tables(group_dir: Path, tables: Sequence[ObjectTable], backend: str) -> None:
@@ -209,7 +222,8 @@ def _write_generic_tables(group_dir: Path, tables: Sequence[ObjectTable], backen
         if not t.name or "/" in t.name or t.name.startswith("."):
             raise BackendError(f"bad table name {t.name!r}: a table is a folder of {root}")
         try:
-            data = pa.table({str(k): _arrow_column(v) for k, v in t.columns.items()})
+            data = pa.Table.from_arrays([_arrow_column(v) for v in t.columns.values()], names=[str(k) for k in t.columns])
+            data.validate(full=True)
         except (pa.ArrowException, ValueError, TypeError) as e:
             raise BackendError(f"cannot write table {t.name!r}: {type(e).__name__}: {e}") from None
         tmp = root / f".{t.name}.{uuid.uuid4().hex[:12]}"

@@ -14,9 +14,13 @@ workers, Xvfb, java; sampled from /proc every 20 ms, so each process may
 miss its last few ms). ``--baseline DIR`` runs a second fiji-bridge
 checkout (``PYTHONPATH=DIR``, e.g. ``/work/main``) as a third side: every
 side runs ``--repeats`` times in alternation, so a shared machine's load
-falls on all of them; medians are printed.
+falls on all of them; medians are printed. ``--baseline-env KEY=VALUE``
+(repeatable) sets a variable for the baseline side alone: with ``--baseline``
+this checkout's own folder, it compares two settings of the same code
+(e.g. ``FIJI_BRIDGE_BATCH_JAVA_OPTIONS``).
 
     .venv/bin/python benchmarks/batch_cli.py [--wells 12] [--fields 6] [--size 512] [--workers 1] [--baseline DIR]
+        [--baseline-env KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -102,11 +107,11 @@ class ProcessCPU:
         return out
 
 
-def run_cli(uri: str, out: str, workers: int, pythonpath: str, n: int) -> dict:
+def run_cli(uri: str, out: str, workers: int, pythonpath: str, n: int, extra_env: Optional[dict] = None) -> dict:
     """One ``fiji-bridge batch`` run: wall, CPU, phases, CPU by process."""
     cmd = [sys.executable, "-m", "fiji_bridge.cli", "batch", "--plate", uri, "--macro", "nuclei_count",
            *[f"--arg={k}={v}" for k, v in ARGS.items()], "--out", out, "--workers", str(workers)]
-    env = dict(os.environ, PYTHONPATH=pythonpath)
+    env = dict(os.environ, PYTHONPATH=pythonpath, **(extra_env or {}))
     cpu0, t0 = children_cpu(), time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=pythonpath)
     sampler = ProcessCPU(proc.pid)
@@ -175,7 +180,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--baseline", default=None, help="another fiji-bridge checkout to run as a third side (PYTHONPATH)")
+    ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the baseline side alone (repeatable)")
     a = ap.parse_args()
+    base_env = dict(kv.split("=", 1) for kv in a.baseline_env)
     work = Path(tempfile.mkdtemp(prefix="fiji-bridge-bench-cli-"))
     try:
         wells, plate, uri, tiffs = bench_plate(work, a.wells, a.fields, a.size)
@@ -188,13 +196,13 @@ def main() -> int:
             sides["ij"].append(run_imagej(tiffs, code, work))
             sides["fb"].append(run_cli(uri, f"zarr://{work}/out_{rep}.zarr", a.workers, str(ROOT), n))
             if a.baseline:
-                sides["base"].append(run_cli(uri, f"zarr://{work}/base_{rep}.zarr", a.workers, a.baseline, n))
+                sides["base"].append(run_cli(uri, f"zarr://{work}/base_{rep}.zarr", a.workers, a.baseline, n, base_env))
         print(_line("ImageJ alone (java -batch, one JVM):", sides["ij"], n))
         print(_line(f"fiji-bridge batch --workers {a.workers} (CLI):", sides["fb"], n))
         ij_wall, ij_cpu = _median(sides["ij"], "wall"), _median(sides["ij"], "cpu")
         fb_wall, fb_cpu = _median(sides["fb"], "wall"), _median(sides["fb"], "cpu")
         if a.baseline:
-            print(_line(f"baseline {a.baseline}:", sides["base"], n))
+            print(_line(f"baseline {a.baseline}{' ' + ' '.join(a.baseline_env) if a.baseline_env else ''}:", sides["base"], n))
             b_wall, b_cpu = _median(sides["base"], "wall"), _median(sides["base"], "cpu")
             print(f"baseline / ImageJ alone: {ij_wall / b_wall:.2f}x wall, {ij_cpu / b_cpu:.2f}x CPU")
         print(f"ratio (speed of fiji-bridge / ImageJ alone): {ij_wall / fb_wall:.2f}x wall, {ij_cpu / fb_cpu:.2f}x CPU "

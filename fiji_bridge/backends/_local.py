@@ -25,8 +25,10 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,6 +158,19 @@ def atomic_write(path: Path, raw: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(new: Path, final: Path, trash_prefix: str = ".trash-") -> None:
+    """Rename the folder ``new`` to ``final``; an old ``final`` is moved aside
+    first (``<trash_prefix><hex>`` beside it) and removed after, so a reader
+    sees the old folder or the new one, never a mix."""
+    trash = None
+    if final.exists():
+        trash = final.parent / f"{trash_prefix}{uuid.uuid4().hex[:12]}"
+        os.rename(final, trash)
+    os.rename(new, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 _thread_locks: dict[str, threading.RLock] = {}

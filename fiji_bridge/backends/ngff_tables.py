@@ -49,6 +49,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ._local import replace_dir
 from .base import BackendError, ObjectTable
 from .ngff_meta import group_format, read_attrs, write_group
 
@@ -227,38 +228,30 @@ def _write_generic_tables(group_dir: Path, tables: Sequence[ObjectTable], backen
         except (pa.ArrowException, ValueError, TypeError) as e:
             raise BackendError(f"cannot write table {t.name!r}: {type(e).__name__}: {e}") from None
         tmp = root / f".{t.name}.{uuid.uuid4().hex[:12]}"
-        write_group(tmp, fmt, {"backend": backend}, atomic=False)
         try:
-            if backend == "parquet":
-                import pyarrow.parquet as pq
-
-                pq.write_table(data, str(tmp / "table.parquet"))
-            else:
-                import pyarrow.csv as pa_csv
-
-                pa_csv.write_csv(data, str(tmp / "table.csv"))
-            _replace_dir(tmp, root / t.name)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, (OSError, pa.ArrowException)):
-                raise BackendError(f"cannot write table {t.name!r} in {root}: {type(e).__name__}: {e}") from None
-            raise
+            write_group(tmp, fmt, {"backend": backend}, atomic=False)
+            _write_arrow(data, tmp, backend)
+            replace_dir(tmp, root / t.name, trash_prefix=f".trash-{t.name}.")
+        except (OSError, pa.ArrowException) as e:
+            raise BackendError(f"cannot write table {t.name!r} in {root}: {type(e).__name__}: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
         if t.name not in names:
             names.append(t.name)
-    if not root.is_dir() or attrs.get("tables") != names or group_format(root) != fmt:
+    if attrs.get("tables") != names or group_format(root) != fmt:
         write_group(root, fmt, {**attrs, "tables": names})
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """``new`` renamed to ``final``, an old ``final`` moved aside first and
-    removed after (a reader sees the old table or the new one)."""
-    trash = None
-    if final.exists():
-        trash = final.parent / f".trash-{final.name}.{uuid.uuid4().hex[:12]}"
-        os.rename(final, trash)
-    os.rename(new, final)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+def _write_arrow(data: Any, folder: Path, backend: str) -> None:
+    """``table.parquet`` or ``table.csv`` of ``data`` in ``folder``, as ngio's pyarrow backends write them."""
+    if backend == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(data, str(folder / "table.parquet"))
+    else:
+        import pyarrow.csv as pa_csv
+
+        pa_csv.write_csv(data, str(folder / "table.csv"))
 
 
 # ------------------------------------------------------- a child process that writes tables

@@ -40,7 +40,7 @@ import zarr
 
 from ..colours import channel_hex
 from ..components import Calibration, format_well, normalize_well, parse_well
-from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, sort_wells
+from ._local import FieldInfo, Layout, LocalPlateStore, plate_lock, replace_dir, sort_wells
 from .base import BackendError, NotFound, ObjectTable, PlateStructure
 from .ngff_meta import ensure_groups, group_format, image_attrs, plate_attrs, read_attrs, well_attrs, write_group
 from .ngff_tables import TABLE_BACKENDS, write_label, write_tables
@@ -265,13 +265,7 @@ class ZarrPlateStore(LocalPlateStore):
             raise
         final = d / wpath / str(site)
         with plate_lock(d):
-            trash = None
-            if final.exists():
-                trash = d / wpath / f"trash_{uuid.uuid4().hex[:12]}"
-                os.rename(final, trash)
-            os.rename(tmp, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            replace_dir(tmp, final, trash_prefix="trash_")
             self._register_field(d, fmt, well, wpath, site)
         self._images.pop((plate, f"{wpath}/{site}"), None)
         return f"{wpath}/{site}"

@@ -112,6 +112,20 @@ def initial_heap_options(display: bool) -> list[str]:
     return [f"-Xms{mib}m", "-XX:+AlwaysPreTouch"] if mib >= 64 else []
 
 
+def _write_class_archive() -> None:
+    """Write this JVM's class-data archive if it started without one
+    (:mod:`fiji_bridge.engine.class_archive`)."""
+    from .engine.class_archive import dump
+    from .engine.java import class_archive_to_write
+
+    archive = class_archive_to_write()
+    if archive is not None:
+        t0 = time.monotonic()
+        ok = dump(archive)
+        print(f"class-data archive {archive.path}: {'written' if ok else 'not written'} in {time.monotonic() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+
+
 def _warm_display(engine: Any) -> None:
     """Run the live display's data path once on a small stack that grows
     (new stack, composite, re-layout, close; its window too where the
@@ -148,6 +162,7 @@ class Worker:
         self._staging: dict[str, tuple[str, np.ndarray, Any]] = {}  # key -> (segment, array, mapping)
         self._maps: dict[str, Any] = {}  # stack segment name -> its mapping
         self._frames = FrameSink()  # small result arrays of the current reply
+        self.served = 0  # macros, scripts and stacks served: whether this JVM is worth archiving
 
     def _put(self, arr: np.ndarray) -> dict:
         """Hand a result array to the bridge: small ones (table columns) as
@@ -360,6 +375,8 @@ class Worker:
             op = m.get("op")
             if op == "quit":
                 return
+            if op in ("run_macro", "run_script", "show_stack", "update_planes"):
+                self.served += 1
             fn = ops.get(op)
             try:
                 if op in ("run_macro", "run_script", "render") and getattr(self.engine, "windows_due", False):
@@ -414,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         _warm_display(engine)
     status = engine.status() if callable(getattr(engine, "status", None)) else {}
     sock.send_multipart(encode({"op": "ready", "version": str(getattr(engine, "version", "?")), "engine": getattr(engine, "name", a.engine), "pid": os.getpid(), "status": status}))
+    worker = Worker(sock, engine, a.parent)
     try:
-        Worker(sock, engine, a.parent).serve()
+        worker.serve()
+        if worker.served:  # a clean quit after real work: the classes it loaded, for the next JVM
+            _write_class_archive()
     finally:
         try:
             engine.close()

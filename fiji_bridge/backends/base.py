@@ -360,10 +360,15 @@ def columns_to_csv(columns: Mapping[str, Sequence[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(names)
-    rows = n.pop() if n else 0
-    for i in range(rows):
-        w.writerow([_cell(columns[k][i]) for k in names])
+    # a column of plain Python values goes to the writer as it is (it writes
+    # each as _cell would: str() of a float is its repr); others cell by cell
+    cells = [col if set(map(type, col)) <= _PLAIN else [_cell(v) for v in col] for col in (columns[k] for k in names)]
+    w.writerows(zip(*cells))
     return buf.getvalue()
+
+
+#: the types of cells :func:`columns_to_csv` hands to the csv writer unchanged
+_PLAIN = {str, int, float, bool, type(None)}
 
 
 def json_default(o: Any) -> Any:

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from .base import EngineError, EngineUnavailable
+from .class_archive import ClassArchive, archive_for
 from .fiji import java_feature_version
 
 __all__ = [
     "ADD_OPENS",
+    "class_archive_to_write",
     "DEBIAN_IJ_JAR",
     "configure_offline",
     "fiji_of_ij_jar",
@@ -172,6 +174,7 @@ def start_jvm(
     java_home = java_home or find_java_home()
     java = java_feature_version(java_home) or 17
     opts = [*(ADD_OPENS if java >= 9 else ()), *heap_option(), *options]
+    opts += _class_archive_options(java_home, classpath, opts)
     if not scyjava_start and not endpoints:
         _start_jpype(java_home, classpath, opts)
         return
@@ -189,6 +192,26 @@ def start_jvm(
         scyjava.start_jvm()
     except Exception as e:  # JPype raises plain OSError/RuntimeError here
         raise EngineError(f"could not start the JVM at {java_home}: {e}") from e
+
+
+#: the class-data archive this process's JVM records, to write at a clean quit
+_ARCHIVE_TO_WRITE: Optional[ClassArchive] = None
+
+
+def _class_archive_options(java_home: Path, classpath: Sequence[Path], opts: Sequence[str]) -> list[str]:
+    """The options of this setup's class-data archive (:mod:`.class_archive`)."""
+    global _ARCHIVE_TO_WRITE
+    archive = archive_for(java_home, classpath, opts)
+    if archive is None:
+        return []
+    _ARCHIVE_TO_WRITE = None if archive.exists else archive
+    return archive.jvm_options()
+
+
+def class_archive_to_write() -> Optional[ClassArchive]:
+    """The archive this process's JVM started without and may write
+    (:func:`.class_archive.dump`), or None."""
+    return _ARCHIVE_TO_WRITE
 
 
 def _start_jpype(java_home: Path, classpath: Sequence[Path], options: Sequence[str]) -> None:

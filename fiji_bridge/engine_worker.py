@@ -112,18 +112,30 @@ def initial_heap_options(display: bool) -> list[str]:
     return [f"-Xms{mib}m", "-XX:+AlwaysPreTouch"] if mib >= 64 else []
 
 
-def _write_class_archive() -> None:
+def _write_class_archive(heartbeat: Optional[str]) -> None:
     """Write this JVM's class-data archive if it started without one
-    (:mod:`fiji_bridge.engine.class_archive`)."""
+    (:mod:`fiji_bridge.engine.class_archive`), saying so beside the
+    heartbeat meanwhile: the supervisor waits for a worker that does."""
     from .engine.class_archive import dump
     from .engine.java import class_archive_to_write
 
     archive = class_archive_to_write()
-    if archive is not None:
-        t0 = time.monotonic()
+    if archive is None:
+        return
+    flag = f"{heartbeat}.archiving" if heartbeat else None
+    t0 = time.monotonic()
+    try:
+        if flag:
+            open(flag, "w").close()
         ok = dump(archive)
-        print(f"class-data archive {archive.path}: {'written' if ok else 'not written'} in {time.monotonic() - t0:.1f} s",
-              file=sys.stderr, flush=True)
+    finally:
+        if flag:
+            try:
+                os.unlink(flag)
+            except OSError:
+                pass
+    print(f"class-data archive {archive.path}: {'written' if ok else 'not written'} in {time.monotonic() - t0:.1f} s",
+          file=sys.stderr, flush=True)
 
 
 def _warm_display(engine: Any) -> None:
@@ -435,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker.serve()
         if worker.served:  # a clean quit after real work: the classes it loaded, for the next JVM
-            _write_class_archive()
+            _write_class_archive(a.heartbeat)
     finally:
         try:
             engine.close()

@@ -67,6 +67,9 @@ KILL_GRACE = 2.0
 HEARTBEAT_STALE = 3.0
 #: ... and is killed and restarted when it stays silent this long (a stopped or wedged process)
 HEARTBEAT_KILL = float(os.environ.get("FIJI_BRIDGE_HEARTBEAT_KILL", "60"))
+#: seconds more a quitting worker gets while it writes its JVM's class-data
+#: archive (:mod:`fiji_bridge.engine.class_archive`: once per setup, ~1 s for ImageJ 1, ~4 s for Fiji)
+ARCHIVE_WAIT = 60.0
 #: exit code of a worker whose ImageJ a macro quit (``run("Quit")``): restarted at once
 EXIT_IMAGEJ_QUIT = 5
 #: macro timeout when the request gives none
@@ -327,6 +330,14 @@ class EngineSupervisor:
     def busy(self) -> bool:
         return self.current is not None
 
+    def _archiving(self) -> bool:
+        """Whether the quitting worker says it writes its JVM's class-data
+        archive (a file beside its heartbeat) and is alive doing so."""
+        if self.heartbeat_path is None or not self.heartbeat_path.with_name(self.heartbeat_path.name + ".archiving").exists():
+            return False
+        age = self.heartbeat_age()
+        return age is not None and age < HEARTBEAT_STALE
+
     def heartbeat_age(self) -> Optional[float]:
         """Seconds since the worker last showed it is alive (None: no heartbeat yet)."""
         if self.heartbeat_path is None:
@@ -370,7 +381,13 @@ class EngineSupervisor:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self._kill()
+                if self._archiving():  # a clean quit, writing its class-data archive (Fiji: ~4 s)
+                    try:
+                        self.proc.wait(ARCHIVE_WAIT)
+                    except subprocess.TimeoutExpired:
+                        pass
+                if self.proc.poll() is None:
+                    self._kill()
         if self.sock is not None:
             if self._on_socket_change:
                 self._on_socket_change(self.sock, None)

@@ -137,3 +137,30 @@ def test_first_batch_writes_the_archive_and_the_next_maps_imagej_from_it(tmp_pat
         "the macro's classes were not archived"
     assert list((tmp_path / "cache" / "cds").glob("*.jsa")) == archives  # mapped, not written again
     assert first == oracle and second == oracle and any("count" in k for k in oracle)
+
+
+@pytest.mark.imagej
+@pytest.mark.timeout(300)
+def test_a_worker_writing_its_archive_is_waited_for_not_killed(tmp_path, monkeypatch):
+    """The supervisor gives a quitting worker ``timeout`` seconds, then kills
+    it, unless it says it writes its archive (~1.2 s for ImageJ 1 here):
+    with a quit timeout shorter than that, the archive is written all the same."""
+    from fiji_bridge.batch import run_batch
+    from fiji_bridge.supervisor import EngineSupervisor
+
+    if not IJ_JAR.is_file():
+        pytest.skip(f"ImageJ 1 not at {IJ_JAR} (Debian's libij-java)")
+    home = _java_home()
+    if archive_for(home, [], [], {"FIJI_BRIDGE_CACHE_DIR": str(tmp_path / "probe")}) is None:
+        pytest.skip(f"the JVM at {home} is not HotSpot 17+: no archive is used there")
+    monkeypatch.setenv("FIJI_BRIDGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FIJI_BRIDGE_IMAGEJ", raising=False)
+    close = EngineSupervisor.close
+    monkeypatch.setattr(EngineSupervisor, "close", lambda self, timeout=5.0: close(self, 0.3))
+    plate = make_plate(("A01",), fields=1, size=96, size_z=1, seed=4, nuclei={"A01": 3})
+    write_plate(plate, f"zarr://{tmp_path}/s.zarr")
+    rep = run_batch(f"zarr://{tmp_path}/s.zarr", "nuclei_count", {"channel": 1}, out_uri=f"zarr://{tmp_path}/o.zarr",
+                    workers=1, progress=False)
+    assert rep.done == 1
+    archives = list((tmp_path / "cache" / "cds").glob("*.jsa"))
+    assert len(archives) == 1 and archives[0].stat().st_size > 1 << 20, list((tmp_path / "cache" / "cds").iterdir())

@@ -76,12 +76,14 @@ def engines_for(asked: int, units: int, cores: Optional[int] = None) -> int:
     return max(1, min(int(asked), int(units), cores - 1))
 
 
-#: JIT of a batch's JVMs: the client compiler only (C1). A batch JVM lives
-#: for one plate, and C2's compilations of ImageJ's code never paid back
-#: here: on the nuclei macro it took a third less CPU per unit over 72 fields
-#: with no slower units once warm. ``$FIJI_BRIDGE_BATCH_JAVA_OPTIONS``
-#: replaces it ("" for the JVM's defaults).
-BATCH_JIT = ("-XX:TieredStopAtLevel=1",)
+#: JVM options of a batch's JVMs beyond the core share: none, the JVM's own
+#: tiered JIT (C1, then C2 for the hot code). The client compiler alone
+#: (``-XX:TieredStopAtLevel=1``) was tried: about the same CPU per unit, but
+#: the units ran 1.3-1.7x longer (the macro's own thread runs C1 code, and
+#: C2 compiles on a core that is idle beside one worker): see
+#: ``benchmarks/engine_worker_cpu.py``. ``$FIJI_BRIDGE_BATCH_JAVA_OPTIONS``
+#: replaces it (e.g. ``-XX:TieredStopAtLevel=1``).
+BATCH_JIT: tuple[str, ...] = ()
 
 
 def java_options_for(workers: int, cores: Optional[int] = None) -> list[str]:

@@ -63,8 +63,7 @@ from .client import free_port_pair
 from .components import Calibration, normalize_well
 from .macros import Macro, resolve
 from .objects import declared_labels, parse_label_specs
-from .backends.base import columns_to_csv
-from .outputs import save_result, slug, table_file_name, unit_columns
+from .outputs import save_result, slug, table_file_name
 from .upload import key_of
 
 __all__ = ["BatchError", "BatchReport", "UnitOutcome", "run_batch", "run_unit", "batch_command", "print_report",
@@ -360,10 +359,9 @@ def run_batch(
                                       backend=dst_backend, plate=pid, plate_label=src_id, uploader=up, labels=specs,
                                       labels_also_to=[(src_backend, src_id)] if labels_to_source else (),
                                       input=lambda: _Field(src_backend.load_field(src_id, o.well, o.site),
-                                                           structure.channel_names, structure.calibration))
+                                                           structure.channel_names, structure.calibration),
+                                      tables_written=texts)
                 requires = sorted({key_of(p) for p in written})
-                texts = {t: columns_to_csv(unit_columns(cols, plate=src_id, well=o.well, site=o.site))
-                         for t, cols in o.result.tables.items()} if up is None else {}
                 marker.update(status="done", written=written,
                               tables={t: f"/{dst_backend.scheme}/plate_{pid}/{o.well}/{table_file_name(t, o.site)}.csv" for t in o.result.tables},
                               images=list(o.result.images))

@@ -48,6 +48,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .backends.base import columns_to_csv
 from .components import Calibration, PlaneComponents, normalize_well
 from .objects import ROIS, LabelSpec, field_box, object_boxes, parse_label_specs, roi_boxes, rois_to_labels, to_labels
 
@@ -123,6 +124,7 @@ def save_result(
     labels: Any = None,
     input: Any = None,
     labels_also_to: Sequence[tuple[Any, str]] = (),
+    tables_written: Optional[dict[str, str]] = None,
 ) -> list[str]:
     """Write a macro's images and tables into the derived plate ``uri`` at
     ``well``/``site``; returns the virtual paths written.
@@ -148,6 +150,8 @@ def save_result(
     only when needed), the field image when every output image is a label.
     ``labels_also_to``: more ``(backend, plate)`` whose field ``well``/``site``
     gets the label images too (the source plate, when the user asks).
+    ``tables_written``: filled with each table's CSV text as written here
+    (title -> text; the batch assembles its plate tables from them).
     """
     if not well:
         raise OutputError(
@@ -169,7 +173,8 @@ def save_result(
     if specs and getattr(backend, "is_remote", False):
         raise OutputError(f"label images go to OME-Zarr or OME-TIFF plates; {type(backend).__name__} does not store them yet")
     try:
-        written = _write(result, backend, plate, well, site, label, source, uploader, specs, input, labels_also_to)
+        written = _write(result, backend, plate, well, site, label, source, uploader, specs, input, labels_also_to,
+                         tables_written)
     except BaseException:
         if own is not None:
             own.finalize(timeout=upload_timeout)
@@ -204,7 +209,8 @@ def _input_image(input: Any) -> Optional[tuple[np.ndarray, list, Any]]:
 
 def _write(result: Any, backend: Any, plate: str, well: str, site: int, label: str,
            source: Optional[Mapping[str, Any]], uploader: Any, specs: Sequence[LabelSpec] = (),
-           input: Any = None, also: Sequence[tuple[Any, str]] = ()) -> list[str]:
+           input: Any = None, also: Sequence[tuple[Any, str]] = (),
+           tables_written: Optional[dict[str, str]] = None) -> list[str]:
     written: list[str] = []
     requires: list[str] = []  # a well's tables follow its field (OMERO attaches them to the well)
 
@@ -270,7 +276,10 @@ def _write(result: Any, backend: Any, plate: str, well: str, site: int, label: s
             uploader.submit_table(plate, name, cols, well=well, requires=requires)
             written.append(f"/{backend.scheme}/plate_{plate}/{well}/{name}.csv")
         else:
-            written.append(backend.save_table(plate, name, cols, well=well))
+            text = columns_to_csv(cols)
+            written.append(backend.save_table(plate, name, text, well=well))
+            if tables_written is not None:
+                tables_written[title] = text
 
     rois = list(getattr(result, "rois", []) or [])
     if rois:

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fiji_bridge.batch_engines import BatchEngines, run_engines  # noqa: E402
+from fiji_bridge.batch_dispatch import run_engines  # noqa: E402
+from fiji_bridge.batch_engines import BatchEngines  # noqa: E402
 from fiji_bridge.macros import resolve  # noqa: E402
 from fiji_bridge.synthetic import make_plate  # noqa: E402
 

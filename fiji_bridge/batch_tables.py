@@ -39,13 +39,6 @@ def _csv_rows(text: str) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
-def _to_float(v: str) -> Optional[float]:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -126,23 +119,37 @@ def assemble(backend: Any, plate: str, units: Sequence[tuple[str, int]], well_or
     return written
 
 
+def _numbers(rows: list[list[str]], i: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Column ``i`` as floats and where it has a value (cells ``""`` have
+    none), each cell parsed once; None when a cell is not a number, or no cell
+    has a value."""
+    cells = [r[i] for r in rows]
+    present = np.array([c != "" for c in cells], dtype=bool)
+    if not present.any():
+        return None
+    try:
+        values = np.array([float(c) if c != "" else 0.0 for c in cells], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return values, present
+
+
 def _per_well(header: list[str], rows: list[list[str]]) -> str:
     """Rows per well, fields per well, and the mean of every numeric column."""
     skip = {"plate", "well", "field"}
-    numeric = [c for i, c in enumerate(header) if c not in skip and rows
-               and all(_to_float(r[i]) is not None for r in rows if r[i] != "")
-               and any(r[i] != "" for r in rows)]
+    columns = {c: _numbers(rows, i) for i, c in enumerate(header) if c not in skip and rows}
+    numeric = {c: col for c, col in columns.items() if col is not None}
     iw, ifd = header.index("well"), header.index("field")
     ip = header.index("plate") if "plate" in header else None
-    groups: dict[str, list[list[str]]] = {}
-    for r in rows:
-        groups.setdefault(r[iw], []).append(r)
+    groups: dict[str, list[int]] = {}
+    for n, r in enumerate(rows):
+        groups.setdefault(r[iw], []).append(n)
     out = []
-    for w, rs in groups.items():
-        line: list[Any] = [rs[0][ip] if ip is not None else "", w, len(rs), len({r[ifd] for r in rs})]
-        for c in numeric:
-            i = header.index(c)
-            vals = [v for v in (_to_float(r[i]) for r in rs) if v is not None]
-            line.append(repr(float(np.mean(vals))) if vals else "")
+    for w, idx in groups.items():
+        line: list[Any] = [rows[idx[0]][ip] if ip is not None else "", w, len(idx), len({rows[n][ifd] for n in idx})]
+        at = np.array(idx)
+        for values, present in numeric.values():
+            vals = values[at][present[at]]
+            line.append(repr(float(np.mean(vals))) if vals.size else "")
         out.append(line)
     return _csv_text(["plate", "well", "rows", "fields"] + [f"mean_{c}" for c in numeric], out)

@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 import numpy as np
 
 from .components import Calibration, ComponentError, PlaneComponents
+from .ports import DATA_PORT_OFFSET, DEFAULT_PORT  # noqa: F401 - the wire constants, here too
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -54,10 +55,6 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-#: the bridge's default control port
-DEFAULT_PORT = 5570
-#: the data channel listens on the control port + this
-DATA_PORT_OFFSET = 1000
 
 #: largest JSON frame accepted (a macro source of several MB is still fine)
 MAX_JSON_BYTES = 32 << 20

@@ -47,6 +47,7 @@ import zmq
 
 from .protocol import ArrayDesc, encode, parse_json
 from .transport import owned_segment
+from .worker_spawn import SpawnedWorker, spawn_worker, worker_endpoint, worker_log
 
 try:
     import _posixshmem  # type: ignore[import-not-found]
@@ -273,7 +274,7 @@ class EngineSupervisor:
         #: seconds since the worker's last heartbeat, once it is over HEARTBEAT_STALE
         self.silent: Optional[float] = None
         self._on_socket_change: Optional[Callable[[Optional[zmq.Socket], Optional[zmq.Socket]], None]] = None
-        self.log_path = self.runtime_dir / "engine-worker.log"
+        self.log_path = worker_log(self.runtime_dir)
         #: request segments kept for reuse once their job is done (warm pages)
         self._pool: list[SharedArray] = []
         #: per live stack, the segment its display updates travel through
@@ -284,8 +285,21 @@ class EngineSupervisor:
     def start(self) -> None:
         """Spawn a worker (eagerly: the JVM takes seconds to start)."""
         self._gen += 1
+        self._bind(worker_endpoint(self.runtime_dir, self._gen))
+        self._took(spawn_worker(self.runtime_dir, self._gen, engine=self.engine, display=self.display, env=self.env))
+
+    def adopt(self, spawned: SpawnedWorker) -> None:
+        """Supervise a worker started by :func:`~fiji_bridge.worker_spawn.spawn_worker`
+        for this supervisor's ``runtime_dir`` (before this process's own imports),
+        as if :meth:`start` had started it."""
+        if self.proc is not None:
+            raise RuntimeError("this supervisor has a worker already")
+        self._gen = spawned.generation
+        self._bind(spawned.endpoint)
+        self._took(spawned)
+
+    def _bind(self, endpoint: str) -> None:
         old = self.sock
-        endpoint = f"ipc://{self.runtime_dir}/worker-{self._gen}.sock"
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.linger = 0
         self.sock.bind(endpoint)
@@ -293,26 +307,14 @@ class EngineSupervisor:
             self._on_socket_change(old, self.sock)
         if old is not None:
             old.close(0)
+
+    def _took(self, spawned: SpawnedWorker) -> None:
         self.silent = None
-        self.heartbeat_path = self.runtime_dir / f"heartbeat-{self._gen}"
-        self.heartbeat_path.unlink(missing_ok=True)
-        cmd = [
-            sys.executable, "-m", "fiji_bridge.engine_worker",
-            "--endpoint", endpoint,
-            "--engine", self.engine,
-            "--parent", str(os.getpid()),
-            "--heartbeat", str(self.heartbeat_path),
-        ]
-        if self.display:
-            cmd.append("--display")
-        logf = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, close_fds=True, env=self.env)
-        finally:
-            logf.close()
+        self.heartbeat_path = spawned.heartbeat_path
+        self.proc = spawned.proc
         self.state = "starting" if self.restarts == 0 and self.version is None else "restarting"
         self._start_deadline = time.monotonic() + START_TIMEOUT
-        log.info("engine worker pid %s starting (%s)", self.proc.pid, endpoint)
+        log.info("engine worker pid %s starting (%s)", self.proc.pid, spawned.endpoint)
 
     def set_socket_listener(self, fn: Callable[[Optional[zmq.Socket], Optional[zmq.Socket]], None]) -> None:
         """``fn(old, new)`` is called when the worker socket changes (for the poller)."""

@@ -20,7 +20,7 @@ import pytest
 
 from fiji_bridge.backends import open_plate
 from fiji_bridge.batch import free_port_pair, run_batch
-from fiji_bridge.batch_engines import BATCH_JIT, BatchEngines, java_options_for
+from fiji_bridge.batch_engines import BATCH_JIT, BatchEngines, java_options_for, spawn_for_batch
 from fiji_bridge.synthetic import make_plate, write_plate
 from test_batch import PROBE as BASE_PROBE
 from test_batch import synthetic  # noqa: F401  (the module's plate: 3 wells, 2 fields, known nuclei)
@@ -116,6 +116,11 @@ def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge, monkeypat
     via_bridge = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/b.zarr", ports=[bridge], progress=False)
     one = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e1.zarr", workers=1, progress=False)
     two = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e2.zarr", workers=2, progress=False)
+    # workers spawned before the batch's imports, as the command line does, then taken over
+    spawned = spawn_for_batch(1)
+    early_pid = spawned._spawned[0].proc.pid
+    pre = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e0.zarr", workers=1, progress=False, engines=spawned)
+    assert pre.ok and f"pid(s) {early_pid}" in pre.workers and not spawned.root.exists()
     assert via_bridge.ok and one.ok and two.ok
     assert one.done == two.done == len(plate.fields)
     assert "1 engine worker" in one.workers and "2 engine worker" in two.workers and "ActiveProcessorCount=1" in two.workers
@@ -123,6 +128,7 @@ def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge, monkeypat
     assert set(want) == {"Results", "Results per well", "Counts", "Counts per well"}
     assert texts(one) == want
     assert texts(two) == want
+    assert texts(pre) == want
     assert markers(one) == markers(via_bridge) == markers(two)
     # the truth of the synthetic plate, independently of both paths
     backend, pid = open_plate(one.derived)
@@ -246,6 +252,35 @@ def test_jvms_started_before_the_plates_open_stop_when_they_cannot(synthetic, tm
         time.sleep(0.05)
     assert engine_workers_of(os.getpid()) == []
     assert not [s for s in os.listdir("/dev/shm") if s.startswith((f"fjbs_{os.getpid()}_", f"fjbw_{os.getpid()}_"))]
+
+
+@pytest.mark.timeout(120)
+def test_workers_spawned_early_are_stopped_when_the_batch_cannot_start(synthetic, tmp_path):
+    """Workers spawned before the batch's imports (the command line's
+    ``spawn_for_batch``) and never supervised are stopped when closed, and
+    a batch given them stops them when its arguments are wrong or it runs
+    on bridges instead: no worker is left behind."""
+    from fiji_bridge.macros import MacroArgumentError
+
+    _, uri, _ = synthetic
+    unsupervised = spawn_for_batch(1)
+    proc = unsupervised._spawned[0].proc
+    unsupervised.close()
+    assert proc.poll() is not None and not unsupervised.root.exists()
+
+    given = spawn_for_batch(1)
+    proc = given._spawned[0].proc
+    with pytest.raises(MacroArgumentError):
+        run_batch(uri, "nuclei_count", {"no_such_parameter": 1}, out_uri=f"zarr://{tmp_path}/a.zarr", engines=given,
+                  progress=False)
+    assert proc.poll() is not None and not given.root.exists()
+
+    given = spawn_for_batch(1)
+    proc = given._spawned[0].proc
+    report = run_batch(uri, "nuclei_count", {"channel": 1}, out_uri=f"zarr://{tmp_path}/b.zarr", resume=True,
+                       wells="A01", engines=given, progress=False)  # resume: workers of its own, started later
+    assert report.ok and proc.poll() is not None and str(proc.pid) not in report.workers
+    assert engine_workers_of(os.getpid()) == []
 
 
 @pytest.mark.timeout(120)

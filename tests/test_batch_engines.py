@@ -20,7 +20,7 @@ import pytest
 
 from fiji_bridge.backends import open_plate
 from fiji_bridge.batch import free_port_pair, run_batch
-from fiji_bridge.batch_engines import BATCH_JIT, BatchEngines, java_options_for, spawn_for_batch
+from fiji_bridge.batch_engines import BATCH_JVM_OPTIONS, BatchEngines, java_options_for, spawn_for_batch
 from fiji_bridge.synthetic import make_plate, write_plate
 from test_batch import PROBE as BASE_PROBE
 from test_batch import synthetic  # noqa: F401  (the module's plate: 3 wells, 2 fields, known nuclei)
@@ -98,11 +98,17 @@ def test_engine_count_leaves_a_core_to_the_writer(monkeypatch):
 
 
 def test_java_options_share_the_cores(monkeypatch):
-    jit = list(BATCH_JIT)
+    monkeypatch.delenv("JAVA_TOOL_OPTIONS", raising=False)
+    jit = list(BATCH_JVM_OPTIONS)
+    assert "-XX:+UseParallelGC" in jit
     assert java_options_for(1, cores=32) == jit
     assert java_options_for(2, cores=2) == jit + ["-XX:ActiveProcessorCount=1"]
     assert java_options_for(4, cores=32) == jit + ["-XX:ActiveProcessorCount=8"]
     assert java_options_for(3, cores=2) == jit + ["-XX:ActiveProcessorCount=1"]
+    # a collector of the user's: not a second one (the JVM would refuse to start)
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xss4m -XX:+UseSerialGC")
+    assert java_options_for(2, cores=2) == [o for o in jit if "GC" not in o] + ["-XX:ActiveProcessorCount=1"]
+    monkeypatch.delenv("JAVA_TOOL_OPTIONS")
     monkeypatch.setenv("FIJI_BRIDGE_BATCH_JAVA_OPTIONS", "")
     assert java_options_for(1, cores=4) == []
     monkeypatch.setenv("FIJI_BRIDGE_BATCH_JAVA_OPTIONS", "-Xmx2g -XX:+UseSerialGC")
@@ -222,6 +228,7 @@ def test_engines_close_their_processes_and_segments(monkeypatch):
         want = b"-XX:ActiveProcessorCount=2"
         assert all(any(e.startswith(b"JAVA_TOOL_OPTIONS=") and want in e for e in env) for env in environ)
         assert all(b"OPENBLAS_NUM_THREADS=1" in env for env in environ)  # no BLAS thread pool in a worker
+        assert all(any(e.startswith(b"JAVA_TOOL_OPTIONS=") and b"-XX:+UseParallelGC" in e for e in env) for env in environ)
         root = engines.root
     assert not root.exists()
     for p in pids:
@@ -281,6 +288,18 @@ def test_workers_spawned_early_are_stopped_when_the_batch_cannot_start(synthetic
                        wells="A01", engines=given, progress=False)  # resume: workers of its own, started later
     assert report.ok and proc.poll() is not None and str(proc.pid) not in report.workers
     assert engine_workers_of(os.getpid()) == []
+
+
+@pytest.mark.timeout(180)
+def test_a_collector_of_the_users_own_is_kept(synthetic, tmp_path, monkeypatch):
+    """JAVA_TOOL_OPTIONS choosing a collector: the batch adds none of its own
+    (a JVM given two refuses to start) and its units run."""
+    _, uri, _ = synthetic
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-XX:+UseSerialGC")
+    monkeypatch.delenv("FIJI_BRIDGE_BATCH_JAVA_OPTIONS", raising=False)
+    report = run_batch(uri, "nuclei_count", {"channel": 1}, out_uri=f"zarr://{tmp_path}/gc.zarr", wells="A01",
+                       workers=1, progress=False)
+    assert report.ok and report.done == 2 and "UseParallelGC" not in report.workers
 
 
 @pytest.mark.timeout(120)

@@ -246,7 +246,7 @@ def run_batch(
     upload_options: Optional[Mapping[str, Any]] = None,
     labels: Any = None,
     labels_to_source: bool = False,
-    engines: Any = None,
+    spawned: Any = None,
 ) -> BatchReport:
     """Run ``macro`` over every field of the plate ``plate_uri``.
 
@@ -267,11 +267,11 @@ def run_batch(
     default: the macro's ``// Output labels:`` line); the derived field image
     is then the source field when the macro leaves no other image;
     ``labels_to_source``: write them into the source plate's fields too.
-    ``engines``: this batch's workers, spawned already
+    ``spawned``: this batch's workers, spawned already
     (:func:`~fiji_bridge.batch_engines.spawn_for_batch`, as the command line
     does before its imports); the batch takes them over and closes them.
     """
-    from .batch_engines import spawn_for_batch
+    from .batch_engines import runs_own_engines, spawn_for_batch
 
     t_start = time.perf_counter()
     try:
@@ -280,14 +280,14 @@ def run_batch(
         code = m.bind(args)
         specs = parse_label_specs(labels) if labels else declared_labels(m.code)
     except BaseException:
-        if engines is not None:
-            engines.close()
+        if spawned is not None:
+            spawned.close()
         raise
     # this batch's own engine workers start first: their JVMs come up while the plate opens
-    own = scheduler is None and not ports and not resume
-    if engines is not None and not own:
-        engines.close()
-    early = (engines or spawn_for_batch(workers)).start() if own else None
+    own = runs_own_engines(scheduler, ports, resume)
+    if spawned is not None and not own:
+        spawned.close()
+    early = (spawned or spawn_for_batch(workers)).start() if own else None
     try:
         src_backend, src_id, structure, units, well_order, derived_uri, dst_backend, dst_id, exists, done_before = \
             _open_plates(plate_uri, m, wells, out_uri, resume)
@@ -595,7 +595,7 @@ def batch_command(
     ports: Optional[Sequence[int]] = None,
     labels: Optional[Sequence[str]] = None,
     labels_to_source: bool = False,
-    engines: Any = None,
+    spawned: Any = None,
 ) -> int:
     """``fiji-bridge batch``: exit 0 when every unit succeeded, 1 when some
     failed, 2 when the batch could not start."""
@@ -608,7 +608,7 @@ def batch_command(
         report = run_batch(plate_uri, macro, args=args, out_uri=out_uri, wells=wells, workers=workers,
                            scheduler=scheduler, resume=resume, timeout=timeout, progress=True,
                            ports=list(ports) if ports else None, labels=labels, labels_to_source=labels_to_source,
-                           engines=engines)
+                           spawned=spawned)
     except (BatchError, BackendError, MacroArgumentError, MacroNotFound, MacroParseError, LabelSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

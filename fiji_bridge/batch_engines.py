@@ -34,7 +34,8 @@ from typing import Any, Optional, Sequence
 
 from .worker_spawn import SpawnedWorker, spawn_worker
 
-__all__ = ["BATCH_JVM_OPTIONS", "BatchEngines", "engines_for", "java_options_for", "spawn_for_batch", "usable_cores"]
+__all__ = ["BATCH_JVM_OPTIONS", "BatchEngines", "engines_for", "java_options_for", "runs_own_engines", "spawn_for_batch",
+           "usable_cores"]
 
 log = logging.getLogger("fiji_bridge.batch")
 
@@ -102,6 +103,13 @@ def java_options_for(workers: int, cores: Optional[int] = None) -> list[str]:
     return opts + [f"-XX:ActiveProcessorCount={max(1, cores // workers)}"]
 
 
+def runs_own_engines(scheduler: Any, ports: Any, resume: bool) -> bool:
+    """Whether a batch starts its JVMs before it opens its plates: it runs
+    on engine workers of its own (no Dask scheduler, no bridges) and does
+    not resume (a resumed batch may have nothing left to run)."""
+    return scheduler is None and not ports and not resume
+
+
 def spawn_for_batch(workers: int) -> "BatchEngines":
     """The engine workers of a batch, spawned before it opens its plates:
     as many as the cores allow (:func:`engines_for`), since the units are
@@ -125,28 +133,25 @@ class BatchEngines:
         self.ctx: Any = None
         self.root = Path(tempfile.mkdtemp(prefix="fiji-bridge-batch-"))
         (self.root / "owner.pid").write_text(str(os.getpid()))
+        #: the workers' environment (restarted ones too)
+        self.env = dict(os.environ)
+        # a worker does no linear algebra: OpenBLAS's thread pool, started
+        # with numpy, cost ~0.1 s of CPU at each worker start
+        self.env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        if self.java_options:
+            self.env["JAVA_TOOL_OPTIONS"] = " ".join([self.env.get("JAVA_TOOL_OPTIONS", ""), *self.java_options]).strip()
         self.sups: list[Any] = []
         self._spawned: list[SpawnedWorker] = []
         self._closed = False
-
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # a worker does no linear algebra: OpenBLAS's thread pool, started
-        # with numpy, cost ~0.1 s of CPU at each worker start
-        env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        if self.java_options:
-            env["JAVA_TOOL_OPTIONS"] = " ".join([env.get("JAVA_TOOL_OPTIONS", ""), *self.java_options]).strip()
-        return env
 
     def spawn(self) -> "BatchEngines":
         """Start the worker processes, unsupervised until :meth:`start`
         (returns at once: their imports and JVMs start meanwhile)."""
         if not self._spawned and not self.sups:
-            env = self._env()
             for i in range(self.n):
                 d = self.root / f"worker-{i}"
                 d.mkdir()
-                self._spawned.append(spawn_worker(d, 1, engine=self.engine, display=False, env=env))
+                self._spawned.append(spawn_worker(d, 1, engine=self.engine, display=False, env=self.env))
         return self
 
     def start(self) -> "BatchEngines":
@@ -159,9 +164,8 @@ class BatchEngines:
             return self
         self.spawn()
         self.ctx = zmq.Context()
-        env = self._env()
         for i, spawned in enumerate(self._spawned):
-            sup = EngineSupervisor(self.ctx, self.root / f"worker-{i}", engine=self.engine, display=False, env=env)
+            sup = EngineSupervisor(self.ctx, self.root / f"worker-{i}", engine=self.engine, display=False, env=self.env)
             sup._seg = _SEGMENTS  # distinct segment names across this process's supervisors
             sup.adopt(spawned)
             self.sups.append(sup)

@@ -190,19 +190,17 @@ def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[s
     import os
 
     _use_imagej(imagej)
-    engines = None
-    if scheduler is None and not ports and not resume:
-        # the batch's own engine workers start before its imports (numpy, zmq, the stores):
-        # their JVMs start that much sooner
-        from .batch_engines import spawn_for_batch
+    # the batch's own engine workers start before its imports (numpy, zmq, the stores):
+    # their JVMs start that much sooner
+    from .batch_engines import runs_own_engines, spawn_for_batch
 
-        engines = spawn_for_batch(workers)
+    spawned = spawn_for_batch(workers) if runs_own_engines(scheduler, ports, resume) else None
     from .batch import batch_command
 
     if ngff:
         os.environ["FIJI_BRIDGE_NGFF_VERSION"] = ngff
 
-    code = batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports, labels=list(labels) or None, labels_to_source=labels_to_source, engines=engines)
+    code = batch_command(plate_uri, macro, args=_parse_args(args), out_uri=out_uri, wells=wells, workers=workers, scheduler=scheduler, resume=resume, timeout=timeout, ports=ports, labels=list(labels) or None, labels_to_source=labels_to_source, spawned=spawned)
     _exit_now(code)
 
 

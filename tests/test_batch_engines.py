@@ -125,7 +125,7 @@ def test_engine_workers_give_the_tables_of_a_bridge(synthetic, bridge, monkeypat
     # workers spawned before the batch's imports, as the command line does, then taken over
     spawned = spawn_for_batch(1)
     early_pid = spawned._spawned[0].proc.pid
-    pre = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e0.zarr", workers=1, progress=False, engines=spawned)
+    pre = run_batch(uri, "nuclei_count", out_uri=f"zarr://{root}/e0.zarr", workers=1, progress=False, spawned=spawned)
     assert pre.ok and f"pid(s) {early_pid}" in pre.workers and not spawned.root.exists()
     assert via_bridge.ok and one.ok and two.ok
     assert one.done == two.done == len(plate.fields)
@@ -278,14 +278,14 @@ def test_workers_spawned_early_are_stopped_when_the_batch_cannot_start(synthetic
     given = spawn_for_batch(1)
     proc = given._spawned[0].proc
     with pytest.raises(MacroArgumentError):
-        run_batch(uri, "nuclei_count", {"no_such_parameter": 1}, out_uri=f"zarr://{tmp_path}/a.zarr", engines=given,
+        run_batch(uri, "nuclei_count", {"no_such_parameter": 1}, out_uri=f"zarr://{tmp_path}/a.zarr", spawned=given,
                   progress=False)
     assert proc.poll() is not None and not given.root.exists()
 
     given = spawn_for_batch(1)
     proc = given._spawned[0].proc
     report = run_batch(uri, "nuclei_count", {"channel": 1}, out_uri=f"zarr://{tmp_path}/b.zarr", resume=True,
-                       wells="A01", engines=given, progress=False)  # resume: workers of its own, started later
+                       wells="A01", spawned=given, progress=False)  # resume: workers of its own, started later
     assert report.ok and proc.poll() is not None and str(proc.pid) not in report.workers
     assert engine_workers_of(os.getpid()) == []
 

@@ -192,9 +192,11 @@ def batch(plate_uri: str, macro: str, args: tuple[str, ...], out_uri: Optional[s
     _use_imagej(imagej)
     # the batch's own engine workers start before its imports (numpy, zmq, the stores):
     # their JVMs start that much sooner
-    from .batch_engines import runs_own_engines, spawn_for_batch
+    from .batch_engines import runs_own_engines, spawn_for_batch, yield_to_workers
 
     spawned = spawn_for_batch(workers) if runs_own_engines(scheduler, ports, resume) else None
+    if spawned is not None:
+        yield_to_workers()  # the macros get the cores first; the writer keeps up in between
     from .batch import batch_command
 
     if ngff:

@@ -311,3 +311,44 @@ def test_trim_keeps_the_first_workers_and_stops_the_rest(monkeypatch):
         for p in pids[1:]:
             assert not Path(f"/proc/{p}").exists() or b"zombie" in Path(f"/proc/{p}/status").read_bytes().lower()
         assert Path(f"/proc/{pids[0]}").exists()
+
+
+_NICE_PROBE = r"""
+import json, os
+from pathlib import Path
+from fiji_bridge.batch_engines import spawn_for_batch, yield_to_workers
+
+def nice(pid, tid=None):
+    stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+before = os.getpriority(os.PRIO_PROCESS, 0)
+engines = spawn_for_batch(1)
+after = yield_to_workers()
+import threading
+seen = {}
+t = threading.Thread(target=lambda: seen.update(nice=os.getpriority(os.PRIO_PROCESS, 0)))
+t.start(); t.join()
+workers = [nice(s.proc.pid) for s in engines._spawned]
+engines.close()
+print(json.dumps({"before": before, "after": after, "thread_after": seen["nice"], "workers": workers}))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+@pytest.mark.parametrize("setting, step", [(None, 10), ("3", 3), ("0", 0)])
+def test_the_batch_writer_steps_back_behind_its_workers(setting, step):
+    """``fiji-bridge batch`` lowers its own threads' priority once its workers
+    run: they keep theirs, a thread started later inherits the writer's, and
+    FIJI_BRIDGE_BATCH_NICE sets the step (0: none). Run in a fresh process,
+    since a priority once lowered cannot be raised back."""
+    env = {k: v for k, v in os.environ.items() if k != "FIJI_BRIDGE_BATCH_NICE"}
+    if setting is not None:
+        env["FIJI_BRIDGE_BATCH_NICE"] = setting
+    r = subprocess.run([sys.executable, "-c", _NICE_PROBE], capture_output=True, text=True, timeout=100, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    want = min(19, got["before"] + step)
+    assert got["after"] == want and got["thread_after"] == want
+    assert got["workers"] == [got["before"]]  # spawned before: at the priority the batch started with

@@ -345,6 +345,10 @@ class OpenHCSReceiver:
                 self._macro_pool.shutdown(wait=False, cancel_futures=True)
                 self._macro_pool = None
             self._owed.clear()
+            if self._own_context and self._context is not None and not self._context.closed:
+                # ZeroMQ closes sockets in its own threads: once term returns their ports are
+                # free, so an OpenHCS viewer started when the socket files are gone can bind them
+                self._context.term()
             self._remove_ipc_files()
             self._released.sweep(everything=True)
             log.info("OpenHCS receiver on port %d stopped", self.port)

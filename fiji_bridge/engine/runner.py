@@ -14,7 +14,10 @@ How a run goes:
   message, ``waitForUser``, a command's GenericDialog that got no options,
   "There are no images open" ...) or ImageJ's "Exception" window is read,
   closed (cancelled) and recorded as the run's error, and the interpreter is
-  aborted. Nothing modal stays open, so the thread always gets to finish.
+  aborted. Nothing modal stays open, so the thread always gets to finish:
+  a dialog closed before its thread began to wait in it (AWT's modal loop,
+  WaitForUserDialog's monitor) is closed again on each poll until the thread
+  has gone on (:func:`_release`).
 * Past ``timeout`` the interpreter is aborted, the thread interrupted, and as
   a last resort stopped (``Thread.stop``, still available in Java 17). If it
   survives even that, the engine is marked broken: only a new process helps.
@@ -66,6 +69,8 @@ class RunRecord:
     error_message: Optional[str] = None
     line: Optional[int] = None
     captured: list[Captured] = field(default_factory=list)
+    #: the windows the guard closed in this run (released again by each sweep: :func:`_release`)
+    closed: list[Any] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -126,6 +131,26 @@ def window_text(window: Any) -> str:
 
     walk(window)
     return "\n".join(p.strip() for p in parts if p.strip())
+
+
+def _release(w: Any) -> None:
+    """Let a thread still blocked in a window the guard closed go on.
+
+    A modal dialog shown from the macro thread can be closed before that
+    thread's ``Dialog.show`` has made its modal loop: AWT's close then finds
+    no loop to end, and the thread enters one that nothing ends (seen here
+    about once in 150 dialog runs, a macro held to its timeout). Hiding the
+    closed dialog again ends the loop it is in by now (``Dialog.hide`` exits
+    the loop of an invisible, disposed dialog too). ImageJ's
+    WaitForUserDialog waits on a monitor instead, which a ``close()``
+    before the wait would leave waiting: it gets another ``close()``."""
+    try:
+        if isinstance(w, J("ij.gui.WaitForUserDialog")):
+            w.close()
+        if isinstance(w, J("java.awt.Dialog")):
+            w.setVisible(False)
+    except Exception:  # pragma: no cover - defensive
+        pass
 
 
 def _close_window(w: Any) -> None:
@@ -193,13 +218,16 @@ class DialogGuard:
             else:
                 kind = "dialog"
             run.captured.append(Captured(kind, title, text))
+            run.closed.append(w)
         _close_window(w)
         if run.interp is not None and kind != "exit":
             stop_interpreter(run.interp)
         return True
 
     def sweep(self, wait: Optional[float] = None) -> None:
-        """Close blocking windows the listener may have missed (polling fallback).
+        """Close blocking windows the listener may have missed (polling
+        fallback), and release the run's thread from the ones closed before
+        (:func:`_release`).
 
         Runs on the AWT event thread: closing a window from another thread can
         deadlock against the event queue. ``wait``: block (up to that many
@@ -229,6 +257,9 @@ def _sweep_class() -> Any:
                 for w in J("java.awt.Window").getWindows():
                     if w.isShowing():
                         self.guard.handle(w)
+                run = self.guard.run
+                for w in list(run.closed) if run is not None else ():
+                    _release(w)
             except Exception:  # pragma: no cover - defensive
                 _log.exception("dialog sweep failed")
             finally:
@@ -321,7 +352,9 @@ class MacroRunner:
                 if deadline is not None and time.perf_counter() > deadline:
                     break
                 polls += 1
-                if polls % 10 == 0:  # fallback if the listener missed a window
+                # every 0.5 s in case the listener missed a window; every poll once it closed
+                # one, whose thread may still be blocked in it (_release)
+                if polls % 10 == 0 or record.closed:
                     self.guard.sweep()
             if not record.done.is_set():
                 self._stop(thread, record, timeout)

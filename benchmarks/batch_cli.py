@@ -11,7 +11,9 @@ machine), and where the time went: start-up (to the first unit done; for
 ImageJ alone the run minus its timed loop), ms per unit after it, the end
 (last unit to exit), and the CPU split by process (the CLI, engine
 workers, Xvfb, java; sampled from /proc every 20 ms, so each process may
-miss its last few ms). ``--baseline DIR`` runs a second fiji-bridge
+miss its last few ms), and the JVMs' CPU by thread (main; an engine worker's
+macro threads; JIT compilers; GC and VM threads; AWT; other; threads that
+exited unseen). ``--baseline DIR`` runs a second fiji-bridge
 checkout (``PYTHONPATH=DIR``, e.g. ``/work/main``) as a third side: every
 side runs ``--repeats`` times in alternation, so a shared machine's load
 falls on all of them; medians are printed. ``--baseline-env KEY=VALUE``
@@ -68,13 +70,30 @@ def _kind(cmd: list[str]) -> str:
     return Path(cmd[0]).name if cmd else "?"
 
 
+def _thread_kind(name: str, main: bool) -> str:
+    """What a JVM process's thread does, from its name (/proc/PID/task/TID/comm)."""
+    if main:
+        return "main"  # java -batch: the macro; an engine worker: Python, JPype calls, the reply
+    if "Compiler" in name:
+        return "JIT"
+    if "GC" in name or name.startswith("VM "):
+        return "GC+VM"
+    if name.startswith("Run$"):
+        return "macro"  # an engine worker's macro thread (ImageJ's Interpreter)
+    if name.startswith("AWT") or name.startswith("Java2D"):
+        return "AWT"
+    return "other"
+
+
 class ProcessCPU:
     """CPU seconds of ``root`` and its descendants, by kind of process,
-    sampled from /proc until stopped."""
+    sampled from /proc until stopped; the JVMs' (engine workers', java's)
+    also by kind of thread (:func:`_thread_kind`)."""
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.seen: dict[int, tuple[str, float]] = {}
+        self.threads: dict[tuple[int, int], tuple[str, float]] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -97,7 +116,25 @@ class ProcessCPU:
             while q in parents and q != self.root and q > 1:
                 q = parents[q]
             if q == self.root:
-                self.seen[pid] = (_kind(cmd) if pid not in self.seen else self.seen[pid][0], cpu)
+                self.seen[pid] = kind = (_kind(cmd) if pid not in self.seen else self.seen[pid][0], cpu)
+                if kind[0] in ("java", "engine worker (JVM)"):
+                    self._sample_threads(pid)
+
+    def _sample_threads(self, pid: int) -> None:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return
+        for t in tids:
+            try:
+                st = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+            except OSError:
+                continue
+            name, rest = st.split("(", 1)[1].rsplit(")", 1)
+            f = rest.split()
+            key = (pid, int(t))
+            # named anew each time: a new thread has its parent's name until it names itself
+            self.threads[key] = (_thread_kind(name, int(t) == pid), (int(f[11]) + int(f[12])) / TICK)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
@@ -109,6 +146,19 @@ class ProcessCPU:
         out: dict[str, float] = {}
         for kind, cpu in self.seen.values():
             out[kind] = out.get(kind, 0.0) + cpu
+        return out
+
+    def by_thread(self) -> dict[str, float]:
+        """CPU seconds of the JVM processes' threads, by kind (after :meth:`stop`);
+        ``exited``: what threads that ended between two samples spent (the
+        process's CPU less its sampled threads': mostly a worker's ``Run$_``
+        threads, one per macro)."""
+        out: dict[str, float] = {}
+        per_pid: dict[int, float] = {}
+        for (pid, _), (kind, cpu) in self.threads.items():
+            out[kind] = out.get(kind, 0.0) + cpu
+            per_pid[pid] = per_pid.get(pid, 0.0) + cpu
+        out["exited"] = sum(max(0.0, self.seen[pid][1] - cpu) for pid, cpu in per_pid.items())
         return out
 
 
@@ -142,7 +192,7 @@ def run_cli(uri: str, out: str, workers: int, pythonpath: str, n: int, extra_env
         raise RuntimeError(f"fiji-bridge batch failed ({code}):\n{stdout[-2000:]}\n{''.join(err_lines)[-2000:]}")
     first, last = (done_at[0], done_at[-1]) if len(done_at) == n else (float("nan"), float("nan"))
     return {"wall": wall, "cpu": cpu, "start": first, "per_unit": (last - first) / max(1, n - 1), "end": wall - last,
-            "by_kind": by_kind}
+            "by_kind": by_kind, "by_thread": sampler.by_thread()}
 
 
 def run_imagej(tiffs: list[Path], code: str, work: Path) -> dict:
@@ -159,7 +209,7 @@ def run_imagej(tiffs: list[Path], code: str, work: Path) -> dict:
     t.join()
     by_kind = {k: v for k, v in sampler.stop().items() if k in ("java", "Xvfb")}
     holder.update(wall=st["wall"], cpu=st["cpu"], start=st["wall"] - result["loop"], per_unit=result["loop"] / result["n"],
-                  end=0.0, by_kind=by_kind)
+                  end=0.0, by_kind=by_kind, by_thread=sampler.by_thread())
     assert result["n"] == len(tiffs)
     return holder
 
@@ -172,9 +222,12 @@ def _line(name: str, runs: list[dict], n: int) -> str:
     wall, cpu = _median(runs, "wall"), _median(runs, "cpu")
     kinds = sorted({k for r in runs for k in r["by_kind"]})
     split = ", ".join(f"{k} {1000 * float(np.median([r['by_kind'].get(k, 0.0) for r in runs])) / n:.0f}" for k in kinds)
+    threads = sorted({k for r in runs for k in r["by_thread"]})
+    tsplit = ", ".join(f"{k} {1000 * float(np.median([r['by_thread'].get(k, 0.0) for r in runs])) / n:.0f}" for k in threads)
     return (f"{name:38s} {wall:6.2f} s wall, {n / wall:5.2f} units/s; CPU {cpu:6.2f} s = {1000 * cpu / n:4.0f} ms/unit "
             f"[{split} ms/unit]\n{'':38s} start-up {_median(runs, 'start'):5.2f} s, {1000 * _median(runs, 'per_unit'):4.0f} ms/unit "
-            f"after it, end {_median(runs, 'end'):4.2f} s   runs {[(round(r['wall'], 1), round(r['cpu'], 1)) for r in runs]}")
+            f"after it, end {_median(runs, 'end'):4.2f} s   runs {[(round(r['wall'], 1), round(r['cpu'], 1)) for r in runs]}"
+            f"\n{'':38s} JVM threads: {tsplit} ms/unit")
 
 
 def main() -> int:

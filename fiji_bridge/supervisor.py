@@ -235,6 +235,8 @@ class WorkerJob:
     id: int = 0
     sent_at: float = 0.0
     segments: list[SharedArray] = field(default_factory=list)
+    #: body field -> descriptor of its array in ``segments``, once copied there (:meth:`EngineSupervisor._stage`)
+    staged: dict[str, dict] = field(default_factory=dict)
 
 
 class EngineSupervisor:
@@ -479,6 +481,38 @@ class EngineSupervisor:
             self.restarts += 1
             self.start()
         self._pump()
+        self._stage_next()
+
+    def _stage(self, job: WorkerJob) -> dict[str, dict]:
+        """Copy ``job``'s arrays into request segments, once; their descriptors."""
+        if job.arrays and not job.staged:
+            try:
+                for fname, arr in job.arrays.items():
+                    seg = self._segment(arr.shape, arr.dtype)
+                    job.segments.append(seg)
+                    np.copyto(seg.array, arr, casting="no")
+                    job.staged[fname] = seg.desc()
+            except BaseException:
+                self._free_segments(job)
+                raise
+        return job.staged
+
+    def _stage_next(self) -> None:
+        """While the worker runs a request, copy the next one's pixels into
+        shared memory: it goes out as soon as the reply comes. A copy that
+        fails here is tried again (and its error reported) when it is sent."""
+        if self.current is not None and self.queue and self.state == "ready":
+            try:
+                self._stage(self.queue[0])
+            except (OSError, ValueError):
+                pass
+
+    def _free_segments(self, job: WorkerJob) -> None:
+        """Give ``job``'s request segments back (to the pool, or unlinked)."""
+        for seg in job.segments:
+            self._recycle(seg)
+        job.segments.clear()
+        job.staged.clear()
 
     def drop_display_jobs(self, key: Optional[str] = None) -> None:
         keep = [j for j in self.queue if not (j.kind == "display" and (key is None or j.body.get("key") == key))]
@@ -499,11 +533,7 @@ class EngineSupervisor:
         job = self.queue.popleft()
         body = dict(job.body, op=job.op, id=job.id)
         try:
-            for fname, arr in job.arrays.items():
-                seg = self._segment(arr.shape, arr.dtype)
-                job.segments.append(seg)
-                np.copyto(seg.array, arr, casting="no")
-                body[fname] = seg.desc()
+            body.update(self._stage(job))
             self.sock.send_multipart(encode(body), flags=zmq.NOBLOCK)
         except (OSError, zmq.ZMQError, ValueError) as e:
             code = "no_memory" if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM) else "engine"
@@ -544,13 +574,19 @@ class EngineSupervisor:
                     self._unlink_results(msg)
                     continue
                 self.current = None
-                self._finish(job, msg, frames[1:])
                 err = msg.get("error") or {}
                 if not msg.get("ok") and (err.get("kind") in ("timeout", "engine")):
+                    self._finish(job, msg, frames[1:])
                     # a stopped macro may leave a runaway Java thread: start clean
                     self._restart(f"after a macro {err.get('kind')}")
                 else:
+                    # the next request goes out before this reply is read (its
+                    # results copied, its callback run): the worker starts on it
+                    # meanwhile instead of waiting; this one's segments are free again
+                    self._free_segments(job)
                     self._pump()
+                    self._finish(job, msg, frames[1:])
+                    self._stage_next()
 
     def _fail(self, reason: str) -> None:
         self.state = "failed"
@@ -594,9 +630,7 @@ class EngineSupervisor:
             # else: a job sent meanwhile never ran, so it goes first to the next worker
             if job is not None:
                 self.current = None
-                for seg in job.segments:
-                    self._recycle(seg)
-                job.segments.clear()
+                self._free_segments(job)
                 self.queue.appendleft(job)
             self._restart('a macro quit ImageJ (run("Quit")), which loses its Log and windows: a fresh ImageJ was started')
             return
@@ -623,9 +657,7 @@ class EngineSupervisor:
     def _finish(self, job: WorkerJob, reply: dict, frames: Sequence[Any] = ()) -> None:
         """Hand ``reply`` to the job; its arrays are in shared memory or, small
         ones, in the reply's extra ``frames``."""
-        for seg in job.segments:
-            self._recycle(seg)
-        job.segments.clear()
+        self._free_segments(job)
 
         def get(desc: dict) -> np.ndarray:
             if desc.get("frame") is not None:

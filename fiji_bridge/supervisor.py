@@ -78,6 +78,9 @@ DEFAULT_MACRO_TIMEOUT = 600.0
 #: request segments kept for reuse: how many, and how many bytes at most
 POOL_SEGMENTS = 2
 POOL_BYTES = 1 << 30
+#: a queued request's arrays up to this size are copied to shared memory while the one before runs
+#: (bigger ones at their send, so that two big inputs do not hold shared memory at once)
+STAGE_AHEAD_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- shared memory
@@ -502,8 +505,11 @@ class EngineSupervisor:
         shared memory: it goes out as soon as the reply comes. A copy that
         fails here is tried again (and its error reported) when it is sent."""
         if self.current is not None and self.queue and self.state == "ready":
+            job = self.queue[0]
+            if sum(a.nbytes for a in job.arrays.values()) > STAGE_AHEAD_BYTES:
+                return
             try:
-                self._stage(self.queue[0])
+                self._stage(job)
             except (OSError, ValueError):
                 pass
 

@@ -85,6 +85,14 @@ def _thread_kind(name: str, main: bool) -> str:
     return "other"
 
 
+def _stat(path: str) -> tuple[str, int, float]:
+    """(name, parent pid, CPU seconds) from a /proc ``stat`` file (a process's or a thread's)."""
+    text = Path(path).read_text()
+    name, rest = text.split("(", 1)[1].rsplit(")", 1)
+    f = rest.split()
+    return name, int(f[1]), (int(f[11]) + int(f[12])) / TICK
+
+
 class ProcessCPU:
     """CPU seconds of ``root`` and its descendants, by kind of process,
     sampled from /proc until stopped; the JVMs' (engine workers', java's)
@@ -105,12 +113,12 @@ class ProcessCPU:
             if not p.isdigit():
                 continue
             try:
-                st = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                _, parent, cpu = _stat(f"/proc/{p}/stat")
                 cmd = [c.decode() for c in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") if c]
-            except (OSError, IndexError):
+            except (OSError, IndexError, ValueError):
                 continue
-            parents[int(p)] = int(st[1])
-            stats[int(p)] = ((int(st[11]) + int(st[12])) / TICK, cmd)
+            parents[int(p)] = parent
+            stats[int(p)] = (cpu, cmd)
         for pid, (cpu, cmd) in stats.items():
             q = pid
             while q in parents and q != self.root and q > 1:
@@ -127,14 +135,11 @@ class ProcessCPU:
             return
         for t in tids:
             try:
-                st = Path(f"/proc/{pid}/task/{t}/stat").read_text()
-            except OSError:
+                name, _, cpu = _stat(f"/proc/{pid}/task/{t}/stat")
+            except (OSError, IndexError, ValueError):
                 continue
-            name, rest = st.split("(", 1)[1].rsplit(")", 1)
-            f = rest.split()
-            key = (pid, int(t))
             # named anew each time: a new thread has its parent's name until it names itself
-            self.threads[key] = (_thread_kind(name, int(t) == pid), (int(f[11]) + int(f[12])) / TICK)
+            self.threads[(pid, int(t))] = (_thread_kind(name, int(t) == pid), cpu)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):

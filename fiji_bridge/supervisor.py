@@ -548,6 +548,7 @@ class EngineSupervisor:
             return
         job.sent_at = time.monotonic()
         self.current = job
+        self._stage_next()
 
     def on_readable(self) -> None:
         """Read what the worker sent (readiness, replies)."""
@@ -592,7 +593,6 @@ class EngineSupervisor:
                     self._free_segments(job)
                     self._pump()
                     self._finish(job, msg, frames[1:])
-                    self._stage_next()
 
     def _fail(self, reason: str) -> None:
         self.state = "failed"

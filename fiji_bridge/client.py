@@ -18,7 +18,8 @@ client closes.
 
 Transport: shared memory when the bridge can read this process's
 ``/dev/shm`` (checked once with a probe segment: tcp to loopback, or ipc),
-inline bytes otherwise. Delivery is lossless: at most ``credits`` planes per
+inline bytes otherwise; the ring's slots are warm segments the bridge lends
+where it has them free (:mod:`fiji_bridge.ring_leases`). Delivery is lossless: at most ``credits`` planes per
 stream are unacknowledged, then :meth:`send_plane` waits for the bridge. With
 ``live=True`` a plane that finds no credit is dropped and counted instead
 (:attr:`dropped`; the bridge reports it in ``status()``).
@@ -113,6 +114,7 @@ class _Stream:
     id: str
     live: bool
     ring: Any = None  # ShmRing or None (inline)
+    lease: Optional[str] = None  # the bridge's lease of warm segments in the ring
     seq: itertools.count = field(default_factory=itertools.count)
     inflight: dict = field(default_factory=dict)  # seq -> (shm name | None, description)
     dropped: int = 0
@@ -534,9 +536,42 @@ class BridgeClient:
 
             if st.ring is not None:  # bigger planes than before: a new ring
                 self._wait_acks(st, 0, what="resizing the shared-memory ring")
-                st.ring.close()
-            st.ring = ShmRing(slots=self.credits, slot_bytes=max(nbytes, 1 << 20), stream=f"{os.getpid() % 1000}{'l' if live else 'm'}{secrets.token_hex(2)}")
+                self._close_ring(st)
+            slot_bytes = max(nbytes, 1 << 20)
+            st.lease, lent = self._lease_ring(slot_bytes)
+            st.ring = ShmRing(slots=self.credits, slot_bytes=slot_bytes, stream=f"{os.getpid() % 1000}{'l' if live else 'm'}{secrets.token_hex(2)}", leased=lent)
         return st
+
+    def _lease_ring(self, slot_bytes: int) -> tuple[Optional[str], list[str]]:
+        """Warm segments the bridge lends for a new ring (:mod:`fiji_bridge.ring_leases`):
+        its first lap then writes warm pages. None and [] from a bridge that
+        has none free, cannot tell this process apart, or predates leases."""
+        from .ring_leases import process_start
+
+        start = process_start(os.getpid())
+        if start is None:
+            return None, []
+        try:
+            reply, _ = self._call("lease_ring", pid=os.getpid(), start=start, slots=self.credits, slot_bytes=slot_bytes)
+        except BridgeError:
+            return None, []
+        names = reply.get("segments")
+        return reply.get("lease"), [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+    def _close_ring(self, st: _Stream) -> None:
+        """Unlink the ring's own segments; give the lent ones back once none
+        of its planes is in flight (else the lease stays with this process,
+        and the bridge takes it back when the process is gone)."""
+        ring, lease, st.ring, st.lease = st.ring, st.lease, None, None
+        if ring is None:
+            return
+        idle = ring.in_flight == 0
+        ring.close()
+        if lease is not None and idle and not self._closed:
+            try:
+                self._call("release_ring", lease=lease, wait=min(self.timeout, 1.0))
+            except BridgeError:
+                pass  # the bridge is gone or slow: it reaps the lease when this process ends
 
     @property
     def dropped(self) -> int:
@@ -718,6 +753,8 @@ class BridgeClient:
                     self._wait_acks(None, 0, what="closing", timeout=flush_timeout)
                 except BridgeError:
                     pass
+            for st in self._streams.values():
+                self._close_ring(st)
             if self._own and self._spawned is not None:
                 try:
                     self.shutdown()
@@ -726,8 +763,7 @@ class BridgeClient:
         finally:
             self._closed = True
             for st in self._streams.values():
-                if st.ring is not None:
-                    st.ring.close()
+                self._close_ring(st)  # closed: unmapped and unlinked, no lease given back
             try:
                 self._ctrl.disable_monitor()
             except zmq.ZMQError:

@@ -417,6 +417,42 @@ class ShmProbe(Request):
         return {"name": name, "size": size}
 
 
+@_request("lease_ring")
+@dataclass
+class LeaseRing(Request):
+    """Lend me warm segments for my plane ring (:mod:`fiji_bridge.ring_leases`):
+    ``slots`` of at least ``slot_bytes``, for process ``pid`` started at ``start``."""
+
+    pid: int = 0
+    start: int = 0
+    slots: int = 0
+    slot_bytes: int = 0
+
+    @classmethod
+    def _parse(cls, d: dict, frames: list) -> dict:
+        out = {k: _get(d, k, int) for k in ("pid", "start", "slots", "slot_bytes")}
+        if not 0 < out["pid"] < 1 << 31 or out["start"] < 0:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "pid must be 1..2^31-1 and start >= 0")
+        if not 1 <= out["slots"] <= 999 or not 1 <= out["slot_bytes"] <= 1 << 40:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "slots must be 1..999 and slot_bytes 1..2^40")
+        return out
+
+
+@_request("release_ring")
+@dataclass
+class ReleaseRing(Request):
+    """Take my leased ring segments back: every plane in them is acknowledged."""
+
+    lease: str = ""
+
+    @classmethod
+    def _parse(cls, d: dict, frames: list) -> dict:
+        lease = _get(d, "lease", str)
+        if not 0 < len(lease) <= 64:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "lease must be a non-empty string of <= 64 chars")
+        return {"lease": lease}
+
+
 @_request("run_macro")
 @dataclass
 class RunMacro(Request):

@@ -68,6 +68,7 @@ from .protocol import (
     parse_request,
     request_id,
 )
+from .ring_leases import RingLeases
 from .stack_memory import SharedStackMemory, warm_bytes
 from .security import HANDSHAKE_FAILED, SaveRoots, SecurityError, ServerAuth, check_bind, ensure_secret, secret_path
 from .supervisor import DEFAULT_MACRO_TIMEOUT, SERVER_PREFIX, WORKER_PREFIX, EngineSupervisor, WorkerJob
@@ -159,6 +160,7 @@ class BridgeServer:
         # with a live display, stacks live in shared memory the engine worker maps
         self.store = StackStore(max_bytes=max_bytes, memory=SharedStackMemory() if self.display else None)
         self.warmed: Optional[dict] = None  # the warm-up of the stack memory, once done
+        self.leases = RingLeases()  # warm ring segments lent to producers
         self._warm_done: Optional[dict] = None  # ... touched, not yet mapped by the worker
         self.started = time.time()
         self.ctx = zmq.Context()
@@ -220,6 +222,8 @@ class BridgeServer:
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
             "shm_probe": self._shm_probe,
+            "lease_ring": self._lease_ring,
+            "release_ring": self._release_ring,
             "shutdown": self._shutdown,
         }
 
@@ -244,8 +248,7 @@ class BridgeServer:
         for prefix in (SERVER_PREFIX, WORKER_PREFIX):
             reap_orphans(prefix)
         self.sup.start()
-        if isinstance(self.store.memory, SharedStackMemory):
-            threading.Thread(target=self._warm, name="fiji-bridge-warm", daemon=True).start()
+        threading.Thread(target=self._warm, name="fiji-bridge-warm", daemon=True).start()
         if self.openhcs_port is not None:
             try:
                 self._start_openhcs()
@@ -311,19 +314,25 @@ class BridgeServer:
         if now - self._last_reap > REAP_INTERVAL:
             self._last_reap = now
             self.ingest.segments.clear()
+            self.leases.reap()
             try:
                 reap_orphans()
             except Exception:
                 log.exception("reap_orphans failed")
 
     def _warm(self) -> None:
-        """Touch the warm-up stack memory (while the engine starts): a fresh
+        """Touch the ring segments lent to producers and, with a live
+        display, the warm-up stack memory (while the engine starts): a fresh
         bridge's first stack finds warm pages, as every later one does."""
         try:
             nbytes = warm_bytes()
         except ValueError as e:
             log.warning("%s: no warm-up", e)
             nbytes = 0
+        if nbytes:
+            log.info("warm ring segments to lend: %.2f s", self.leases.warm())
+        if not isinstance(self.store.memory, SharedStackMemory):
+            return
         secs = self.store.memory.warm(nbytes)
         self._warm_done = {"bytes": nbytes, "seconds": round(secs, 3)}  # the loop has the worker map it
         log.info("warm stack memory: %d MiB in %.2f s", nbytes >> 20, secs)
@@ -367,6 +376,7 @@ class BridgeServer:
                 log.exception("closing the OpenHCS receiver failed")
         self.sup.close()
         self.store.memory.close()
+        self.leases.close()
         self.ingest.segments.clear()
         self._saver.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self.subs.values():
@@ -463,7 +473,7 @@ class BridgeServer:
             "display_pending": self.live.pending,
             "stacks": stacks,
             "memory": {"used": self.ingest.memory_used(), "data": self.store.nbytes, "max": self.store.max_bytes, "shm_free": _shm_free(),
-                       "warm": self.warmed, "pooled": self.store.memory.pooled_bytes},
+                       "warm": self.warmed, "pooled": self.store.memory.pooled_bytes, "ring_leases": self.leases.status()},
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
             "dropped": sum(v.dropped for v in self.streams.values()),
             "subscriptions": list(self.subs),
@@ -515,6 +525,13 @@ class BridgeServer:
             self._reply(env, ok_reply(req.id, readable=False, reason=str(e)))
             return
         self._reply(env, ok_reply(req.id, readable=True, data=data.tobytes().hex()))
+
+    def _lease_ring(self, env: list, req: Any) -> None:
+        lease, names = self.leases.lease(req.pid, req.start, req.slots, req.slot_bytes)
+        self._reply(env, ok_reply(req.id, lease=lease, segments=names))
+
+    def _release_ring(self, env: list, req: Any) -> None:
+        self._reply(env, ok_reply(req.id, released=self.leases.release(req.lease)))
 
     def _subscribe(self, env: list, req: Any) -> None:
         if req.endpoint in self.subs:

@@ -5,7 +5,9 @@ Shared memory, the rules both sides follow:
 * The **producer owns its segments**. A :class:`ShmRing` holds a few reusable
   segments per stream; :meth:`ShmRing.put` copies an array into a free one
   and returns its name, which travels in the message header together with
-  the shape and dtype.
+  the shape and dtype. (A ring may also use warm segments the bridge lent,
+  :class:`LeasedSegment`: those are the bridge's, see
+  :mod:`fiji_bridge.ring_leases`; the producer only maps them.)
 * The **consumer** (the bridge) calls :func:`read_shm`: it opens the segment
   read-only (refusing anything but a regular file of its own user: FIFOs,
   links, other accounts' segments), copies the pixels out once with
@@ -42,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
@@ -64,6 +67,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_PAYLOAD_BYTES",
     "SHM_PREFIX",
+    "LeasedSegment",
     "ShmPlane",
     "ShmRing",
     "TransportError",
@@ -377,10 +381,50 @@ def _read_shm_windows(name, shp, dt, offset, nbytes):  # pragma: no cover
 # producer side
 
 
+class LeasedSegment:
+    """A segment the consumer lent this producer (:mod:`fiji_bridge.ring_leases`),
+    mapped read/write with its page tables filled: used as a slot like one
+    of ours, except that it is never unlinked (its owner does that) and
+    never goes through Python's resource tracker (which would unlink it)."""
+
+    def __init__(self, name: str) -> None:
+        if _posixshmem is None:  # pragma: no cover - Windows
+            raise OSError("no POSIX shared memory here")
+        self.name = _check_name(name)
+        fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR | os.O_NONBLOCK, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size <= 0:
+                raise OSError(f"lent segment {self.name!r} is not a regular shared-memory file of this user")
+            self._mm = _map_populated(fd, st.st_size)
+        finally:
+            os.close(fd)
+        self.size = st.st_size
+        self.buf = memoryview(self._mm)
+
+    def close(self) -> None:
+        try:
+            self.buf.release()
+            self._mm.close()
+        except BufferError:  # a view is still alive; the mapping dies with it
+            pass
+
+    def unlink(self) -> None:
+        """Never: the segment is its lender's."""
+
+
+def _map_populated(fd: int, nbytes: int) -> mmap.mmap:
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    try:
+        return mmap.mmap(fd, nbytes, flags=flags)
+    except OSError:  # pragma: no cover - MAP_POPULATE refused
+        return mmap.mmap(fd, nbytes)
+
+
 @dataclass
 class _Slot:
     index: int
-    shm: Optional[shared_memory.SharedMemory] = None
+    shm: Any = None  # SharedMemory (ours) or LeasedSegment (lent)
     generation: int = -1
     busy: bool = False
 
@@ -436,13 +480,18 @@ class ShmRing:
     slot is in flight ``put`` blocks (``timeout`` seconds, then ``None``) and
     ``try_put`` returns ``None`` at once (live mode: drop the plane).
 
-    Thread-safe. Segments are unlinked by ``close()`` (idempotent), at
-    interpreter exit, and by the resource tracker if the process is killed.
-    Usable as a context manager.
+    ``leased``: names of warm segments the consumer lent for this ring
+    (:mod:`fiji_bridge.ring_leases`); the first slots use them (a plane
+    larger than one is put in a segment of our own instead), the rest are
+    created on first use. A name that cannot be mapped is skipped.
+
+    Thread-safe. Our segments are unlinked by ``close()`` (idempotent), at
+    interpreter exit, and by the resource tracker if the process is killed;
+    lent ones are only unmapped. Usable as a context manager.
     """
 
     def __init__(
-        self, slots: int = 8, slot_bytes: int = 8 << 20, stream: Optional[str] = None
+        self, slots: int = 8, slot_bytes: int = 8 << 20, stream: Optional[str] = None, leased: Sequence[str] = ()
     ) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 999:
             raise ValueError(f"slots must be an integer in 1..999, got {slots!r}")
@@ -456,6 +505,19 @@ class ShmRing:
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._finalizer = weakref.finalize(self, _unlink_slots, self._slots, self._pid)
+        self.leased = 0  # slots in lent segments
+        for name in leased:
+            if self.leased == slots:
+                break
+            try:
+                seg = LeasedSegment(name)
+            except (OSError, TransportError) as e:
+                log.debug("lent segment %r not used: %s", name, e)
+                continue
+            slot = self._slots[self.leased]
+            slot.shm, slot.generation = seg, 0
+            self._by_name[seg.name] = slot
+            self.leased += 1
 
     # -- public API ---------------------------------------------------------
 

@@ -16,13 +16,14 @@ client disconnects, so the next run reuses its warm JVM (``fiji-bridge stop``
 or :meth:`shutdown` ends it); pass ``own=True`` to shut it down when the
 client closes.
 
-Transport: shared memory when the bridge can read this process's
-``/dev/shm`` (checked once with a probe segment: tcp to loopback, or ipc),
-inline bytes otherwise; the ring's slots are warm segments the bridge lends
-where it has them free (:mod:`fiji_bridge.ring_leases`). Delivery is lossless: at most ``credits`` planes per
-stream are unacknowledged, then :meth:`send_plane` waits for the bridge. With
-``live=True`` a plane that finds no credit is dropped and counted instead
-(:attr:`dropped`; the bridge reports it in ``status()``).
+Planes (:mod:`fiji_bridge.plane_stream`): shared memory when the bridge can
+read this process's ``/dev/shm`` (checked once with a probe segment: tcp to
+loopback, or ipc), inline bytes otherwise; the rings' slots are warm
+segments the bridge lends where it has them free
+(:mod:`fiji_bridge.ring_leases`). Delivery is lossless: at most ``credits``
+planes per stream are unacknowledged, then :meth:`send_plane` waits for the
+bridge. With ``live=True`` a plane that finds no credit is dropped and
+counted instead (:attr:`dropped`; the bridge reports it in ``status()``).
 
 Authentication is automatic: on this host the client derives its keys from
 the account's secret (:func:`fiji_bridge.security.ensure_secret`), beyond it
@@ -43,7 +44,6 @@ import secrets
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -51,21 +51,21 @@ import numpy as np
 import zmq
 
 from .components import Calibration, ComponentError, PlaneComponents
+from .errors import BridgeError, BridgeTimeout, PlanesRejected
 from .lifecycle import SpawnedBridge, SpawnFailed, default_log_dir, free_port_pair, port_open  # noqa: F401  (re-exported)
+from .plane_stream import PlaneStreams
 from .protocol import (
     DATA_PORT_OFFSET,
     DEFAULT_PORT,
     DTYPES,
-    Ack,
     ArrayDesc,
     FrameSink,
-    PlaneHeader,
     ProtocolError,
     decode_macro_result,
     encode,
     parse_json,
 )
-from .security import HANDSHAKE_FAILED
+from .security import HANDSHAKE_FAILED, is_loopback
 
 __all__ = [
     "BridgeClient",
@@ -84,42 +84,6 @@ __all__ = [
 DEFAULT_MACRO_TIMEOUT = 600.0
 #: a bridge that does not answer a ping within this many seconds is dead
 PING_TIMEOUT = 10.0
-
-
-class BridgeError(RuntimeError):
-    """The bridge refused a request, is unreachable, or is not a bridge."""
-
-    def __init__(self, message: str, code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class BridgeTimeout(BridgeError, TimeoutError):
-    """The bridge did not answer in time."""
-
-
-class PlanesRejected(BridgeError):
-    """Some planes were refused by the bridge; ``rejected`` lists them
-    (stream, seq, components, stack key, error code and message)."""
-
-    def __init__(self, rejected: list[dict]) -> None:
-        self.rejected = rejected
-        lines = [f"  {r['where']}: [{r['code']}] {r['message']}" for r in rejected[:10]]
-        more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
-        super().__init__(f"{len(rejected)} plane(s) rejected by the bridge:\n" + "\n".join(lines) + more, "rejected")
-
-
-@dataclass
-class _Stream:
-    id: str
-    live: bool
-    ring: Any = None  # ShmRing or None (inline)
-    lease: Optional[str] = None  # the bridge's lease of warm segments in the ring
-    seq: itertools.count = field(default_factory=itertools.count)
-    inflight: dict = field(default_factory=dict)  # seq -> (shm name | None, description)
-    dropped: int = 0
-    sent: int = 0
-    rejected: list = field(default_factory=list)
 
 
 class BridgeClient:
@@ -165,12 +129,12 @@ class BridgeClient:
         self._poller = zmq.Poller()
         self._poller.register(self._ctrl, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
-        self._data: Optional[zmq.Socket] = None
         self._ids = itertools.count(1)
-        self._uid = f"{socket.gethostname()[:20]}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._streams: dict[bool, _Stream] = {}
-        self._by_id: dict[str, _Stream] = {}
-        self._shm_ok: Optional[bool] = None
+        self._planes = PlaneStreams(
+            socket=lambda: self._socket(zmq.DEALER, self.data_endpoint), call=lambda type_, **f: self._call(type_, **f)[0],
+            endpoint=self.data_endpoint, local=ipc or is_loopback(host), transport=transport, credits=self.credits,
+            timeout=self.timeout, uid=f"{socket.gethostname()[:20]}-{os.getpid()}-{secrets.token_hex(3)}",
+        )
         self._spawned: Optional[SpawnedBridge] = None
         self._own = False
         self._closed = False
@@ -246,8 +210,6 @@ class BridgeClient:
                         f"port {held[0]} on {host} is held by something that does not answer as a fiji-bridge "
                         f"(control {port}, data {port + DATA_PORT_OFFSET}); stop it or choose another --port"
                     )
-                from .security import is_loopback
-
                 if not is_loopback(host):
                     raise BridgeError(f"no bridge answers on {host}:{port}, and a bridge can only be spawned on this machine")
             c._spawned = SpawnedBridge.start(port, host, ipc=ipc, engine=engine, display=display, keys=keys, log_dir=log_dir, owned=own)
@@ -493,94 +455,17 @@ class BridgeClient:
         reply, rframes = self._call("run_script", frames, wait=wait, long=True, **fields)
         return decode_macro_result(reply["result"], lambda d: ArrayDesc.parse(d, len(rframes), any_dtype=True).from_frame(rframes[d["frame"]]))
 
-    # ------------------------------------------------------------------ streaming
-
-    def _ensure_data(self) -> zmq.Socket:
-        if self._data is None:
-            self._data = self._socket(zmq.DEALER, self.data_endpoint)
-            self._data.sndhwm = 0
-        return self._data
-
-    def _use_shm(self) -> bool:
-        if self._shm_ok is None:
-            if self._transport == "inline":
-                self._shm_ok = False
-            else:
-                from .security import is_loopback
-
-                self._shm_ok = (self.ipc or is_loopback(self.host)) and self._probe_shm()
-                if self._transport == "shm" and not self._shm_ok:
-                    raise BridgeError("transport='shm' asked for, but the bridge cannot read this process's shared memory (another host or container?)")
-        return self._shm_ok
-
-    def _probe_shm(self) -> bool:
-        from .transport import ShmRing
-
-        token = np.frombuffer(secrets.token_bytes(16), dtype=np.uint8)
-        try:
-            with ShmRing(slots=1, slot_bytes=16, stream="probe") as ring:
-                name = ring.put(token)
-                reply, _ = self._call("shm_probe", name=name, size=16, wait=min(self.timeout, 10.0))
-        except (OSError, ValueError):
-            return False
-        return bool(reply.get("readable")) and reply.get("data") == token.tobytes().hex()
-
-    def _stream(self, live: bool, nbytes: int) -> _Stream:
-        st = self._streams.get(live)
-        if st is None:
-            st = _Stream(id=f"{self._uid}-{'live' if live else 'main'}", live=live)
-            self._streams[live] = st
-            self._by_id[st.id] = st
-        if self._use_shm() and (st.ring is None or st.ring.slot_bytes < nbytes):
-            from .transport import ShmRing
-
-            if st.ring is not None:  # bigger planes than before: a new ring
-                self._wait_acks(st, 0, what="resizing the shared-memory ring")
-                self._close_ring(st)
-            slot_bytes = max(nbytes, 1 << 20)
-            st.lease, lent = self._lease_ring(slot_bytes)
-            st.ring = ShmRing(slots=self.credits, slot_bytes=slot_bytes, stream=f"{os.getpid() % 1000}{'l' if live else 'm'}{secrets.token_hex(2)}", leased=lent)
-        return st
-
-    def _lease_ring(self, slot_bytes: int) -> tuple[Optional[str], list[str]]:
-        """Warm segments the bridge lends for a new ring (:mod:`fiji_bridge.ring_leases`):
-        its first lap then writes warm pages. None and [] from a bridge that
-        has none free, cannot tell this process apart, or predates leases."""
-        from .ring_leases import process_start
-
-        start = process_start(os.getpid())
-        if start is None:
-            return None, []
-        try:
-            reply, _ = self._call("lease_ring", pid=os.getpid(), start=start, slots=self.credits, slot_bytes=slot_bytes)
-        except BridgeError:
-            return None, []
-        names = reply.get("segments")
-        return reply.get("lease"), [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
-
-    def _close_ring(self, st: _Stream) -> None:
-        """Unlink the ring's own segments; give the lent ones back once none
-        of its planes is in flight (else the lease stays with this process,
-        and the bridge takes it back when the process is gone)."""
-        ring, lease, st.ring, st.lease = st.ring, st.lease, None, None
-        if ring is None:
-            return
-        idle = ring.in_flight == 0
-        ring.close()
-        if lease is not None and idle and not self._closed:
-            try:
-                self._call("release_ring", lease=lease, wait=min(self.timeout, 1.0))
-            except BridgeError:
-                pass  # the bridge is gone or slow: it reaps the lease when this process ends
+    # ------------------------------------------------------------------ streaming (fiji_bridge.plane_stream)
 
     @property
     def dropped(self) -> int:
         """Planes dropped by ``live=True`` sends for lack of credit."""
-        return sum(st.dropped for st in self._streams.values())
+        return self._planes.dropped
 
     @property
     def in_flight(self) -> int:
-        return sum(len(st.inflight) for st in self._streams.values())
+        """Planes sent and not acknowledged yet."""
+        return self._planes.in_flight
 
     def send_plane(
         self,
@@ -617,93 +502,7 @@ class BridgeClient:
         if calibration is None and pixel_size is not None:
             pw, ph = (pixel_size, pixel_size) if np.isscalar(pixel_size) else tuple(pixel_size)  # type: ignore[misc]
             calibration = Calibration(pixel_width=float(pw), pixel_height=float(ph))
-        sock = self._ensure_data()
-        st = self._stream(live, arr.nbytes)
-        if not self._take_credit(st):
-            st.dropped += 1
-            return False
-        seq = next(st.seq)
-        name = None
-        if st.ring is not None:
-            name = st.ring.try_put(arr)
-            if name is None:  # cannot happen with credits == slots; be safe
-                st.dropped += live
-                if live:
-                    return False
-                raise BridgeError("internal: no free shared-memory slot despite a credit")
-        header = PlaneHeader(
-            stream=st.id, seq=seq, shape=(int(arr.shape[0]), int(arr.shape[1])), dtype=arr.dtype.name,
-            transport="shm" if name else "inline", components=comps, key=stack, calibration=calibration,
-            mapping=_mapping_dict(mapping), dropped=st.dropped,
-        )
-        payload = name.encode("ascii") if name else memoryview(arr).cast("B")
-        try:
-            sock.send_multipart([b"", header.encode(), payload], copy=True, flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            if name:
-                st.ring.release(name)
-            raise BridgeError(f"cannot send to the bridge's data channel {self.data_endpoint}: {e}") from None
-        where = f"stack={stack or comps.stack_key} c={channel} z={z} t={t}"
-        st.inflight[seq] = (name, where)
-        st.sent += 1
-        return True
-
-    def _take_credit(self, st: _Stream) -> bool:
-        if len(st.inflight) < self.credits:
-            return True
-        self._read_acks(0)
-        if len(st.inflight) < self.credits:
-            return True
-        if st.live:
-            return False
-        self._wait_acks(st, self.credits - 1, what="waiting for credit")
-        return True
-
-    def _wait_acks(self, st: Optional[_Stream], limit: int, what: str, timeout: Optional[float] = None) -> None:
-        """Read acks until ``st`` (or every stream) has at most ``limit`` in
-        flight. Fails when the bridge acknowledges nothing for ``self.timeout``
-        seconds, or after ``timeout`` seconds in all."""
-        end = time.monotonic() + timeout if timeout is not None else None
-        last = time.monotonic()
-        pending = lambda: len(st.inflight) if st is not None else self.in_flight  # noqa: E731
-        while pending() > limit:
-            now = time.monotonic()
-            if end is not None and now >= end:
-                raise BridgeTimeout(f"{pending()} plane(s) still unacknowledged after {timeout:g} s ({what})")
-            if now - last > self.timeout:
-                raise BridgeTimeout(f"the bridge at {self.data_endpoint} acknowledged nothing for {self.timeout:g} s ({what}); {pending()} plane(s) in flight")
-            if self._read_acks(min(0.25, (end - now) if end else 0.25)):
-                last = time.monotonic()
-
-    def _read_acks(self, wait: float) -> int:
-        if self._data is None:
-            return 0
-        n = 0
-        if wait > 0 and not self._data.poll(int(wait * 1000)):
-            return 0
-        while True:
-            try:
-                msg = self._data.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return n
-            body = msg[1:] if msg and not msg[0] else msg
-            try:
-                ack = Ack.parse(body[0])
-            except (ProtocolError, IndexError, ValueError, TypeError):
-                continue
-            st = self._by_id.get(ack.stream)
-            if st is None:
-                continue
-            entry = st.inflight.pop(ack.seq, None)
-            if entry is None:
-                continue
-            n += 1
-            name, where = entry
-            if name and st.ring is not None:
-                st.ring.release(name)
-            if not ack.ok:
-                err = ack.error or {}
-                st.rejected.append({"stream": ack.stream, "seq": ack.seq, "where": where, "code": err.get("code", "error"), "message": err.get("message", "")})
+        return self._planes.send(arr, comps, key=stack, calibration=calibration, mapping=_mapping_dict(mapping), live=live)
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every plane sent has been assembled by the bridge.
@@ -711,12 +510,7 @@ class BridgeClient:
         Raises :class:`PlanesRejected` listing the planes the bridge refused
         (since the last flush), :class:`BridgeTimeout` when it stops acknowledging.
         """
-        self._wait_acks(None, 0, what="flush", timeout=timeout)
-        rejected = [r for st in self._streams.values() for r in st.rejected]
-        for st in self._streams.values():
-            st.rejected.clear()
-        if rejected:
-            raise PlanesRejected(rejected)
+        self._planes.flush(timeout)
 
     def send_stack(
         self,
@@ -750,11 +544,10 @@ class BridgeClient:
         try:
             if self.in_flight:
                 try:
-                    self._wait_acks(None, 0, what="closing", timeout=flush_timeout)
+                    self._planes.wait_acks(None, 0, what="closing", timeout=flush_timeout)
                 except BridgeError:
                     pass
-            for st in self._streams.values():
-                self._close_ring(st)
+            self._planes.close(release=True)  # lent ring segments go back while the bridge listens
             if self._own and self._spawned is not None:
                 try:
                     self.shutdown()
@@ -762,16 +555,13 @@ class BridgeClient:
                     self._spawned.terminate()
         finally:
             self._closed = True
-            for st in self._streams.values():
-                self._close_ring(st)  # closed: unmapped and unlinked, no lease given back
+            self._planes.close(release=False)  # what is left: unmapped and unlinked, no lease given back
             try:
                 self._ctrl.disable_monitor()
             except zmq.ZMQError:
                 pass
             self._monitor.close(0)
             self._ctrl.close(0)
-            if self._data is not None:
-                self._data.close(0)
             self._ctx.term()
 
     def __enter__(self) -> "BridgeClient":

@@ -99,7 +99,7 @@ def bridge(tmp_path_factory):
 
 
 def _ring(c: BridgeClient):
-    return c._streams[False].ring  # the client's main stream
+    return c._planes._streams[False].ring  # the client's main stream
 
 
 def _planes(n: int, shape=(512, 512), seed: int = 0) -> np.ndarray:
@@ -158,7 +158,7 @@ PRODUCER = textwrap.dedent("""
     for t in range(4):
         c.send_plane(np.full((256, 256), t, np.uint16), "killed", t=t)
     c.flush()
-    print(c._streams[False].ring.leased, flush=True)
+    print(c._planes._streams[False].ring.leased, flush=True)
     time.sleep(60)
 """)
 

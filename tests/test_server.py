@@ -107,7 +107,7 @@ def test_inline_transport_gives_the_same_stack(bridge):
     truth = rng.random((2, 1, 3, 20, 30)).astype(np.float32)
     with bridge.client(transport="inline") as c:
         c.send_stack(truth, "inline-stack", channel_names=["a", "b", "c"])
-        assert c._shm_ok is False
+        assert c._planes.shm_ok is False
         np.testing.assert_array_equal(c.get_stack("inline-stack"), truth)
 
 

@@ -213,8 +213,9 @@ class SegmentTooShort(TransportError):
     """The segment is smaller than the shape and dtype the message announced."""
 
 
-def open_segment(name: str) -> tuple[int, int]:
-    """Open a producer's segment read-only for copying; ``(fd, size)``.
+def open_segment(name: str, writable: bool = False) -> tuple[int, int]:
+    """Open a producer's segment read-only for copying (``writable``: read/write,
+    for a producer mapping a segment the bridge lent it); ``(fd, size)``.
 
     ``/dev/shm`` is writable by every local account, so a name is only
     trusted once the file behind it is what it claims: the open never
@@ -226,7 +227,7 @@ def open_segment(name: str) -> tuple[int, int]:
     """
     shm_name = _check_name(name)
     try:
-        fd = _posixshmem.shm_open("/" + shm_name, os.O_RDONLY | os.O_NONBLOCK, 0o600)
+        fd = _posixshmem.shm_open("/" + shm_name, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK, 0o600)
     except FileNotFoundError:
         raise TransportError(
             f"shared-memory segment {shm_name!r} does not exist "
@@ -391,15 +392,13 @@ class LeasedSegment:
         if _posixshmem is None:  # pragma: no cover - Windows
             raise OSError("no POSIX shared memory here")
         self.name = _check_name(name)
-        fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR | os.O_NONBLOCK, 0o600)
+        fd, self.size = open_segment(self.name, writable=True)  # a regular file of this user, or TransportError
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size <= 0:
-                raise OSError(f"lent segment {self.name!r} is not a regular shared-memory file of this user")
-            self._mm = _map_populated(fd, st.st_size)
+            if self.size <= 0:
+                raise TransportError(f"lent segment {self.name!r} is empty")
+            self._mm = _map_populated(fd, self.size)
         finally:
             os.close(fd)
-        self.size = st.st_size
         self.buf = memoryview(self._mm)
 
     def close(self) -> None:
